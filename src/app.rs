@@ -1,0 +1,174 @@
+//! `App::build(settings)`: the one constructor of the running service, used by the
+//! binary and the tests alike.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use lettre::message::Mailbox;
+use tokio::net::TcpListener;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::crypto::jwt::{AccessTokens, SigningKey};
+use crate::crypto::password::PasswordHasher;
+use crate::domain::lockout::LockoutPolicy;
+use crate::http::{self, AppState};
+use crate::mail::{self, MailQueue};
+use crate::service::{GeoLookup, Policy, Services};
+use crate::store;
+
+/// A built service: its router and shared state.
+pub struct App {
+    /// The HTTP router, ready to serve.
+    pub router: Router,
+    /// Shared state (services, metrics).
+    pub state: AppState,
+}
+
+impl App {
+    /// Builds the service on the real clock.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// Builds the service with a given clock (tests use a manual one).
+    pub async fn build_with_clock(
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
+        let services = services(settings, clock).await?;
+        let (router, state) = http::router(
+            services,
+            settings.trusted_proxies.clone(),
+            settings.rate_limit_per_ip,
+        );
+        Ok(Self { router, state })
+    }
+
+    /// Serves on `listener` until `shutdown` completes; also runs housekeeping.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let housekeeping = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let now = state.services.now();
+                match state.services.store.purge_expired(now).await {
+                    Ok(n) => tracing::debug!(rows = n, "purged expired rows"),
+                    Err(e) => tracing::warn!(error = %e, "purging expired rows failed"),
+                }
+            }
+        });
+        let served = axum::serve(
+            listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        housekeeping.abort();
+        Ok(served?)
+    }
+}
+
+/// Builds the services: store (migrated), signing key, hasher, mail, GeoIP.
+pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Services> {
+    let store = store::open(
+        &settings.database_url(),
+        settings.db_max_connections,
+        settings.db_acquire_timeout,
+    )
+    .await?;
+    let candidate = SigningKey::generate(clock.now())?;
+    let (active, all) = store
+        .signing_keys(&candidate)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading signing keys: {e}"))?;
+    let tokens = AccessTokens::new(
+        &active,
+        &all,
+        settings.issuer(),
+        settings.jwt_audience.clone(),
+        i64::from(settings.access_token_ttl),
+    )?;
+    let hasher = PasswordHasher::start(
+        settings.password_hash,
+        settings.hash_workers(),
+        settings.hash_queue(),
+    );
+    let from: Mailbox = settings.mail_from.parse().map_err(|_| {
+        anyhow::anyhow!("invalid settings: mail_from (GATEHOUSE_MAIL_FROM) is not a mail address")
+    })?;
+    let mail = MailQueue::start(mail::mailer_from(settings)?, from);
+    let geo: Option<Box<dyn GeoLookup>> = match &settings.geoip_db {
+        Some(path) => Some(Box::new(MaxMindGeo::open(path)?)),
+        None => None,
+    };
+    let policy = Policy {
+        lockout: LockoutPolicy {
+            tiers: settings.lockout_tiers.clone(),
+            hard_limit: settings.lockout_hard_limit,
+        },
+        device_limit: settings.device_limit,
+        refresh_ttl: i64::from(settings.refresh_token_ttl),
+        session_max_age: i64::from(settings.session_max_age),
+        refresh_grace: i64::from(settings.refresh_grace),
+        verify_link_ttl: settings.verify_link_ttl,
+        verify_code_ttl: settings.verify_code_ttl,
+        reset_ttl: settings.reset_token_ttl,
+        public_url: settings.issuer(),
+    };
+    Ok(Services {
+        store,
+        clock,
+        hasher,
+        tokens,
+        mail,
+        policy,
+        geo,
+    })
+}
+
+/// GeoIP lookups in a MaxMind city database.
+pub struct MaxMindGeo(maxminddb::Reader<Vec<u8>>);
+
+impl MaxMindGeo {
+    /// Opens the database file.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        maxminddb::Reader::open_readfile(path)
+            .map(Self)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid settings: geoip_db (GATEHOUSE_GEOIP_DB) {}: {e}",
+                    path.display()
+                )
+            })
+    }
+}
+
+impl GeoLookup for MaxMindGeo {
+    fn locate(&self, ip: IpAddr) -> Option<serde_json::Value> {
+        let city: maxminddb::geoip2::City = self.0.lookup(ip).ok()?;
+        let en = |names: Option<&std::collections::BTreeMap<&str, &str>>| {
+            names.and_then(|n| n.get("en").map(|s| s.to_string()))
+        };
+        let country = city.country.as_ref();
+        let location = city.location.as_ref();
+        Some(serde_json::json!({
+            "country_code": country.and_then(|c| c.iso_code),
+            "country": en(country.and_then(|c| c.names.as_ref())),
+            "region": en(city.subdivisions.as_ref().and_then(|s| s.first()).and_then(|s| s.names.as_ref())),
+            "city": en(city.city.as_ref().and_then(|c| c.names.as_ref())),
+            "latitude": location.and_then(|l| l.latitude),
+            "longitude": location.and_then(|l| l.longitude),
+            "timezone": location.and_then(|l| l.time_zone),
+        }))
+    }
+}

@@ -1,0 +1,178 @@
+//! The command line: `serve`, `migrate`, `user create`. Every command reads the same
+//! settings (`--config FILE`, then `GATEHOUSE_*`).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+
+use crate::app::{self, App};
+use crate::clock::SystemClock;
+use crate::config::Settings;
+use crate::domain::user::Role;
+
+#[derive(Parser)]
+#[command(name = "gatehouse", version, about = "Self-hosted identity service")]
+struct Cli {
+    /// A TOML settings file; GATEHOUSE_* variables override it.
+    #[arg(long, global = true, env = "GATEHOUSE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve,
+    /// Create or update the database schema, then exit.
+    Migrate,
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        /// Email address.
+        #[arg(long)]
+        email: String,
+        /// Read the password from standard input (required: never from arguments).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Role: user or admin.
+        #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
+        role: String,
+        /// Mark the email as verified.
+        #[arg(long)]
+        verified: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gatehouse: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&settings);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatehouse: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatehouse: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if settings.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let app = App::build(&settings).await?;
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen on {} (GATEHOUSE_LISTEN): {e}",
+                        settings.listen
+                    )
+                })?;
+            tracing::info!(
+                listen = %listener.local_addr()?,
+                database = app.state.services.store.backend(),
+                "gatehouse is serving"
+            );
+            app.serve(listener, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            crate::store::open(&settings.database_url(), 1, settings.db_acquire_timeout).await?;
+            println!("database is up to date");
+            Ok(())
+        }
+        Command::User {
+            command:
+                UserCommand::Create {
+                    email,
+                    password_stdin: _,
+                    role,
+                    verified,
+                },
+        } => {
+            let mut pw = String::new();
+            std::io::stdin().read_to_string(&mut pw)?;
+            let pw = SecretString::from(pw.trim_end_matches(['\r', '\n']).to_owned());
+            let role = if role == "admin" {
+                Role::Admin
+            } else {
+                Role::User
+            };
+            let services = app::services(&settings, Arc::new(SystemClock)).await?;
+            let user = services
+                .create_user_directly(&email, pw, role, verified)
+                .await
+                .map_err(|e| match e {
+                    crate::service::Error::Validation(errs) => anyhow::anyhow!(
+                        "{}",
+                        errs.iter()
+                            .map(|e| format!("{}: {}", e.field, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    other => anyhow::anyhow!("{other}"),
+                })?;
+            println!("{}", user.id);
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,403 @@
+//! Password hashing with argon2id on a fixed pool of worker threads.
+//!
+//! Hashing is the most expensive thing the service does (97% of a login), so it runs
+//! off the async runtime on `workers` dedicated threads, each reusing one memory block
+//! of `m` KiB, fed by a queue of `queue` jobs. A job that finds the queue full is
+//! refused at once ([`Overloaded`]) rather than waiting: the HTTP layer answers 503, and
+//! the runtime stays free for token checks and health probes. The pool's memory is
+//! therefore bounded by `workers * m` KiB.
+
+use std::cell::RefCell;
+use std::str::FromStr;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use base64::Engine;
+use rand::rngs::OsRng;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+
+/// Argon2id cost parameters, written `argon2id:m=19456,t=2,p=1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashParams {
+    /// Memory in KiB.
+    pub m: u32,
+    /// Iterations.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+impl FromStr for HashParams {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .trim()
+            .strip_prefix("argon2id:")
+            .ok_or_else(|| format!("expected argon2id:m=..,t=..,p=.., got {s:?}"))?;
+        let (mut m, mut t, mut p) = (None, None, None);
+        for kv in rest.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("bad parameter {kv:?}"))?;
+            let v: u32 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad number in {kv:?}"))?;
+            match k.trim() {
+                "m" => m = Some(v),
+                "t" => t = Some(v),
+                "p" => p = Some(v),
+                other => return Err(format!("unknown argon2 parameter {other:?}")),
+            }
+        }
+        let hp = HashParams {
+            m: m.ok_or("m is missing")?,
+            t: t.ok_or("t is missing")?,
+            p: p.ok_or("p is missing")?,
+        };
+        hp.argon2_params()?;
+        Ok(hp)
+    }
+}
+
+impl HashParams {
+    fn argon2_params(&self) -> Result<Params, String> {
+        Params::new(self.m, self.t, self.p, None)
+            .map_err(|e| format!("argon2 rejects these parameters: {e}"))
+    }
+}
+
+/// The hashing queue is full; try again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("password hashing is overloaded")]
+pub struct Overloaded;
+
+/// The outcome of a password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The password matched a real hash (never true for the dummy).
+    pub ok: bool,
+    /// The stored hash uses other parameters than those in force.
+    pub needs_rehash: bool,
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A reserved place in the hashing pool. Taking one first lets a caller learn about
+/// overload before it commits to anything else (such as counting a login attempt).
+pub struct HashPermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+/// Hashes and verifies passwords on a bounded pool of threads.
+#[derive(Clone)]
+pub struct PasswordHasher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    params: HashParams,
+    // Unbounded: the admission semaphore is what bounds it.
+    tx: Sender<Job>,
+    admission: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+    dummy: String,
+    workers: usize,
+}
+
+thread_local! {
+    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+impl PasswordHasher {
+    /// Starts `workers` threads with room for `queue` waiting jobs.
+    pub fn start(params: HashParams, workers: usize, queue: usize) -> Self {
+        let workers = workers.max(1);
+        let (tx, rx) = channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("gatehouse-hash-{i}"))
+                .spawn(move || worker(&rx));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start a hashing thread");
+            }
+        }
+        let dummy = hash_blocking(&params, b"gatehouse dummy password for unknown users");
+        let capacity = workers + queue;
+        Self {
+            inner: Arc::new(Inner {
+                params,
+                tx,
+                admission: Arc::new(tokio::sync::Semaphore::new(capacity)),
+                capacity,
+                dummy,
+                workers,
+            }),
+        }
+    }
+
+    /// Jobs queued or running now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.capacity - self.inner.admission.available_permits()
+    }
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.inner.workers
+    }
+
+    /// Reserves a place for one hash, or says at once that there is none.
+    pub fn admit(&self) -> Result<HashPermit, Overloaded> {
+        Arc::clone(&self.inner.admission)
+            .try_acquire_owned()
+            .map(HashPermit)
+            .map_err(|_| Overloaded)
+    }
+
+    /// Hashes a new password into a PHC string.
+    pub async fn hash(
+        &self,
+        permit: HashPermit,
+        password: &SecretString,
+    ) -> Result<String, Overloaded> {
+        let params = self.inner.params;
+        let pw = password.expose_secret().as_bytes().to_vec();
+        self.run(permit, move || hash_blocking(&params, &pw)).await
+    }
+
+    /// Checks `password` against `stored`, or against a dummy hash of equal cost when
+    /// there is none, so that unknown users take as long as known ones.
+    pub async fn verify(
+        &self,
+        permit: HashPermit,
+        password: &SecretString,
+        stored: Option<&str>,
+    ) -> Result<Verified, Overloaded> {
+        let pw = password.expose_secret().as_bytes().to_vec();
+        let real = stored.is_some();
+        let phc = stored.unwrap_or(&self.inner.dummy).to_owned();
+        let params = self.inner.params;
+        self.run(permit, move || {
+            let ok = verify_blocking(&pw, &phc) && real;
+            Verified {
+                ok,
+                needs_rehash: real && !uses_params(&phc, &params),
+            }
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        permit: HashPermit,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Overloaded> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let span = tracing::Span::current();
+        let job: Job = Box::new(move || {
+            let _g = span.enter();
+            let _ = reply.send(f());
+            drop(permit);
+        });
+        // The worker threads end when the last handle drops the sender.
+        self.inner.tx.send(job).map_err(|_| Overloaded)?;
+        rx.await.map_err(|_| Overloaded)
+    }
+}
+
+fn worker(rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            match guard.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        job();
+    }
+}
+
+fn argon2(alg: Algorithm, version: Version, params: Params) -> Argon2<'static> {
+    Argon2::new(alg, version, params)
+}
+
+/// Runs argon2 with this thread's reusable memory block.
+fn raw_hash(a: &Argon2<'_>, params: &Params, pw: &[u8], salt: &[u8], out: &mut [u8]) -> bool {
+    MEMORY.with(|m| {
+        let mut blocks = m.borrow_mut();
+        let need = params.block_count();
+        if blocks.len() != need {
+            blocks.clear();
+            blocks.resize(need, Block::default());
+        }
+        a.hash_password_into_with_memory(pw, salt, out, &mut blocks[..])
+            .is_ok()
+    })
+}
+
+/// Hashes on the calling thread (used by the workers and for the dummy hash).
+pub fn hash_blocking(hp: &HashParams, pw: &[u8]) -> String {
+    let params = hp.argon2_params().unwrap_or_default();
+    let a = argon2(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let salt = SaltString::generate(&mut OsRng);
+    let mut salt_buf = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_buf).unwrap_or(&[]).to_vec();
+    let mut out = [0u8; 32];
+    raw_hash(&a, &params, pw, &salt_bytes, &mut out);
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost(),
+        b64.encode(&salt_bytes),
+        b64.encode(out)
+    )
+}
+
+/// Verifies on the calling thread in constant time; a malformed hash never matches.
+pub fn verify_blocking(pw: &[u8], phc: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let Ok(alg) = Algorithm::try_from(parsed.algorithm) else {
+        return false;
+    };
+    let version = parsed
+        .version
+        .and_then(|v| Version::try_from(v).ok())
+        .unwrap_or(Version::V0x13);
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let expected = expected.as_bytes();
+    let mut out = vec![0u8; expected.len()];
+    let a = argon2(alg, version, params.clone());
+    raw_hash(&a, &params, pw, salt, &mut out) && bool::from(out.as_slice().ct_eq(expected))
+}
+
+fn uses_params(phc: &str, hp: &HashParams) -> bool {
+    PasswordHash::new(phc)
+        .ok()
+        .filter(|h| h.algorithm.as_str() == "argon2id")
+        .and_then(|h| Params::try_from(&h).ok())
+        .is_some_and(|p| p.m_cost() == hp.m && p.t_cost() == hp.t && p.p_cost() == hp.p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::PasswordVerifier;
+
+    const CHEAP: HashParams = HashParams { m: 64, t: 1, p: 1 };
+
+    #[test]
+    fn params_parse_from_the_contract_format() {
+        let p: HashParams = "argon2id:m=19456,t=2,p=1".parse().unwrap();
+        assert_eq!(
+            p,
+            HashParams {
+                m: 19456,
+                t: 2,
+                p: 1
+            }
+        );
+        assert!("bcrypt:12".parse::<HashParams>().is_err());
+        assert!("argon2id:m=1,t=1,p=1".parse::<HashParams>().is_err());
+        assert!("argon2id:m=64,t=1".parse::<HashParams>().is_err());
+    }
+
+    #[test]
+    fn our_phc_strings_verify_with_the_reference_implementation() {
+        let phc = hash_blocking(&CHEAP, b"hunter2hunter2");
+        let parsed = PasswordHash::new(&phc).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"hunter2hunter2", &parsed)
+            .is_ok());
+        assert!(verify_blocking(b"hunter2hunter2", &phc));
+        assert!(!verify_blocking(b"hunter3hunter3", &phc));
+        assert!(!verify_blocking(b"x", "not a hash"));
+    }
+
+    #[tokio::test]
+    async fn the_pool_verifies_and_flags_old_parameters() {
+        let h = PasswordHasher::start(CHEAP, 1, 4);
+        let pw = SecretString::from("correct horse");
+        let phc = h.hash(h.admit().unwrap(), &pw).await.unwrap();
+        assert_eq!(
+            h.verify(h.admit().unwrap(), &pw, Some(&phc)).await.unwrap(),
+            Verified {
+                ok: true,
+                needs_rehash: false
+            }
+        );
+        assert!(
+            !h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc))
+                .await
+                .unwrap()
+                .ok
+        );
+        let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, b"correct horse");
+        assert!(
+            h.verify(h.admit().unwrap(), &pw, Some(&old))
+                .await
+                .unwrap()
+                .needs_rehash
+        );
+        assert!(
+            !h.verify(h.admit().unwrap(), &pw, None).await.unwrap().ok,
+            "the dummy never matches"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let h = PasswordHasher::start(
+            HashParams {
+                m: 8192,
+                t: 3,
+                p: 1,
+            },
+            1,
+            1,
+        );
+        let pw = SecretString::from("some password");
+        let results = futures_join(&h, &pw, 8).await;
+        assert!(
+            results.iter().any(|r| r.is_err()),
+            "some of 8 jobs on 1 worker + 1 slot must be refused"
+        );
+        assert!(results.iter().any(|r| r.is_ok()));
+    }
+
+    async fn futures_join(
+        h: &PasswordHasher,
+        pw: &SecretString,
+        n: usize,
+    ) -> Vec<Result<Verified, Overloaded>> {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (h, pw) = (h.clone(), pw.clone());
+            set.spawn(async move {
+                let permit = h.admit()?;
+                h.verify(permit, &pw, None).await
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    }
+}

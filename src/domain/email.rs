@@ -1,0 +1,116 @@
+//! Email addresses: trimmed and lowercased before any lookup, storage or counting,
+//! and checked for a plausible shape (no attempt at full RFC 5321 syntax).
+
+use super::FieldError;
+
+/// A normalised, plausibly deliverable email address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    /// Normalises (trim, lowercase) and checks the shape.
+    pub fn parse(raw: &str, field: &str) -> Result<Self, FieldError> {
+        let e = normalise(raw);
+        let bad = |msg: &str| FieldError::new(field, "invalid_email", msg);
+        if e.is_empty() {
+            return Err(FieldError::new(
+                field,
+                "required",
+                "an email address is required",
+            ));
+        }
+        if e.len() > 254 {
+            return Err(bad("an email address has at most 254 characters"));
+        }
+        let Some((local, domain)) = e.rsplit_once('@') else {
+            return Err(bad("an email address needs an @"));
+        };
+        if local.is_empty() || local.len() > 64 {
+            return Err(bad("the part before @ must have 1 to 64 characters"));
+        }
+        if e.chars().any(|c| c.is_whitespace() || c.is_control())
+            || local.chars().any(|c| "<>()[],;:\\\"@".contains(c))
+        {
+            return Err(bad("the address holds characters that are not allowed"));
+        }
+        let labels: Vec<&str> = domain.split('.').collect();
+        if labels.len() < 2
+            || labels.iter().any(|l| {
+                l.is_empty()
+                    || l.len() > 63
+                    || l.starts_with('-')
+                    || l.ends_with('-')
+                    || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
+            })
+        {
+            return Err(bad("the domain after @ is not valid"));
+        }
+        Ok(Self(e))
+    }
+
+    /// The normalised text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Trim and lowercase: the key for lookups and lockout counting.
+pub fn normalise(raw: &str) -> String {
+    raw.trim().to_lowercase()
+}
+
+impl std::fmt::Display for Email {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_and_lowercased() {
+        assert_eq!(
+            Email::parse("  Alice@Example.COM ", "email")
+                .unwrap()
+                .as_str(),
+            "alice@example.com"
+        );
+    }
+
+    #[test]
+    fn malformed_emails_are_rejected_with_a_code() {
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "alice@example",
+            "a b@example.com",
+            "alice@exa_mple.com",
+            "alice@-example.com",
+            "alice@example..com",
+        ] {
+            let err = Email::parse(bad, "email").unwrap_err();
+            assert!(
+                err.code == "invalid_email" || err.code == "required",
+                "{bad}: {err:?}"
+            );
+            assert_eq!(err.field, "email");
+        }
+    }
+
+    #[test]
+    fn plus_addresses_and_subdomains_are_fine() {
+        assert!(Email::parse("a.b+tag@mail.example.co.uk", "email").is_ok());
+    }
+
+    #[test]
+    fn overlong_addresses_are_rejected() {
+        let local = "a".repeat(65);
+        assert!(Email::parse(&format!("{local}@example.com"), "email").is_err());
+        let domain = format!("{}.com", "d".repeat(250));
+        assert!(Email::parse(&format!("a@{domain}"), "email").is_err());
+    }
+}

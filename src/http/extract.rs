@@ -1,0 +1,266 @@
+//! Extractors: the app-owned JSON body (our error format for bad bodies), the client's
+//! address, and authentication (a Bearer session, an API key, an admin).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::TrustedProxies;
+use crate::domain::user::Role;
+use crate::domain::FieldError;
+use crate::service::{Caller, ClientMeta, Error};
+
+/// A JSON body, rejected in problem+json: 415, 413, `invalid_json`, `validation_failed`.
+pub struct AppJson<T>(pub T);
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ct = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !is_json(ct) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::InvalidJson
+            }
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
+        if !value.is_object() {
+            return Err(Error::Validation(vec![FieldError::new(
+                "body",
+                "invalid_type",
+                "the body must be a JSON object",
+            )])
+            .into());
+        }
+        serde_path_to_error::deserialize(value)
+            .map(AppJson)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let field = if field == "." {
+                    "body".to_owned()
+                } else {
+                    field
+                };
+                let message = e.inner().to_string();
+                Error::Validation(vec![FieldError::new(&field, "invalid_type", message)]).into()
+            })
+    }
+}
+
+/// The client's IP: the TCP peer, or from `X-Forwarded-For` when the peer is a trusted
+/// proxy (the right-most address that is not itself a trusted proxy).
+pub fn client_ip(headers: &HeaderMap, peer: Option<IpAddr>, trusted: &TrustedProxies) -> IpAddr {
+    let peer = peer.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return canonical(ip),
+            Err(_) => return peer,
+        }
+    }
+    peer
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// The key under which an IP is rate limited: the address, or its /64 for IPv6,
+/// since one IPv6 client commonly holds a whole /64.
+pub fn rate_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!(
+                "ip6:{}/64",
+                Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)
+            )
+        }
+    }
+}
+
+fn peer(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| canonical(c.0.ip()))
+}
+
+/// The client's address and user agent.
+pub struct Client(pub ClientMeta);
+
+impl FromRequestParts<AppState> for Client {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ip = client_ip(&parts.headers, peer(parts), &state.trusted_proxies);
+        let user_agent = parts
+            .headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(256).collect());
+        Ok(Client(ClientMeta { ip, user_agent }))
+    }
+}
+
+/// Peer address for middleware that has the whole request.
+pub fn request_ip(req: &Request, trusted: &TrustedProxies) -> IpAddr {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| canonical(c.0.ip()));
+    client_ip(req.headers(), peer, trusted)
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// A caller with a live session (Bearer access token).
+pub struct SessionCaller(pub Caller);
+
+impl FromRequestParts<AppState> for SessionCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or(Error::Unauthorized)?;
+        Ok(Self(state.services.authenticate_bearer(token).await?))
+    }
+}
+
+/// A caller with a Bearer token or an `X-API-Key`.
+pub struct AnyCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AnyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(key) = parts.headers.get("x-api-key") {
+            let key = key.to_str().map_err(|_| Error::Unauthorized)?;
+            return Ok(Self(state.services.authenticate_api_key(key.trim()).await?));
+        }
+        SessionCaller::from_request_parts(parts, state)
+            .await
+            .map(|c| Self(c.0))
+    }
+}
+
+/// A Bearer caller whose stored role is admin.
+pub struct AdminCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = SessionCaller::from_request_parts(parts, state).await?.0;
+        if caller.user.role != Role::Admin {
+            return Err(Error::Forbidden.into());
+        }
+        Ok(Self(caller))
+    }
+}
+
+/// Parses a path id; anything that is not a UUID is simply not found.
+pub fn path_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| Error::NotFound.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(xff: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_str(xff).unwrap());
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_ignored_from_untrusted_peers() {
+        let t: TrustedProxies = "10.0.0.1".parse().unwrap();
+        let ip = client_ip(&headers("1.2.3.4"), Some("9.9.9.9".parse().unwrap()), &t);
+        assert_eq!(ip, "9.9.9.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_from_trusted_proxies_rightmost_untrusted_first() {
+        let t: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+        let ip = client_ip(
+            &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"),
+            Some("10.0.0.1".parse().unwrap()),
+            &t,
+        );
+        assert_eq!(ip, "1.2.3.4".parse::<IpAddr>().unwrap());
+        let junk = client_ip(&headers("nonsense"), Some("10.0.0.1".parse().unwrap()), &t);
+        assert_eq!(junk, "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_key_per_64() {
+        assert_eq!(
+            rate_key("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            rate_key("2001:db8:1:2:ffff::1".parse().unwrap())
+        );
+        assert_eq!(rate_key("1.2.3.4".parse().unwrap()), "ip:1.2.3.4");
+    }
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/merge-patch+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+    }
+}

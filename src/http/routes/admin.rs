@@ -1,0 +1,95 @@
+//! `/v1/admin/*`: user administration, for callers whose stored role is admin.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{EventPage, UserPage, UserView};
+use crate::domain::FieldError;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{path_id, AdminCaller, AppJson, Client};
+use crate::http::AppState;
+use crate::service::admin::{UserPatchInput, UserQuery};
+use crate::service::Error;
+
+type Res<T> = Result<T, ApiError>;
+
+/// List users, filtered, a page at a time.
+#[utoipa::path(get, path = "/v1/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
+    responses((status = 200, body = UserPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn users(
+    State(s): State<AppState>,
+    _admin: AdminCaller,
+    q: Result<Query<UserQuery>, QueryRejection>,
+) -> Res<Json<UserPage>> {
+    let Query(q) =
+        q.map_err(|e| Error::Validation(vec![FieldError::new("query", "invalid", e.body_text())]))?;
+    let (users, next_cursor) = s.services.admin_list_users(q).await?;
+    Ok(Json(UserPage {
+        users: users.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// One user.
+#[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = UserView), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn user(
+    State(s): State<AppState>,
+    _admin: AdminCaller,
+    Path(id): Path<String>,
+) -> Res<Json<UserView>> {
+    Ok(Json(s.services.admin_user(path_id(&id)?).await?.into()))
+}
+
+/// Change a user; a state other than active ends their sessions.
+#[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])), request_body = UserPatchInput,
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = UserView), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn patch_user(
+    State(s): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Client(meta): Client,
+    Path(id): Path<String>,
+    AppJson(input): AppJson<UserPatchInput>,
+) -> Res<Json<UserView>> {
+    Ok(Json(
+        s.services
+            .admin_patch_user(&admin, path_id(&id)?, input, &meta)
+            .await?
+            .into(),
+    ))
+}
+
+/// Clear the lockout of the user's email, the hard lock too.
+#[utoipa::path(post, path = "/v1/admin/users/{id}/unlock", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn unlock(
+    State(s): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Client(meta): Client,
+    Path(id): Path<String>,
+) -> Res<StatusCode> {
+    s.services
+        .admin_unlock(&admin, path_id(&id)?, &meta)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The user's audit trail, newest first.
+#[utoipa::path(get, path = "/v1/admin/users/{id}/events", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = EventPage), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn events(
+    State(s): State<AppState>,
+    _admin: AdminCaller,
+    Path(id): Path<String>,
+) -> Res<Json<EventPage>> {
+    let events = s.services.admin_events(path_id(&id)?).await?;
+    Ok(Json(EventPage {
+        events: events.into_iter().map(Into::into).collect(),
+    }))
+}

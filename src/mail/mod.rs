@@ -1,0 +1,186 @@
+//! Outgoing mail. Services hand a [`Mail`] to the [`MailQueue`] after their transaction
+//! has committed; a background task renders and sends it with retries, so a slow or
+//! broken mail server never delays a response, changes its content or loses an
+//! account. Transports: one `.eml` file per mail, SMTP, or a log line.
+
+pub mod templates;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Mailbox, SinglePart};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use secrecy::ExposeSecret;
+use tokio::sync::mpsc;
+
+use crate::config::{MailTransport, Settings};
+
+/// A mail to send: plain ASCII text.
+#[derive(Clone)]
+pub struct Mail {
+    /// Recipient address.
+    pub to: String,
+    /// Subject line.
+    pub subject: String,
+    /// Body text.
+    pub body: String,
+}
+
+impl std::fmt::Debug for Mail {
+    // Bodies hold tokens and codes: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mail")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Delivers rendered messages.
+#[async_trait]
+pub trait Mailer: Send + Sync + 'static {
+    /// Sends one message.
+    async fn send(&self, msg: Message) -> anyhow::Result<()>;
+}
+
+/// Writes one RFC 5322 file per mail into a directory.
+pub struct FileMailer {
+    dir: PathBuf,
+}
+
+#[async_trait]
+impl Mailer for FileMailer {
+    async fn send(&self, msg: Message) -> anyhow::Result<()> {
+        tokio::fs::create_dir_all(&self.dir).await?;
+        let name = format!(
+            "{}-{}.eml",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+            uuid::Uuid::new_v4()
+        );
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        tokio::fs::write(&tmp, msg.formatted()).await?;
+        // Rename is atomic: readers of the outbox never see half a mail.
+        tokio::fs::rename(&tmp, self.dir.join(name)).await?;
+        Ok(())
+    }
+}
+
+/// Sends through an SMTP server.
+pub struct SmtpMailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+#[async_trait]
+impl Mailer for SmtpMailer {
+    async fn send(&self, msg: Message) -> anyhow::Result<()> {
+        self.transport.send(msg).await?;
+        Ok(())
+    }
+}
+
+/// Only logs that a mail was sent, never its content.
+pub struct LogMailer;
+
+#[async_trait]
+impl Mailer for LogMailer {
+    async fn send(&self, msg: Message) -> anyhow::Result<()> {
+        let subject = msg
+            .headers()
+            .get_raw("Subject")
+            .unwrap_or_default()
+            .to_owned();
+        tracing::info!(subject, "mail not sent: the log transport is configured");
+        Ok(())
+    }
+}
+
+/// Builds the transport the settings ask for.
+pub fn mailer_from(settings: &Settings) -> anyhow::Result<Arc<dyn Mailer>> {
+    Ok(match settings.mail_transport {
+        MailTransport::File => Arc::new(FileMailer {
+            dir: settings.outbox_dir(),
+        }),
+        MailTransport::Log => Arc::new(LogMailer),
+        MailTransport::Smtp => {
+            let url = settings
+                .smtp_url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned())
+                .unwrap_or_default();
+            let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "invalid settings: smtp_url (GATEHOUSE_SMTP_URL) is not a valid SMTP URL"
+                    )
+                })?
+                .timeout(Some(Duration::from_secs(10)))
+                .build();
+            Arc::new(SmtpMailer { transport })
+        }
+    })
+}
+
+/// The handle services use to send mail after their work is committed.
+#[derive(Clone)]
+pub struct MailQueue {
+    tx: mpsc::Sender<Mail>,
+}
+
+impl MailQueue {
+    /// Starts the background sender.
+    pub fn start(mailer: Arc<dyn Mailer>, from: Mailbox) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Mail>(10_000);
+        tokio::spawn(async move {
+            while let Some(mail) = rx.recv().await {
+                deliver(mailer.as_ref(), &from, mail).await;
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues a mail; never blocks and never fails the caller.
+    pub fn send(&self, mail: Mail) {
+        if self.tx.try_send(mail).is_err() {
+            tracing::error!("mail queue full or closed: a mail was dropped");
+        }
+    }
+}
+
+async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
+    let to: Mailbox = match mail.to.parse() {
+        Ok(m) => m,
+        Err(_) => {
+            tracing::warn!("mail not sent: the recipient address cannot be used");
+            return;
+        }
+    };
+    let msg = Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(mail.subject.clone())
+        .singlepart(
+            SinglePart::builder()
+                .header(ContentType::TEXT_PLAIN)
+                .header(ContentTransferEncoding::SevenBit)
+                .body(mail.body),
+        );
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "mail could not be built");
+            return;
+        }
+    };
+    for attempt in 1..=3u32 {
+        match mailer.send(msg.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, subject = %mail.subject, "sending mail failed");
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
+            }
+        }
+    }
+    tracing::error!(subject = %mail.subject, "mail dropped after 3 attempts");
+}

@@ -1,0 +1,601 @@
+//! Accounts: registration, email verification, login, password change and reset.
+//!
+//! Anti-enumeration: register, resend-verification and forgot-password answer the same
+//! for every email and do the same work on the request path; whatever depends on
+//! whether the account exists (issuing tokens, mailing) runs after the response, in
+//! the background. Login hashes against a dummy for unknown emails.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{required, Checks, ClientMeta, Error, Result, Services, CODE_ATTEMPTS};
+use crate::crypto::tokens;
+use crate::domain::email::Email;
+use crate::domain::password::{self, MAX_LOGIN_BYTES};
+use crate::domain::user::{Role, Status, User};
+use crate::domain::FieldError;
+use crate::mail::templates;
+use crate::store::{NewOneTimeToken, NewSession, NewUser, Reservation};
+
+/// `POST /v1/auth/register`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RegisterInput {
+    /// Email address.
+    pub email: Option<String>,
+    /// Password: 8 to 256 characters, not a common one.
+    #[schema(value_type = Option<String>)]
+    pub password: Option<SecretString>,
+    /// Display name, at most 200 characters.
+    pub name: Option<String>,
+}
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LoginInput {
+    /// Email address.
+    pub email: Option<String>,
+    /// Password.
+    #[schema(value_type = Option<String>)]
+    pub password: Option<SecretString>,
+}
+
+/// `POST /v1/auth/verify-email`: `{token}` or `{email, code}`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct VerifyEmailInput {
+    /// The token from the mailed link.
+    #[schema(value_type = Option<String>)]
+    pub token: Option<SecretString>,
+    /// Email address, with `code`.
+    pub email: Option<String>,
+    /// The 6-digit code from the mail.
+    #[schema(value_type = Option<String>)]
+    pub code: Option<SecretString>,
+}
+
+/// A body with only an email: resend-verification, forgot-password.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EmailInput {
+    /// Email address.
+    pub email: Option<String>,
+}
+
+/// `POST /v1/auth/password/reset`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ResetInput {
+    /// The token from the reset mail.
+    #[schema(value_type = Option<String>)]
+    pub token: Option<SecretString>,
+    /// The new password.
+    #[schema(value_type = Option<String>)]
+    pub password: Option<SecretString>,
+}
+
+/// `POST /v1/me/password`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChangePasswordInput {
+    /// The password now in force.
+    #[schema(value_type = Option<String>)]
+    pub current_password: Option<SecretString>,
+    /// The new password.
+    #[schema(value_type = Option<String>)]
+    pub new_password: Option<SecretString>,
+}
+
+/// A logged-in session's tokens.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// The JWT.
+    pub access_token: String,
+    /// Its expiry.
+    pub access_expires_at: i64,
+    /// The opaque refresh token.
+    pub refresh_token: String,
+    /// Its expiry.
+    pub refresh_expires_at: i64,
+    /// The session.
+    pub session_id: Uuid,
+    /// The user.
+    pub user: User,
+}
+
+/// Most bytes a mailed token or refresh token may have; longer cannot be ours.
+pub const MAX_TOKEN_BYTES: usize = 512;
+
+fn name_of(raw: Option<String>) -> Result<Option<String>, FieldError> {
+    match raw.map(|n| n.trim().to_owned()) {
+        Some(n) if n.chars().count() > 200 => Err(FieldError::new(
+            "name",
+            "too_long",
+            "use at most 200 characters",
+        )),
+        Some(n) if n.chars().any(char::is_control) => {
+            Err(FieldError::new("name", "invalid", "no control characters"))
+        }
+        Some(n) if n.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+fn new_password(
+    raw: Option<SecretString>,
+    email: Option<&str>,
+    field: &str,
+) -> Result<SecretString, FieldError> {
+    let pw = required(raw, field)?;
+    password::check_new(pw.expose_secret(), email, field)?;
+    Ok(pw)
+}
+
+fn token_of(raw: Option<SecretString>, field: &str) -> Result<SecretString, FieldError> {
+    let t = required(raw, field)?;
+    if t.expose_secret().is_empty() {
+        return Err(FieldError::new(
+            field,
+            "required",
+            format!("{field} is required"),
+        ));
+    }
+    Ok(t)
+}
+
+impl Services {
+    /// Registers an account, or mails the owner of a taken email a notice.
+    pub async fn register(&self, input: RegisterInput) -> Result<()> {
+        let mut c = Checks::default();
+        let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
+        let pw = c.take(new_password(
+            input.password,
+            email.as_ref().map(Email::as_str),
+            "password",
+        ));
+        let name = c.take(name_of(input.name));
+        c.finish()?;
+        let (Some(email), Some(pw), Some(name)) = (email, pw, name) else {
+            return Err(Error::Validation(vec![]));
+        };
+        let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
+        let now = self.now();
+        let created = self
+            .store
+            .create_user(NewUser {
+                id: Uuid::now_v7(),
+                email: email.to_string(),
+                name,
+                password_hash: Some(hash),
+                role: Role::User,
+                email_verified_at: None,
+                now,
+            })
+            .await?;
+        match created {
+            Some(user) => {
+                self.audit(Some(&user), None, "registered", None, serde_json::json!({}))
+                    .await;
+                self.send_verification(user);
+            }
+            None => self.mail.send(templates::already_registered(
+                email.as_str(),
+                &self.policy.public_url,
+            )),
+        }
+        Ok(())
+    }
+
+    /// Issues a fresh link and code and mails them, in the background.
+    fn send_verification(&self, user: User) {
+        let (link, code) = (tokens::new_link_token(), tokens::new_code());
+        let now = self.now();
+        let link_row = NewOneTimeToken {
+            id: Uuid::now_v7(),
+            token_hash: tokens::hash_token(&link),
+            expires_at: now + i64::from(self.policy.verify_link_ttl),
+        };
+        let code_id = Uuid::now_v7();
+        let code_row = NewOneTimeToken {
+            id: code_id,
+            token_hash: tokens::hash_code(&code_id.to_string(), &code),
+            expires_at: now + i64::from(self.policy.verify_code_ttl),
+        };
+        let (store, mail) = (self.store.clone(), self.mail.clone());
+        let m = templates::verification(
+            &user.email,
+            &self.policy.public_url,
+            &link,
+            &code,
+            self.policy.verify_link_ttl / 3600,
+            self.policy.verify_code_ttl / 60,
+        );
+        tokio::spawn(async move {
+            match store
+                .issue_verification(user.id, &link_row, &code_row, now)
+                .await
+            {
+                Ok(()) => mail.send(m),
+                Err(e) => tracing::error!(error = %e, "could not store verification tokens"),
+            }
+        });
+    }
+
+    /// Mails a fresh verification to an unverified active account; silent otherwise.
+    pub async fn resend_verification(&self, input: EmailInput) -> Result<()> {
+        let email = required(input.email, "email")
+            .and_then(|e| Email::parse(&e, "email"))
+            .map_err(|e| Error::Validation(vec![e]))?;
+        let store = self.store.clone();
+        let user = store.user_by_email(email.as_str()).await?;
+        if let Some(user) = user.filter(|u| !u.email_verified() && u.status == Status::Active) {
+            self.send_verification(user);
+        }
+        Ok(())
+    }
+
+    /// Verifies an email by link token or by code.
+    pub async fn verify_email(&self, input: VerifyEmailInput, meta: &ClientMeta) -> Result<User> {
+        let now = self.now();
+        let user = if let Some(token) = input.token {
+            let token = token_of(Some(token), "token").map_err(|e| Error::Validation(vec![e]))?;
+            if token.expose_secret().len() > MAX_TOKEN_BYTES {
+                return Err(Error::InvalidToken);
+            }
+            self.store
+                .verify_email_by_link(&tokens::hash_token(token.expose_secret()), now)
+                .await?
+        } else {
+            let mut c = Checks::default();
+            let email =
+                c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
+            let code = c.take(token_of(input.code, "code"));
+            c.finish()?;
+            let (Some(email), Some(code)) = (email, code) else {
+                return Err(Error::Validation(vec![]));
+            };
+            let code = code.expose_secret().trim();
+            if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Error::InvalidToken);
+            }
+            // The try is counted before the comparison, so parallel guesses cannot
+            // get more than CODE_ATTEMPTS comparisons.
+            match self
+                .store
+                .reserve_code_attempt(email.as_str(), CODE_ATTEMPTS, now)
+                .await?
+            {
+                Some(a)
+                    if tokens::ct_eq(
+                        &tokens::hash_code(&a.token_id.to_string(), code),
+                        &a.code_hash,
+                    ) =>
+                {
+                    self.store.verify_email_by_code(a.token_id, now).await?
+                }
+                _ => None,
+            }
+        };
+        let user = user.ok_or(Error::InvalidToken)?;
+        self.audit(
+            Some(&user),
+            None,
+            "email_verified",
+            Some(meta),
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(user)
+    }
+
+    /// The login of the contract, in its order: lockout, password, account state.
+    /// (The per-IP rate limit runs before, in the HTTP layer.)
+    pub async fn login(&self, input: LoginInput, meta: &ClientMeta) -> Result<Tokens> {
+        let mut c = Checks::default();
+        let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
+        let pw = c.take(token_of(input.password, "password"));
+        c.finish()?;
+        let (Some(email), Some(pw)) = (email, pw) else {
+            return Err(Error::Validation(vec![]));
+        };
+        // Admission first: a login refused for overload must not count as a failure.
+        let permit = self.hasher.admit()?;
+        let failures = match self
+            .store
+            .reserve_login(email.as_str(), &self.policy.lockout, self.now())
+            .await?
+        {
+            Reservation::Locked { retry_after } => {
+                return Err(Error::AccountLocked { retry_after })
+            }
+            Reservation::Allowed { failures } => failures,
+        };
+        let user = self.store.user_by_email(email.as_str()).await?;
+        let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
+        // An over-long password cannot be right, but it costs the same dummy check.
+        let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES {
+            None
+        } else {
+            stored
+        };
+        let verified = self.hasher.verify(permit, &pw, stored).await?;
+        let user = match user {
+            Some(u) if verified.ok => u,
+            user => {
+                self.audit(
+                    user.as_ref(),
+                    Some(email.as_str()),
+                    "login_failed",
+                    Some(meta),
+                    serde_json::json!({"failures": failures}),
+                )
+                .await;
+                if self.policy.lockout.lock_after(failures) != crate::domain::lockout::Lock::None {
+                    self.audit(
+                        user.as_ref(),
+                        Some(email.as_str()),
+                        "lockout",
+                        Some(meta),
+                        serde_json::json!({"failures": failures}),
+                    )
+                    .await;
+                }
+                return Err(Error::InvalidCredentials);
+            }
+        };
+        self.store
+            .clear_login_failures(email.as_str(), self.now())
+            .await?;
+        if verified.needs_rehash {
+            self.rehash_later(user.id, pw);
+        }
+        match user.status {
+            Status::Active => {}
+            Status::Deactivated => return Err(Error::AccountDeactivated),
+            Status::Suspended => return Err(Error::AccountSuspended),
+            Status::Deleted => return Err(Error::AccountDeleted),
+        }
+        if !user.email_verified() {
+            if !self
+                .store
+                .has_live_verification(user.id, self.now())
+                .await?
+            {
+                self.send_verification(user);
+            }
+            return Err(Error::EmailNotVerified);
+        }
+        self.open_session(&user, meta).await
+    }
+
+    fn rehash_later(&self, user_id: Uuid, pw: SecretString) {
+        let (hasher, store) = (self.hasher.clone(), self.store.clone());
+        tokio::spawn(async move {
+            let Ok(permit) = hasher.admit() else { return };
+            if let Ok(hash) = hasher.hash(permit, &pw).await {
+                if let Err(e) = store.rehash_password(user_id, &hash).await {
+                    tracing::warn!(error = %e, "could not store a rehashed password");
+                }
+            }
+        });
+    }
+
+    /// Opens a session for a user whose credentials were checked.
+    pub(crate) async fn open_session(&self, user: &User, meta: &ClientMeta) -> Result<Tokens> {
+        let now = self.now();
+        let refresh = tokens::new_refresh_token();
+        let sid = Uuid::now_v7();
+        let expires_at = now + self.policy.session_max_age;
+        let refresh_expires_at = (now + self.policy.refresh_ttl).min(expires_at);
+        let s = NewSession {
+            id: sid,
+            user_id: user.id,
+            refresh_hash: tokens::hash_token(&refresh),
+            refresh_expires_at,
+            expires_at,
+            ip: Some(meta.ip.to_string()),
+            user_agent: meta.user_agent.clone(),
+            geolocation: self.geo.as_ref().and_then(|g| g.locate(meta.ip)),
+            now,
+        };
+        let (user, evicted) = self
+            .store
+            .open_session(&s, self.policy.device_limit)
+            .await?;
+        self.audit(
+            Some(&user),
+            None,
+            "login",
+            Some(meta),
+            serde_json::json!({"session_id": sid}),
+        )
+        .await;
+        self.audit_ended(&user, &evicted, "evicted", Some(meta))
+            .await;
+        let (access_token, access_expires_at) = self.tokens.issue(&user, sid, now)?;
+        Ok(Tokens {
+            access_token,
+            access_expires_at,
+            refresh_token: refresh,
+            refresh_expires_at,
+            session_id: sid,
+            user,
+        })
+    }
+
+    /// Mails a reset link if the account exists; the same answer either way.
+    pub async fn forgot_password(&self, input: EmailInput) -> Result<()> {
+        let email = required(input.email, "email")
+            .and_then(|e| Email::parse(&e, "email"))
+            .map_err(|e| Error::Validation(vec![e]))?;
+        let (store, mail) = (self.store.clone(), self.mail.clone());
+        let token = tokens::new_link_token();
+        let now = self.now();
+        let row = NewOneTimeToken {
+            id: Uuid::now_v7(),
+            token_hash: tokens::hash_token(&token),
+            expires_at: now + i64::from(self.policy.reset_ttl),
+        };
+        let m = templates::password_reset(
+            email.as_str(),
+            &self.policy.public_url,
+            &token,
+            self.policy.reset_ttl / 60,
+        );
+        tokio::spawn(async move {
+            let user = match store.user_by_email(email.as_str()).await {
+                Ok(Some(u)) if u.status != Status::Deleted => u,
+                Ok(_) => return,
+                Err(e) => return tracing::error!(error = %e, "forgot-password lookup failed"),
+            };
+            match store.issue_reset(user.id, &row, now).await {
+                Ok(()) => mail.send(m),
+                Err(e) => tracing::error!(error = %e, "could not store a reset token"),
+            }
+        });
+        Ok(())
+    }
+
+    /// Sets a new password from a reset token; ends every session, clears the lockout.
+    pub async fn reset_password(&self, input: ResetInput, meta: &ClientMeta) -> Result<()> {
+        let mut c = Checks::default();
+        let token = c.take(token_of(input.token, "token"));
+        let pw = c.take(new_password(input.password, None, "password"));
+        c.finish()?;
+        let (Some(token), Some(pw)) = (token, pw) else {
+            return Err(Error::Validation(vec![]));
+        };
+        if token.expose_secret().len() > MAX_TOKEN_BYTES {
+            return Err(Error::InvalidToken);
+        }
+        let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
+        let (user, ended) = self
+            .store
+            .reset_password(
+                &tokens::hash_token(token.expose_secret()),
+                &hash,
+                self.now(),
+            )
+            .await?
+            .ok_or(Error::InvalidToken)?;
+        self.audit(
+            Some(&user),
+            None,
+            "password_reset",
+            Some(meta),
+            serde_json::json!({}),
+        )
+        .await;
+        self.audit_ended(&user, &ended, "password_reset", Some(meta))
+            .await;
+        self.mail.send(templates::password_changed(&user.email));
+        Ok(())
+    }
+
+    /// Changes the caller's password; ends their other sessions. A wrong current
+    /// password counts toward the lockout, so a stolen access token cannot be used
+    /// to guess it.
+    pub async fn change_password(
+        &self,
+        user: &User,
+        session_id: Uuid,
+        input: ChangePasswordInput,
+        meta: &ClientMeta,
+    ) -> Result<()> {
+        let mut c = Checks::default();
+        let current = c.take(token_of(input.current_password, "current_password"));
+        let new = c.take(new_password(
+            input.new_password,
+            Some(&user.email),
+            "new_password",
+        ));
+        c.finish()?;
+        let (Some(current), Some(new)) = (current, new) else {
+            return Err(Error::Validation(vec![]));
+        };
+        let permit = self.hasher.admit()?;
+        if let Reservation::Locked { retry_after } = self
+            .store
+            .reserve_login(&user.email, &self.policy.lockout, self.now())
+            .await?
+        {
+            return Err(Error::AccountLocked { retry_after });
+        }
+        let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES {
+            None
+        } else {
+            user.password_hash.as_deref()
+        };
+        if !self.hasher.verify(permit, &current, stored).await?.ok {
+            self.audit(
+                Some(user),
+                None,
+                "password_change_failed",
+                Some(meta),
+                serde_json::json!({}),
+            )
+            .await;
+            return Err(Error::InvalidCredentials);
+        }
+        self.store
+            .clear_login_failures(&user.email, self.now())
+            .await?;
+        let hash = self.hasher.hash(self.hasher.admit()?, &new).await?;
+        let ended = self
+            .store
+            .change_password(user.id, &hash, Some(session_id), self.now())
+            .await?;
+        self.audit(
+            Some(user),
+            None,
+            "password_changed",
+            Some(meta),
+            serde_json::json!({}),
+        )
+        .await;
+        self.audit_ended(user, &ended, "password_changed", Some(meta))
+            .await;
+        self.mail.send(templates::password_changed(&user.email));
+        Ok(())
+    }
+
+    /// Creates an account from the command line.
+    pub async fn create_user_directly(
+        &self,
+        email: &str,
+        pw: SecretString,
+        role: Role,
+        verified: bool,
+    ) -> Result<User> {
+        let email = Email::parse(email, "email").map_err(|e| Error::Validation(vec![e]))?;
+        let pw = new_password(Some(pw), Some(email.as_str()), "password")
+            .map_err(|e| Error::Validation(vec![e]))?;
+        let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
+        let now = self.now();
+        let user = self
+            .store
+            .create_user(NewUser {
+                id: Uuid::now_v7(),
+                email: email.to_string(),
+                name: None,
+                password_hash: Some(hash),
+                role,
+                email_verified_at: verified.then_some(now),
+                now,
+            })
+            .await?
+            .ok_or_else(|| {
+                Error::Validation(vec![FieldError::new(
+                    "email",
+                    "taken",
+                    "an account with this email exists",
+                )])
+            })?;
+        self.audit(
+            Some(&user),
+            None,
+            "registered",
+            None,
+            serde_json::json!({"via": "cli"}),
+        )
+        .await;
+        Ok(user)
+    }
+}

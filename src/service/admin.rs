@@ -1,0 +1,219 @@
+//! The admin use cases: list, read and change users, unlock logins, read the audit
+//! trail. The caller's admin role is checked by the HTTP layer against the role stored
+//! now, not the one in the token.
+
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{Caller, Checks, ClientMeta, Error, Result, Services};
+use crate::domain::user::{Role, Status, User};
+use crate::domain::FieldError;
+use crate::store::{Event, UserFilter, UserPatch};
+
+/// Query of `GET /v1/admin/users`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UserQuery {
+    /// Part of the email.
+    pub email: Option<String>,
+    /// Exact state: active, deactivated, suspended, deleted.
+    pub status: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `PATCH /v1/admin/users/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UserPatchInput {
+    /// New state.
+    #[schema(value_type = Option<Status>)]
+    pub status: Option<serde_json::Value>,
+    /// New role.
+    #[schema(value_type = Option<Role>)]
+    pub role: Option<serde_json::Value>,
+    /// Verified or not.
+    pub email_verified: Option<bool>,
+    /// New display name; null clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub name: Option<Option<String>>,
+    /// New metadata object (replaces the old one).
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+fn enum_field<T: std::str::FromStr>(
+    v: Option<serde_json::Value>,
+    field: &str,
+    c: &mut Checks,
+) -> Option<T> {
+    let v = v?;
+    match v.as_str().and_then(|s| s.parse().ok()) {
+        Some(t) => Some(t),
+        None => {
+            c.push(FieldError::new(
+                field,
+                "invalid_value",
+                format!("{v} is not an allowed {field}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Largest metadata document, in bytes of JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+impl Services {
+    /// A page of users and the cursor of the next.
+    pub async fn admin_list_users(&self, q: UserQuery) -> Result<(Vec<User>, Option<String>)> {
+        let mut c = Checks::default();
+        let status =
+            q.status.filter(|s| !s.is_empty()).and_then(|s| {
+                c.take(s.parse::<Status>().map_err(|_| {
+                    FieldError::new("status", "invalid_value", "not an account state")
+                }))
+            });
+        let limit = match q.limit.filter(|l| !l.is_empty()) {
+            None => 50,
+            Some(l) => c
+                .take(
+                    l.parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=200).contains(n))
+                        .ok_or_else(|| {
+                            FieldError::new("limit", "out_of_range", "a whole number from 1 to 200")
+                        }),
+                )
+                .unwrap_or(50),
+        };
+        let after = q.cursor.filter(|s| !s.is_empty()).and_then(|s| {
+            c.take(
+                Uuid::parse_str(&s)
+                    .map_err(|_| FieldError::new("cursor", "invalid", "not a cursor of this list")),
+            )
+        });
+        c.finish()?;
+        let email = q
+            .email
+            .map(|e| e.trim().to_lowercase())
+            .filter(|e| !e.is_empty());
+        let users = self
+            .store
+            .list_users(&UserFilter {
+                email,
+                status,
+                limit: limit + 1,
+                after,
+            })
+            .await?;
+        let mut users = users;
+        let next = if users.len() > limit as usize {
+            users.truncate(limit as usize);
+            users.last().map(|u| u.id.to_string())
+        } else {
+            None
+        };
+        Ok((users, next))
+    }
+
+    /// One user.
+    pub async fn admin_user(&self, id: Uuid) -> Result<User> {
+        self.store.user_by_id(id).await?.ok_or(Error::NotFound)
+    }
+
+    /// Changes a user; a state other than active ends their sessions.
+    pub async fn admin_patch_user(
+        &self,
+        admin: &Caller,
+        id: Uuid,
+        input: UserPatchInput,
+        meta: &ClientMeta,
+    ) -> Result<User> {
+        let mut c = Checks::default();
+        let status = enum_field::<Status>(input.status, "status", &mut c);
+        let role = enum_field::<Role>(input.role, "role", &mut c);
+        let name = match input.name {
+            Some(Some(n)) if n.chars().count() > 200 => {
+                c.push(FieldError::new(
+                    "name",
+                    "too_long",
+                    "use at most 200 characters",
+                ));
+                None
+            }
+            Some(Some(n)) => Some(Some(n.trim().to_owned()).filter(|n| !n.is_empty())),
+            other => other,
+        };
+        if let Some(m) = &input.metadata {
+            if !m.is_object() {
+                c.push(FieldError::new(
+                    "metadata",
+                    "invalid_type",
+                    "metadata must be an object",
+                ));
+            } else if m.to_string().len() > MAX_METADATA_BYTES {
+                c.push(FieldError::new(
+                    "metadata",
+                    "too_long",
+                    "metadata is limited to 16 KiB",
+                ));
+            }
+        }
+        c.finish()?;
+        let patch = UserPatch {
+            status,
+            role,
+            email_verified: input.email_verified,
+            name,
+            metadata: input.metadata,
+        };
+        let (user, ended) = self
+            .store
+            .patch_user(id, &patch, self.now())
+            .await?
+            .ok_or(Error::NotFound)?;
+        let reason = status
+            .map(|s| format!("account_{}", s.as_str()))
+            .unwrap_or_default();
+        self.audit(
+            Some(&user),
+            None,
+            "account_updated",
+            Some(meta),
+            serde_json::json!({"by": admin.user.id, "status": status.map(Status::as_str), "role": role.map(Role::as_str)}),
+        )
+        .await;
+        self.audit_ended(&user, &ended, &reason, Some(meta)).await;
+        Ok(user)
+    }
+
+    /// Clears the lockout of the user's email, the hard lock too.
+    pub async fn admin_unlock(&self, admin: &Caller, id: Uuid, meta: &ClientMeta) -> Result<()> {
+        let user = self.store.user_by_id(id).await?.ok_or(Error::NotFound)?;
+        self.store.unlock_login(&user.email, self.now()).await?;
+        self.audit(
+            Some(&user),
+            None,
+            "unlocked",
+            Some(meta),
+            serde_json::json!({"by": admin.user.id}),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The user's latest audit events.
+    pub async fn admin_events(&self, id: Uuid) -> Result<Vec<Event>> {
+        self.store.user_by_id(id).await?.ok_or(Error::NotFound)?;
+        Ok(self.store.list_events(id, 200).await?)
+    }
+}

@@ -1,0 +1,438 @@
+//! Persistence. [`Store`] is a set of business operations, each atomic on its own
+//! (one statement or one transaction) and correct when several instances race on one
+//! database. SQL never reads the clock: times come in as arguments.
+//!
+//! [`sql::SqlStore`] implements it for SQLite and PostgreSQL with the same queries,
+//! chosen by the URL scheme, each backend with its own migrations. Every transaction
+//! starts with a write, so SQLite takes its write lock up front (no deferred upgrade
+//! that could fail under concurrency) and PostgreSQL locks the rows it then reads.
+
+pub mod sql;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::clock::UnixTime;
+use crate::config::RateLimit;
+use crate::crypto::jwt::SigningKey;
+use crate::domain::lockout::LockoutPolicy;
+use crate::domain::user::{Role, Status, User};
+
+/// A store failure: the database is unreachable or misbehaved. Never a client's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("storage error: {0}")]
+pub struct StoreError(#[from] pub sqlx::Error);
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A user to create.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Id.
+    pub id: Uuid,
+    /// Normalised email.
+    pub email: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// PHC hash.
+    pub password_hash: Option<String>,
+    /// Role.
+    pub role: Role,
+    /// Verified at creation (admin-made accounts).
+    pub email_verified_at: Option<UnixTime>,
+    /// Now.
+    pub now: UnixTime,
+}
+
+/// A mailed one-time secret to store (by hash).
+#[derive(Debug, Clone)]
+pub struct NewOneTimeToken {
+    /// Row id (also the salt of a code's hash).
+    pub id: Uuid,
+    /// SHA-256 of the secret.
+    pub token_hash: String,
+    /// Expiry.
+    pub expires_at: UnixTime,
+}
+
+/// What kind of one-time token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Verification link.
+    VerifyLink,
+    /// 6-digit verification code.
+    VerifyCode,
+    /// Password reset link.
+    Reset,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::VerifyLink => "verify_link",
+            Self::VerifyCode => "verify_code",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// A verification code attempt that was reserved (counted) before comparison.
+#[derive(Debug, Clone)]
+pub struct CodeAttempt {
+    /// The code's row id.
+    pub token_id: Uuid,
+    /// The stored hash to compare against.
+    pub code_hash: String,
+}
+
+/// The answer to a login reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The attempt was counted as failure number `failures`; check the password.
+    Allowed {
+        /// Consecutive failures including this attempt.
+        failures: u32,
+    },
+    /// A lock is active; do not check the password.
+    Locked {
+        /// Seconds until the lock ends (at least 1).
+        retry_after: u32,
+    },
+}
+
+/// A session as stored.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Id.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// Opened.
+    pub created_at: UnixTime,
+    /// Last login or refresh.
+    pub last_used_at: UnixTime,
+    /// Absolute expiry.
+    pub expires_at: UnixTime,
+    /// Client IP at opening.
+    pub ip: Option<String>,
+    /// Client user agent at opening.
+    pub user_agent: Option<String>,
+    /// When it ended, if it did.
+    pub ended_at: Option<UnixTime>,
+}
+
+impl Session {
+    /// Neither ended nor past its absolute expiry.
+    pub fn is_live(&self, now: UnixTime) -> bool {
+        self.ended_at.is_none() && self.expires_at > now
+    }
+}
+
+/// A session to open.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Id.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// Hash of its first refresh token.
+    pub refresh_hash: String,
+    /// Refresh token expiry.
+    pub refresh_expires_at: UnixTime,
+    /// Absolute session expiry.
+    pub expires_at: UnixTime,
+    /// Client IP.
+    pub ip: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Where the login came from, for the user record.
+    pub geolocation: Option<serde_json::Value>,
+    /// Now.
+    pub now: UnixTime,
+}
+
+/// A refresh token rotation to attempt.
+#[derive(Debug, Clone)]
+pub struct Rotate {
+    /// Hash of the presented token.
+    pub old_hash: String,
+    /// Hash of the successor.
+    pub new_hash: String,
+    /// The successor sealed with the presented token.
+    pub sealed: String,
+    /// Refresh token lifetime in seconds.
+    pub ttl: i64,
+    /// Seconds after a rotation in which the old token returns the same successor.
+    pub grace: i64,
+    /// Now.
+    pub now: UnixTime,
+}
+
+/// What presenting a refresh token led to.
+#[derive(Debug, Clone)]
+pub enum Rotation {
+    /// Rotated: the successor is the one in the request.
+    Rotated {
+        /// The session (updated).
+        session: Session,
+        /// Its user, read afresh.
+        user: User,
+        /// The successor's expiry.
+        refresh_expires_at: UnixTime,
+    },
+    /// Already rotated within the grace window: here is the successor, sealed.
+    Grace {
+        /// The successor sealed with the presented token.
+        sealed: String,
+        /// The session.
+        session: Session,
+        /// Its user.
+        user: User,
+        /// The successor's expiry.
+        refresh_expires_at: UnixTime,
+    },
+    /// Rotated before the grace window: the session has now been ended.
+    Reused {
+        /// The ended session.
+        session_id: Uuid,
+        /// Its user.
+        user_id: Uuid,
+    },
+    /// Unknown, expired, or of an ended session or inactive user.
+    Invalid,
+}
+
+/// An API key's public record.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    /// Id.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// Name given by the owner.
+    pub name: String,
+    /// Public prefix of the key, for recognising it.
+    pub prefix: String,
+    /// Created.
+    pub created_at: UnixTime,
+    /// Expiry, if any.
+    pub expires_at: Option<UnixTime>,
+    /// Last use (updated at most once a minute).
+    pub last_used_at: Option<UnixTime>,
+}
+
+/// An audit event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The user concerned, if known.
+    pub user_id: Option<Uuid>,
+    /// The email concerned (failed logins for unknown emails have only this).
+    pub email: Option<String>,
+    /// `login`, `login_failed`, `lockout`, `password_reset`, `session_ended`, ...
+    pub kind: String,
+    /// When.
+    pub at: UnixTime,
+    /// Client IP.
+    pub ip: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Details; never secrets.
+    pub detail: serde_json::Value,
+}
+
+/// Changes an admin may make to a user; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    /// New state.
+    pub status: Option<Status>,
+    /// New role.
+    pub role: Option<Role>,
+    /// Verified or not.
+    pub email_verified: Option<bool>,
+    /// New name (`Some(None)` clears it).
+    pub name: Option<Option<String>>,
+    /// New metadata.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A page request for the user list.
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// Substring of the email.
+    pub email: Option<String>,
+    /// Exact state.
+    pub status: Option<Status>,
+    /// Page size.
+    pub limit: u32,
+    /// Start after this id.
+    pub after: Option<Uuid>,
+}
+
+/// The persistence operations of Gatehouse.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Whether the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+    /// `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    /// Creates a user; `None` if the email is taken.
+    async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>>;
+    /// A user by id.
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
+    /// A user by normalised email.
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+    /// A page of users ordered by id (creation order).
+    async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>>;
+    /// Applies an admin's changes; a state other than active ends the user's sessions.
+    /// Returns the user and the sessions ended.
+    async fn patch_user(
+        &self,
+        id: Uuid,
+        p: &UserPatch,
+        now: UnixTime,
+    ) -> StoreResult<Option<(User, Vec<Uuid>)>>;
+    /// Replaces the hash of the same password (new parameters).
+    async fn rehash_password(&self, user_id: Uuid, hash: &str) -> StoreResult<()>;
+    /// Sets a new password and ends every session but `keep`; returns those ended.
+    async fn change_password(
+        &self,
+        user_id: Uuid,
+        hash: &str,
+        keep: Option<Uuid>,
+        now: UnixTime,
+    ) -> StoreResult<Vec<Uuid>>;
+
+    /// Supersedes earlier verification secrets of the user and stores a link and a code.
+    async fn issue_verification(
+        &self,
+        user_id: Uuid,
+        link: &NewOneTimeToken,
+        code: &NewOneTimeToken,
+        now: UnixTime,
+    ) -> StoreResult<()>;
+    /// Whether the user has an unused, unexpired verification link.
+    async fn has_live_verification(&self, user_id: Uuid, now: UnixTime) -> StoreResult<bool>;
+    /// Verifies the email of the link's user; `None` if the link is unknown, used or expired.
+    async fn verify_email_by_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<User>>;
+    /// Counts one try against the live code of `email`, if it has tries left.
+    async fn reserve_code_attempt(
+        &self,
+        email: &str,
+        max_attempts: u32,
+        now: UnixTime,
+    ) -> StoreResult<Option<CodeAttempt>>;
+    /// Uses the code (after a successful comparison) and verifies its user's email.
+    async fn verify_email_by_code(
+        &self,
+        token_id: Uuid,
+        now: UnixTime,
+    ) -> StoreResult<Option<User>>;
+    /// Supersedes earlier reset tokens of the user and stores a new one.
+    async fn issue_reset(
+        &self,
+        user_id: Uuid,
+        t: &NewOneTimeToken,
+        now: UnixTime,
+    ) -> StoreResult<()>;
+    /// Uses a reset token: sets the password, verifies the email, ends every session and
+    /// clears the email's lockout. Returns the user and the ended sessions.
+    async fn reset_password(
+        &self,
+        token_hash: &str,
+        hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<(User, Vec<Uuid>)>>;
+
+    /// Reserves a login attempt for `email` under `policy` (see `domain::lockout`).
+    async fn reserve_login(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<Reservation>;
+    /// A right password: the count and any timed lock go.
+    async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()>;
+    /// An admin unlock or a reset: the count and every lock go, the hard one too.
+    async fn unlock_login(&self, email: &str, now: UnixTime) -> StoreResult<()>;
+    /// Counts a hit in `key`'s window; `Some(retry_after)` when over the limit.
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: RateLimit,
+        now: UnixTime,
+    ) -> StoreResult<Option<u32>>;
+
+    /// Opens a session, records the login on the user and ends the oldest sessions
+    /// beyond `device_limit` (0: unlimited). Returns the user and the evicted ids.
+    async fn open_session(
+        &self,
+        s: &NewSession,
+        device_limit: u32,
+    ) -> StoreResult<(User, Vec<Uuid>)>;
+    /// Rotates a refresh token (see [`Rotation`]).
+    async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation>;
+    /// A session and its user, for the Bearer check.
+    async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>>;
+    /// The user's live sessions, newest first.
+    async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>>;
+    /// Ends one of the user's sessions; `false` if it is not theirs or not live.
+    async fn end_session(
+        &self,
+        user_id: Uuid,
+        sid: Uuid,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<bool>;
+    /// Ends every live session of the user but `keep`; returns those ended.
+    async fn end_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<Vec<Uuid>>;
+
+    /// Stores a new API key by hash.
+    async fn create_api_key(&self, k: &ApiKey, key_hash: &str) -> StoreResult<()>;
+    /// The user's keys that are not revoked.
+    async fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>>;
+    /// Revokes one of the user's keys; `false` if it is not theirs or already revoked.
+    async fn revoke_api_key(&self, user_id: Uuid, id: Uuid, now: UnixTime) -> StoreResult<bool>;
+    /// The live key with this hash and its user.
+    async fn api_key_user(
+        &self,
+        key_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<(ApiKey, User)>>;
+
+    /// Appends an audit event.
+    async fn record_event(&self, e: &Event) -> StoreResult<()>;
+    /// The user's latest events, newest first.
+    async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>>;
+
+    /// The signing key all instances share (storing `candidate` if there is none yet)
+    /// and every key whose tokens are still accepted.
+    async fn signing_keys(
+        &self,
+        candidate: &SigningKey,
+    ) -> StoreResult<(SigningKey, Vec<SigningKey>)>;
+    /// Deletes expired one-time tokens, rate-limit windows and old refresh tokens.
+    async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
+}
+
+/// Opens the store for `url` (`sqlite://` or `postgres://`) and runs its migrations.
+pub async fn open(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout_secs: u32,
+) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(
+        sql::SqlStore::connect(url, max_connections, acquire_timeout_secs).await?,
+    ))
+}

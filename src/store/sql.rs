@@ -1,0 +1,1093 @@
+//! [`Store`] over sqlx's `Any` driver: one set of queries for SQLite and PostgreSQL.
+//! Both schemas use only TEXT and 64-bit integers, so rows decode the same way.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use uuid::Uuid;
+
+use super::*;
+use crate::domain::lockout::Lock;
+
+/// The SQL store.
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: &'static str,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+const USER_COLS: &str =
+    "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
+    u.created_at, u.updated_at, u.last_login_at, u.last_login_geo, u.metadata";
+const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
+    s.last_used_at AS s_last_used_at, s.expires_at AS s_expires_at, s.ip AS s_ip, \
+    s.user_agent AS s_user_agent, s.ended_at AS s_ended_at";
+const KEY_COLS: &str =
+    "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
+    k.created_at AS k_created_at, k.expires_at AS k_expires_at, k.last_used_at AS k_last_used_at";
+
+fn uuid(row: &AnyRow, col: &str) -> Result<Uuid, sqlx::Error> {
+    let s: String = row.try_get(col)?;
+    Uuid::parse_str(&s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn parse<T: FromStr<Err = String>>(row: &AnyRow, col: &str) -> Result<T, sqlx::Error> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))
+}
+
+fn json(text: Option<String>) -> Option<serde_json::Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+fn user_from(row: &AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: uuid(row, "id")?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        password_hash: row.try_get("password_hash")?,
+        role: parse(row, "role")?,
+        status: parse(row, "status")?,
+        email_verified_at: row.try_get("email_verified_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_login_at: row.try_get("last_login_at")?,
+        last_login_geolocation: json(row.try_get("last_login_geo")?),
+        metadata: json(row.try_get("metadata")?).unwrap_or_else(|| serde_json::json!({})),
+    })
+}
+
+fn session_from(row: &AnyRow) -> Result<Session, sqlx::Error> {
+    Ok(Session {
+        id: uuid(row, "s_id")?,
+        user_id: uuid(row, "s_user_id")?,
+        created_at: row.try_get("s_created_at")?,
+        last_used_at: row.try_get("s_last_used_at")?,
+        expires_at: row.try_get("s_expires_at")?,
+        ip: row.try_get("s_ip")?,
+        user_agent: row.try_get("s_user_agent")?,
+        ended_at: row.try_get("s_ended_at")?,
+    })
+}
+
+fn key_from(row: &AnyRow) -> Result<ApiKey, sqlx::Error> {
+    Ok(ApiKey {
+        id: uuid(row, "k_id")?,
+        user_id: uuid(row, "k_user_id")?,
+        name: row.try_get("k_name")?,
+        prefix: row.try_get("k_prefix")?,
+        created_at: row.try_get("k_created_at")?,
+        expires_at: row.try_get("k_expires_at")?,
+        last_used_at: row.try_get("k_last_used_at")?,
+    })
+}
+
+fn ids(rows: &[AnyRow]) -> Result<Vec<Uuid>, sqlx::Error> {
+    rows.iter().map(|r| uuid(r, "id")).collect()
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+async fn user_in(tx: &mut Tx, id: Uuid) -> Result<Option<User>, sqlx::Error> {
+    let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref().map(user_from).transpose()
+}
+
+async fn end_sessions_in(
+    tx: &mut Tx,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    reason: &str,
+    now: UnixTime,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let rows = sqlx::query(
+        "UPDATE sessions SET ended_at = $1, end_reason = $2 \
+         WHERE user_id = $3 AND ended_at IS NULL AND id <> $4 RETURNING id",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(user_id.to_string())
+    .bind(keep.map(|k| k.to_string()).unwrap_or_default())
+    .fetch_all(&mut **tx)
+    .await?;
+    ids(&rows)
+}
+
+async fn consume_token(
+    tx: &mut Tx,
+    cond: &str,
+    arg: String,
+    now: UnixTime,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "UPDATE one_time_tokens SET used_at = $1 WHERE {cond} AND used_at IS NULL AND expires_at > $1 RETURNING user_id"
+    ))
+    .bind(now)
+    .bind(arg)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.as_ref().map(|r| uuid(r, "user_id")).transpose()
+}
+
+async fn supersede(
+    tx: &mut Tx,
+    user_id: Uuid,
+    kinds: &[TokenKind],
+    now: UnixTime,
+) -> Result<(), sqlx::Error> {
+    for k in kinds {
+        sqlx::query("UPDATE one_time_tokens SET used_at = $1 WHERE user_id = $2 AND kind = $3 AND used_at IS NULL")
+            .bind(now)
+            .bind(user_id.to_string())
+            .bind(k.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_token(
+    tx: &mut Tx,
+    user_id: Uuid,
+    kind: TokenKind,
+    t: &NewOneTimeToken,
+    now: UnixTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO one_time_tokens (id, user_id, kind, token_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(t.id.to_string())
+    .bind(user_id.to_string())
+    .bind(kind.as_str())
+    .bind(&t.token_hash)
+    .bind(now)
+    .bind(t.expires_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks the user verified (keeping the first verification time) and returns them.
+async fn mark_verified(
+    tx: &mut Tx,
+    user_id: Uuid,
+    now: UnixTime,
+) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query(
+        "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $1), \
+         updated_at = CASE WHEN email_verified_at IS NULL THEN $1 ELSE updated_at END WHERE id = $2",
+    )
+    .bind(now)
+    .bind(user_id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    supersede(
+        tx,
+        user_id,
+        &[TokenKind::VerifyLink, TokenKind::VerifyCode],
+        now,
+    )
+    .await?;
+    user_in(tx, user_id).await
+}
+
+impl SqlStore {
+    /// Connects, configures each connection and runs the backend's migrations.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout_secs: u32,
+    ) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            "postgres"
+        } else if url.starts_with("sqlite:") {
+            "sqlite"
+        } else {
+            anyhow::bail!("GATEHOUSE_DATABASE_URL must start with sqlite:// or postgres://");
+        };
+        if backend == "sqlite" {
+            if let Some(parent) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf()))
+            {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(&parent)
+                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+                }
+            }
+        }
+        let opts = AnyConnectOptions::from_str(url)
+            .map_err(|_| anyhow::anyhow!("GATEHOUSE_DATABASE_URL is not a valid database URL"))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(if backend == "sqlite" { 1 } else { 0 })
+            .acquire_timeout(Duration::from_secs(acquire_timeout_secs.into()))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == "sqlite" {
+                        // WAL for concurrent readers; FULL so that an acknowledged write
+                        // survives even a power cut, not only a killed process.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                        )
+                        .await?;
+                    } else {
+                        conn.execute("SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the {backend} database: {e}"))?;
+        let migrator = if backend == "sqlite" {
+            sqlx::migrate!("migrations/sqlite")
+        } else {
+            sqlx::migrate!("migrations/postgres")
+        };
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
+        Ok(Self { pool, backend })
+    }
+
+    async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.pool.begin().await
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>> {
+        let row = sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, role, status, email_verified_at, created_at, updated_at, metadata) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $7, '{}') ON CONFLICT (email) DO NOTHING RETURNING id",
+        )
+        .bind(u.id.to_string())
+        .bind(&u.email)
+        .bind(&u.name)
+        .bind(&u.password_hash)
+        .bind(u.role.as_str())
+        .bind(u.email_verified_at)
+        .bind(u.now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if row.is_none() {
+            return Ok(None);
+        }
+        self.user_by_id(u.id).await
+    }
+
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(user_from).transpose()?)
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE u.email = $1"
+        ))
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(user_from).transpose()?)
+    }
+
+    async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>> {
+        let pattern = f.email.as_ref().map(|e| {
+            let escaped = e
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%{escaped}%")
+        });
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE ($1 = '' OR u.email LIKE $1 ESCAPE '\\') \
+             AND ($2 = '' OR u.status = $2) AND u.id > $3 ORDER BY u.id LIMIT $4"
+        ))
+        .bind(pattern.unwrap_or_default())
+        .bind(f.status.map(|s| s.as_str()).unwrap_or(""))
+        .bind(f.after.map(|a| a.to_string()).unwrap_or_default())
+        .bind(i64::from(f.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(user_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn patch_user(
+        &self,
+        id: Uuid,
+        p: &UserPatch,
+        now: UnixTime,
+    ) -> StoreResult<Option<(User, Vec<Uuid>)>> {
+        let mut tx = self.begin().await?;
+        let (name_set, name) = match &p.name {
+            Some(n) => (1i64, n.clone()),
+            None => (0, None),
+        };
+        let verified: i64 = match p.email_verified {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        let row = sqlx::query(
+            "UPDATE users SET \
+               status = COALESCE($2, status), role = COALESCE($3, role), \
+               name = CASE WHEN $4 = 1 THEN $5 ELSE name END, \
+               metadata = COALESCE($6, metadata), \
+               email_verified_at = CASE WHEN $7 = 1 THEN COALESCE(email_verified_at, $8) WHEN $7 = 2 THEN NULL ELSE email_verified_at END, \
+               updated_at = $8 \
+             WHERE id = $1 RETURNING id",
+        )
+        .bind(id.to_string())
+        .bind(p.status.map(|s| s.as_str()))
+        .bind(p.role.map(|r| r.as_str()))
+        .bind(name_set)
+        .bind(name)
+        .bind(p.metadata.as_ref().map(|m| m.to_string()))
+        .bind(verified)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_none() {
+            return Ok(None);
+        }
+        let ended = match p.status {
+            Some(s) if s != Status::Active => {
+                end_sessions_in(&mut tx, id, None, &format!("account_{}", s.as_str()), now).await?
+            }
+            _ => Vec::new(),
+        };
+        let user = user_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(user.map(|u| (u, ended)))
+    }
+
+    async fn rehash_password(&self, user_id: Uuid, hash: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(user_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn change_password(
+        &self,
+        user_id: Uuid,
+        hash: &str,
+        keep: Option<Uuid>,
+        now: UnixTime,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+            .bind(hash)
+            .bind(now)
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let ended = end_sessions_in(&mut tx, user_id, keep, "password_changed", now).await?;
+        supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn issue_verification(
+        &self,
+        user_id: Uuid,
+        link: &NewOneTimeToken,
+        code: &NewOneTimeToken,
+        now: UnixTime,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        supersede(
+            &mut tx,
+            user_id,
+            &[TokenKind::VerifyLink, TokenKind::VerifyCode],
+            now,
+        )
+        .await?;
+        insert_token(&mut tx, user_id, TokenKind::VerifyLink, link, now).await?;
+        insert_token(&mut tx, user_id, TokenKind::VerifyCode, code, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn has_live_verification(&self, user_id: Uuid, now: UnixTime) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM one_time_tokens WHERE user_id = $1 AND kind = 'verify_link' \
+             AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(user_id.to_string())
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    async fn verify_email_by_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.begin().await?;
+        let Some(user_id) = consume_token(
+            &mut tx,
+            "token_hash = $2 AND kind = 'verify_link'",
+            token_hash.to_owned(),
+            now,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let user = mark_verified(&mut tx, user_id, now).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    async fn reserve_code_attempt(
+        &self,
+        email: &str,
+        max_attempts: u32,
+        now: UnixTime,
+    ) -> StoreResult<Option<CodeAttempt>> {
+        let row = sqlx::query(
+            "UPDATE one_time_tokens SET attempts = attempts + 1 WHERE id = ( \
+                SELECT t.id FROM one_time_tokens t JOIN users u ON u.id = t.user_id \
+                WHERE u.email = $1 AND t.kind = 'verify_code' AND t.used_at IS NULL \
+                  AND t.expires_at > $2 AND t.attempts < $3 \
+                ORDER BY t.created_at DESC, t.id DESC LIMIT 1) \
+             AND attempts < $3 AND used_at IS NULL RETURNING id, token_hash",
+        )
+        .bind(email)
+        .bind(now)
+        .bind(i64::from(max_attempts))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(CodeAttempt {
+                token_id: uuid(&r, "id")?,
+                code_hash: r.try_get("token_hash")?,
+            }),
+            None => None,
+        })
+    }
+
+    async fn verify_email_by_code(
+        &self,
+        token_id: Uuid,
+        now: UnixTime,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.begin().await?;
+        let Some(user_id) = consume_token(
+            &mut tx,
+            "id = $2 AND kind = 'verify_code'",
+            token_id.to_string(),
+            now,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let user = mark_verified(&mut tx, user_id, now).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    async fn issue_reset(
+        &self,
+        user_id: Uuid,
+        t: &NewOneTimeToken,
+        now: UnixTime,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
+        insert_token(&mut tx, user_id, TokenKind::Reset, t, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reset_password(
+        &self,
+        token_hash: &str,
+        hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<(User, Vec<Uuid>)>> {
+        let mut tx = self.begin().await?;
+        let Some(user_id) = consume_token(
+            &mut tx,
+            "token_hash = $2 AND kind = 'reset'",
+            token_hash.to_owned(),
+            now,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "UPDATE users SET password_hash = $1, updated_at = $2, email_verified_at = COALESCE(email_verified_at, $2) \
+             WHERE id = $3 AND status <> 'deleted' RETURNING email",
+        )
+        .bind(hash)
+        .bind(now)
+        .bind(user_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let email: String = row.try_get("email")?;
+        let ended = end_sessions_in(&mut tx, user_id, None, "password_reset", now).await?;
+        sqlx::query("DELETE FROM login_throttle WHERE email = $1")
+            .bind(&email)
+            .execute(&mut *tx)
+            .await?;
+        let user = user_in(&mut tx, user_id).await?;
+        tx.commit().await?;
+        Ok(user.map(|u| (u, ended)))
+    }
+
+    async fn reserve_login(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<Reservation> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
+             VALUES ($1, 0, 0, 0, $2) ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(email)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Counting first, under the row lock, is what keeps concurrent guesses exact.
+        let counted = sqlx::query(
+            "UPDATE login_throttle SET failures = failures + 1, updated_at = $2 \
+             WHERE email = $1 AND hard_locked = 0 AND locked_until <= $2 RETURNING failures",
+        )
+        .bind(email)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let out = match counted {
+            Some(row) => {
+                let failures =
+                    u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
+                let (until, hard) = match policy.lock_after(failures) {
+                    Lock::None => (0, 0),
+                    Lock::For(s) => (now + i64::from(s), 0),
+                    Lock::Hard => (0, 1),
+                };
+                if until > 0 || hard == 1 {
+                    sqlx::query("UPDATE login_throttle SET locked_until = $2, hard_locked = $3 WHERE email = $1")
+                        .bind(email)
+                        .bind(until)
+                        .bind(hard)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Reservation::Allowed { failures }
+            }
+            None => {
+                let row = sqlx::query(
+                    "SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1",
+                )
+                .bind(email)
+                .fetch_one(&mut *tx)
+                .await?;
+                let hard: i64 = row.try_get("hard_locked")?;
+                let until: i64 = row.try_get("locked_until")?;
+                let retry_after = if hard != 0 {
+                    policy.hard_retry_after()
+                } else {
+                    u32::try_from((until - now).max(1)).unwrap_or(u32::MAX)
+                };
+                Reservation::Locked { retry_after }
+            }
+        };
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE login_throttle SET failures = 0, locked_until = 0, updated_at = $2 WHERE email = $1 AND hard_locked = 0",
+        )
+        .bind(email)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unlock_login(&self, email: &str, _now: UnixTime) -> StoreResult<()> {
+        sqlx::query("DELETE FROM login_throttle WHERE email = $1")
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: RateLimit,
+        now: UnixTime,
+    ) -> StoreResult<Option<u32>> {
+        let per = i64::from(limit.per_seconds);
+        let window = now - now.rem_euclid(per);
+        let row = sqlx::query(
+            "INSERT INTO rate_limits (key, window_start, hits) VALUES ($1, $2, 1) \
+             ON CONFLICT (key) DO UPDATE SET \
+               hits = CASE WHEN rate_limits.window_start = excluded.window_start THEN rate_limits.hits + 1 ELSE 1 END, \
+               window_start = excluded.window_start \
+             RETURNING hits",
+        )
+        .bind(key)
+        .bind(window)
+        .fetch_one(&self.pool)
+        .await?;
+        let hits: i64 = row.try_get("hits")?;
+        Ok((hits > i64::from(limit.requests))
+            .then(|| u32::try_from((window + per - now).max(1)).unwrap_or(1)))
+    }
+
+    async fn open_session(
+        &self,
+        s: &NewSession,
+        device_limit: u32,
+    ) -> StoreResult<(User, Vec<Uuid>)> {
+        let mut tx = self.begin().await?;
+        // Writing the user row first serialises logins of the same user on every backend.
+        sqlx::query("UPDATE users SET last_login_at = $1, last_login_geo = $2 WHERE id = $3")
+            .bind(s.now)
+            .bind(s.geolocation.as_ref().map(|g| g.to_string()))
+            .bind(s.user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
+             VALUES ($1, $2, $3, $3, $4, $5, $6)",
+        )
+        .bind(s.id.to_string())
+        .bind(s.user_id.to_string())
+        .bind(s.now)
+        .bind(s.expires_at)
+        .bind(&s.ip)
+        .bind(&s.user_agent)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(&s.refresh_hash)
+            .bind(s.id.to_string())
+            .bind(s.now)
+            .bind(s.refresh_expires_at)
+            .execute(&mut *tx)
+            .await?;
+        let mut evicted = Vec::new();
+        if device_limit > 0 {
+            let rows = sqlx::query(
+                "SELECT id FROM sessions WHERE user_id = $1 AND ended_at IS NULL AND expires_at > $2 \
+                 ORDER BY created_at DESC, id DESC",
+            )
+            .bind(s.user_id.to_string())
+            .bind(s.now)
+            .fetch_all(&mut *tx)
+            .await?;
+            for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
+                sqlx::query(
+                    "UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2",
+                )
+                .bind(s.now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                evicted.push(id);
+            }
+        }
+        let user = user_in(&mut tx, s.user_id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        tx.commit().await?;
+        Ok((user, evicted))
+    }
+
+    async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
+        let mut tx = self.begin().await?;
+        let rotated = sqlx::query(
+            "UPDATE refresh_tokens SET rotated_at = $2, successor_sealed = $3 \
+             WHERE token_hash = $1 AND rotated_at IS NULL AND expires_at > $2 RETURNING session_id",
+        )
+        .bind(&r.old_hash)
+        .bind(r.now)
+        .bind(&r.sealed)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (sid, rotated_at, sealed) = match rotated {
+            Some(row) => (uuid(&row, "session_id")?, None, None),
+            None => {
+                let row = sqlx::query("SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens WHERE token_hash = $1")
+                    .bind(&r.old_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(Rotation::Invalid);
+                };
+                let rotated_at: Option<i64> = row.try_get("rotated_at")?;
+                let Some(rotated_at) = rotated_at else {
+                    return Ok(Rotation::Invalid);
+                };
+                let sealed: Option<String> = row.try_get("successor_sealed")?;
+                (uuid(&row, "session_id")?, Some(rotated_at), sealed)
+            }
+        };
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLS}, {USER_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
+        ))
+        .bind(sid.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Rotation::Invalid);
+        };
+        let (session, user) = (session_from(&row)?, user_from(&row)?);
+        let live = session.is_live(r.now) && user.status == Status::Active;
+        let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
+        let out = match (rotated_at, sealed) {
+            (None, _) if live => {
+                sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&r.new_hash)
+                    .bind(sid.to_string())
+                    .bind(r.now)
+                    .bind(refresh_expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
+                    .bind(r.now)
+                    .bind(sid.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                Rotation::Rotated {
+                    session: Session {
+                        last_used_at: r.now,
+                        ..session
+                    },
+                    user,
+                    refresh_expires_at,
+                }
+            }
+            (None, _) => {
+                tx.rollback().await?;
+                return Ok(Rotation::Invalid);
+            }
+            (Some(at), Some(sealed)) if live && r.now - at <= r.grace => {
+                let row = sqlx::query("SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL ORDER BY created_at DESC LIMIT 1")
+                    .bind(sid.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let exp = match row {
+                    Some(row) => row.try_get("expires_at")?,
+                    None => refresh_expires_at,
+                };
+                Rotation::Grace {
+                    sealed,
+                    session,
+                    user,
+                    refresh_expires_at: exp,
+                }
+            }
+            (Some(_), _) if session.ended_at.is_none() => {
+                end_sessions_by_id(&mut tx, sid, "refresh_token_reused", r.now).await?;
+                Rotation::Reused {
+                    session_id: sid,
+                    user_id: session.user_id,
+                }
+            }
+            (Some(_), _) => Rotation::Invalid,
+        };
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLS}, {USER_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
+        ))
+        .bind(sid.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((session_from(&r)?, user_from(&r)?)),
+            None => None,
+        })
+    }
+
+    async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM sessions s WHERE s.user_id = $1 AND s.ended_at IS NULL AND s.expires_at > $2 \
+             ORDER BY s.created_at DESC, s.id DESC"
+        ))
+        .bind(user_id.to_string())
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(session_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn end_session(
+        &self,
+        user_id: Uuid,
+        sid: Uuid,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(sid.to_string())
+        .bind(user_id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn end_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.begin().await?;
+        let ended = end_sessions_in(&mut tx, user_id, keep, reason, now).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn create_api_key(&self, k: &ApiKey, key_hash: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(k.id.to_string())
+        .bind(k.user_id.to_string())
+        .bind(&k.name)
+        .bind(&k.prefix)
+        .bind(key_hash)
+        .bind(k.created_at)
+        .bind(k.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLS} FROM api_keys k WHERE k.user_id = $1 AND k.revoked_at IS NULL ORDER BY k.created_at, k.id"
+        ))
+        .bind(user_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(key_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn revoke_api_key(&self, user_id: Uuid, id: Uuid, now: UnixTime) -> StoreResult<bool> {
+        let r = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id.to_string())
+            .bind(user_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn api_key_user(
+        &self,
+        key_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<(ApiKey, User)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLS}, {USER_COLS} FROM api_keys k JOIN users u ON u.id = k.user_id \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
+        ))
+        .bind(key_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (key, user) = (key_from(&row)?, user_from(&row)?);
+        if key.last_used_at.is_none_or(|t| t + 60 <= now) {
+            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(key.id.to_string())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(Some((key, user)))
+    }
+
+    async fn record_event(&self, e: &Event) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(e.user_id.map(|u| u.to_string()))
+        .bind(&e.email)
+        .bind(&e.kind)
+        .bind(e.at)
+        .bind(&e.ip)
+        .bind(&e.user_agent)
+        .bind(e.detail.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT user_id, email, kind, at, ip, user_agent, detail FROM events WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(user_id.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let uid: Option<String> = r.try_get("user_id")?;
+                Ok(Event {
+                    user_id: uid.and_then(|u| Uuid::parse_str(&u).ok()),
+                    email: r.try_get("email")?,
+                    kind: r.try_get("kind")?,
+                    at: r.try_get("at")?,
+                    ip: r.try_get("ip")?,
+                    user_agent: r.try_get("user_agent")?,
+                    detail: json(r.try_get("detail")?).unwrap_or_else(|| serde_json::json!({})),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError)
+    }
+
+    async fn signing_keys(
+        &self,
+        candidate: &SigningKey,
+    ) -> StoreResult<(SigningKey, Vec<SigningKey>)> {
+        // Racing instances all try to insert; the unique active slot lets one win.
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, private_key, public_key, created_at, active_slot) \
+             VALUES ($1, 'EdDSA', $2, $3, $4, 1) ON CONFLICT DO NOTHING",
+        )
+        .bind(&candidate.kid)
+        .bind(STANDARD.encode(&candidate.private_pkcs8))
+        .bind(STANDARD.encode(&candidate.public))
+        .bind(candidate.created_at)
+        .execute(&self.pool)
+        .await?;
+        let rows = sqlx::query("SELECT kid, private_key, public_key, created_at, active_slot FROM signing_keys ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut active = None;
+        let mut all = Vec::new();
+        for r in &rows {
+            let decode = |col: &str| -> Result<Vec<u8>, sqlx::Error> {
+                let s: String = r.try_get(col)?;
+                STANDARD
+                    .decode(s)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+            };
+            let key = SigningKey {
+                kid: r.try_get("kid")?,
+                private_pkcs8: decode("private_key")?,
+                public: decode("public_key")?,
+                created_at: r.try_get("created_at")?,
+            };
+            if r.try_get::<Option<i64>, _>("active_slot")? == Some(1) {
+                active = Some(key.clone());
+            }
+            all.push(key);
+        }
+        let active = active.ok_or(sqlx::Error::RowNotFound)?;
+        Ok((active, all))
+    }
+
+    async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
+        let mut n = 0;
+        for (sql, arg) in [
+            (
+                "DELETE FROM one_time_tokens WHERE expires_at < $1",
+                now - 86_400,
+            ),
+            (
+                "DELETE FROM rate_limits WHERE window_start < $1",
+                now - 86_400,
+            ),
+            ("DELETE FROM refresh_tokens WHERE expires_at < $1", now),
+        ] {
+            n += sqlx::query(sql)
+                .bind(arg)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(n)
+    }
+}
+
+async fn end_sessions_by_id(
+    tx: &mut Tx,
+    sid: Uuid,
+    reason: &str,
+    now: UnixTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(sid.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

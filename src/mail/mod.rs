@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
-use lettre::message::{Mailbox, SinglePart};
+use lettre::message::{Body, Mailbox, SinglePart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
@@ -134,7 +134,9 @@ impl MailQueue {
         let (tx, mut rx) = mpsc::channel::<Mail>(10_000);
         tokio::spawn(async move {
             while let Some(mail) = rx.recv().await {
-                deliver(mailer.as_ref(), &from, mail).await;
+                // One task per mail: a slow retry never holds up the others.
+                let (mailer, from) = (Arc::clone(&mailer), from.clone());
+                tokio::spawn(async move { deliver(mailer.as_ref(), &from, mail).await });
             }
         });
         Self { tx }
@@ -148,6 +150,22 @@ impl MailQueue {
     }
 }
 
+/// Plain 7-bit with CRLF line ends when the text allows (ASCII, lines within RFC 5322's
+/// 998), so links and tokens reach the reader unwrapped; lettre would otherwise pick
+/// quoted-printable for lines over 76 characters and split the links.
+fn seven_bit(text: &str) -> Option<Body> {
+    let ok = text.is_ascii()
+        && !text.contains('\r')
+        && !text.contains('\0')
+        && text.lines().all(|l| l.len() <= 998);
+    ok.then(|| {
+        Body::dangerous_pre_encoded(
+            text.replace('\n', "\r\n").into_bytes(),
+            ContentTransferEncoding::SevenBit,
+        )
+    })
+}
+
 async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
     let to: Mailbox = match mail.to.parse() {
         Ok(m) => m,
@@ -156,6 +174,7 @@ async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
             return;
         }
     };
+    let body = seven_bit(&mail.body).unwrap_or_else(|| Body::new(mail.body.clone()));
     let msg = Message::builder()
         .from(from.clone())
         .to(to)
@@ -163,8 +182,7 @@ async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
         .singlepart(
             SinglePart::builder()
                 .header(ContentType::TEXT_PLAIN)
-                .header(ContentTransferEncoding::SevenBit)
-                .body(mail.body),
+                .body(body),
         );
     let msg = match msg {
         Ok(m) => m,

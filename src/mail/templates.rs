@@ -16,10 +16,10 @@ pub fn verification(
         to: to.to_owned(),
         subject: "Verify your email address".into(),
         body: format!(
-            "Welcome!\r\n\r\nConfirm your email address by opening this link (valid {link_hours} hours):\r\n\r\n\
-             {public_url}/verify-email?token={token}\r\n\r\n\
-             or enter this code (valid {code_minutes} minutes):\r\n\r\n    {code}\r\n\r\n\
-             If you did not create an account, ignore this mail.\r\n"
+            "Welcome!\n\nConfirm your email address by opening this link (valid {link_hours} hours):\n\n\
+             {public_url}/verify-email?token={token}\n\n\
+             or enter this code (valid {code_minutes} minutes):\n\n    {code}\n\n\
+             If you did not create an account, ignore this mail.\n"
         ),
     }
 }
@@ -30,9 +30,9 @@ pub fn already_registered(to: &str, public_url: &str) -> Mail {
         to: to.to_owned(),
         subject: "Sign-up attempt with your email address".into(),
         body: format!(
-            "Someone tried to create an account with this email address, which already has one.\r\n\r\n\
-             If it was you, log in instead, or reset your password at\r\n\r\n{public_url}/forgot-password\r\n\r\n\
-             If it was not you, you can ignore this mail: nothing was changed.\r\n"
+            "Someone tried to create an account with this email address, which already has one.\n\n\
+             If it was you, log in instead, or reset your password at\n\n{public_url}/forgot-password\n\n\
+             If it was not you, you can ignore this mail: nothing was changed.\n"
         ),
     }
 }
@@ -43,9 +43,9 @@ pub fn password_reset(to: &str, public_url: &str, token: &str, minutes: u32) -> 
         to: to.to_owned(),
         subject: "Reset your password".into(),
         body: format!(
-            "To choose a new password, open this link (valid {minutes} minutes, usable once):\r\n\r\n\
-             {public_url}/reset-password?token={token}\r\n\r\n\
-             If you did not ask for this, ignore this mail: your password stays as it is.\r\n"
+            "To choose a new password, open this link (valid {minutes} minutes, usable once):\n\n\
+             {public_url}/reset-password?token={token}\n\n\
+             If you did not ask for this, ignore this mail: your password stays as it is.\n"
         ),
     }
 }
@@ -55,9 +55,10 @@ pub fn password_changed(to: &str) -> Mail {
     Mail {
         to: to.to_owned(),
         subject: "Your password was changed".into(),
-        body: "The password of your account was just changed and your other sessions were ended.\r\n\r\n\
-               If this was not you, reset your password at once.\r\n"
-            .into(),
+        body:
+            "The password of your account was just changed and your other sessions were ended.\n\n\
+               If this was not you, reset your password at once.\n"
+                .into(),
     }
 }
 
@@ -68,8 +69,8 @@ mod tests {
     #[test]
     fn verification_mail_holds_the_link_token_and_the_code() {
         let m = verification("a@example.com", "http://h", "abc123", "042917", 24, 15);
-        assert!(m.body.contains("token=abc123\r\n"));
-        assert!(m.body.contains("    042917\r\n"));
+        assert!(m.body.contains("token=abc123\n"));
+        assert!(m.body.contains("    042917\n"));
         assert!(m.body.is_ascii());
     }
 }

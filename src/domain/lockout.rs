@@ -19,6 +19,11 @@
 //! * At the hard limit (100 consecutive failures) the lock has no end: only a
 //!   completed password reset or an admin unlock clears it. `Retry-After` then
 //!   says the last tier's time, since no honest answer is shorter.
+//! * Because attempts are counted before they are checked, more *simultaneous*
+//!   attempts than the next tier allows are refused (429) while the earlier ones are
+//!   in flight, even with the right password; once those finish, a right password
+//!   clears the lock they provisionally started. Honest clients do not log in five
+//!   times at once; an attacker gains nothing from it.
 //! * A right password clears the count and any lock it started, whatever the account
 //!   state (a 403 for an unverified or suspended account is not a guess).
 //! * The count lives in the database, so it survives restarts and is shared by every

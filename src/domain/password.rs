@@ -78,7 +78,7 @@ pub fn check_new(password: &str, email: Option<&str>, field: &str) -> Result<(),
         ));
     }
     let lower = password.to_lowercase();
-    if COMMON.contains(&lower.as_str()) || lower.chars().all(|c| Some(c) == lower.chars().next()) {
+    if COMMON.contains(&lower.as_str()) || lower.chars().all(|c| lower.starts_with(c)) {
         return Err(FieldError::new(
             field,
             "too_common",

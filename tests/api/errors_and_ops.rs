@@ -1,0 +1,186 @@
+//! Bad input gets problem+json, never a 5xx; operations endpoints.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::both_backends;
+use crate::helpers::*;
+
+both_backends!(
+    bad_bodies_get_the_contract_errors,
+    unknown_routes_and_methods_are_problems_too,
+    health_readiness_metrics_and_discovery_answer,
+    the_openapi_document_covers_every_route,
+);
+
+async fn raw(app: &TestApp, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqwest::Response {
+    let mut r = app.client.post(app.url(path)).body(body);
+    if let Some(ct) = ct {
+        r = r.header("content-type", ct);
+    }
+    r.send().await.unwrap()
+}
+
+async fn bad_bodies_get_the_contract_errors(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    for path in [
+        "/v1/auth/register",
+        "/v1/auth/login",
+        "/v1/auth/verify-email",
+        "/v1/auth/refresh",
+        "/v1/auth/password/reset",
+    ] {
+        assert_problem(
+            raw(&app, path, Some("application/json"), b"{nope".to_vec()).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        )
+        .await;
+        assert_problem(
+            raw(&app, path, Some("text/plain"), b"{}".to_vec()).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        assert_problem(
+            raw(&app, path, None, b"{}".to_vec()).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        let big = format!("{{\"email\": \"{}\"}}", "a".repeat(70 * 1024)).into_bytes();
+        assert_problem(
+            raw(&app, path, Some("application/json"), big).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        )
+        .await;
+        for body in [&b"[]"[..], b"null", b"42", b"\"s\""] {
+            let r = raw(&app, path, Some("application/json"), body.to_vec()).await;
+            assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
+        }
+        let r = raw(
+            &app,
+            path,
+            Some("application/json; charset=utf-8"),
+            br#"{"email": ["x"], "password": {}}"#.to_vec(),
+        )
+        .await;
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    // Odd but well-formed input never yields a 5xx.
+    for body in [
+        r#"{"email": "\u0000@example.com", "password": "x"}"#,
+        r#"{"email": "a@example.com", "password": "\ud800"}"#,
+        r#"{"email": "émile@exämple.com", "password": "correct horse battery"}"#,
+    ] {
+        let r = raw(
+            &app,
+            "/v1/auth/login",
+            Some("application/json"),
+            body.as_bytes().to_vec(),
+        )
+        .await;
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+    }
+    let long = "p".repeat(60 * 1024);
+    let r = app.login("long@example.com", &long).await;
+    assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+}
+
+async fn unknown_routes_and_methods_are_problems_too(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let r = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
+    assert_problem(r, StatusCode::NOT_FOUND, "not_found").await;
+    let r = app
+        .client
+        .get(app.url("/v1/auth/login"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("allow"));
+    assert_problem(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+}
+
+async fn health_readiness_metrics_and_discovery_answer(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let get = |p: &str| app.client.get(app.url(p)).send();
+    let r = get("/healthz").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let ready: Value = get("/readyz").await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    app.login("m@example.com", "whatever").await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("gatehouse_http_requests_total{method=\"POST\",route=\"/v1/auth/login\",status=\"401\"} 1"), "{metrics}");
+    assert!(metrics.contains("gatehouse_password_hash_workers"));
+    let conf: Value = get("/.well-known/openid-configuration")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conf["issuer"], "http://127.0.0.1:8080");
+    assert_eq!(
+        conf["jwks_uri"],
+        "http://127.0.0.1:8080/.well-known/jwks.json"
+    );
+    let jwks: Value = get("/.well-known/jwks.json")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+    let docs = get("/docs").await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+}
+
+async fn the_openapi_document_covers_every_route(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/v1/auth/register", "post"),
+        ("/v1/auth/verify-email", "post"),
+        ("/v1/auth/resend-verification", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/auth/refresh", "post"),
+        ("/v1/auth/logout", "post"),
+        ("/v1/auth/password/forgot", "post"),
+        ("/v1/auth/password/reset", "post"),
+        ("/v1/me", "get"),
+        ("/v1/me/password", "post"),
+        ("/v1/me/sessions", "get"),
+        ("/v1/me/sessions/{id}", "delete"),
+        ("/v1/me/api-keys", "post"),
+        ("/v1/me/api-keys", "get"),
+        ("/v1/me/api-keys/{id}", "delete"),
+        ("/v1/admin/users", "get"),
+        ("/v1/admin/users/{id}", "get"),
+        ("/v1/admin/users/{id}", "patch"),
+        ("/v1/admin/users/{id}/unlock", "post"),
+        ("/v1/admin/users/{id}/events", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+        ("/.well-known/jwks.json", "get"),
+        ("/.well-known/openid-configuration", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing from the OpenAPI document"
+        );
+    }
+}

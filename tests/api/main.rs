@@ -1,0 +1,12 @@
+//! API tests through the real HTTP surface, on SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../common/mod.rs"]
+mod common;
+mod helpers;
+
+mod errors_and_ops;
+mod lockout;
+mod login;
+mod registration;
+mod sessions;

@@ -30,6 +30,14 @@ enum Command {
     Serve,
     /// Create or update the database schema, then exit.
     Migrate,
+    /// Serve only a minimal JSON handler (`GET /`): the framework's ceiling, used as
+    /// the baseline of the load benchmark.
+    #[command(hide = true)]
+    BenchMinimal {
+        /// Address to serve on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     /// Manage users.
     User {
         #[command(subcommand)]
@@ -117,6 +125,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 "gatehouse is serving"
             );
             app.serve(listener, shutdown_signal()).await
+        }
+        Command::BenchMinimal { listen } => {
+            let router = axum::Router::new().route(
+                "/",
+                axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+            );
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+            Ok(())
         }
         Command::Migrate => {
             crate::store::open(&settings.database_url(), 1, settings.db_acquire_timeout).await?;

@@ -5,7 +5,10 @@
 mod common;
 mod helpers;
 
+mod admin;
+mod api_keys;
 mod errors_and_ops;
+mod geolocation;
 mod lockout;
 mod login;
 mod registration;

@@ -125,7 +125,12 @@ impl PasswordHasher {
                 tracing::error!(error = %e, "could not start a hashing thread");
             }
         }
-        let dummy = hash_blocking(&params, b"gatehouse dummy password for unknown users");
+        // On a thread of its own, so that its memory block is freed when it ends.
+        let dummy = std::thread::scope(|s| {
+            s.spawn(|| hash_blocking(&params, b"gatehouse dummy password for unknown users"))
+                .join()
+        })
+        .unwrap_or_default();
         let capacity = workers + queue;
         Self {
             inner: Arc::new(Inner {

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such route")]
     RouteNotFound,
+    /// The request took too long to arrive or to answer.
+    #[error("request timeout")]
+    Timeout,
     /// The route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -102,6 +105,12 @@ impl ApiError {
                 "Not found",
                 "There is nothing at this path.",
             ),
+            Self::Timeout => p(
+                S::REQUEST_TIMEOUT,
+                "request_timeout",
+                "Request timeout",
+                "The request took too long.",
+            ),
             Self::MethodNotAllowed => p(
                 S::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -146,6 +155,15 @@ impl ApiError {
                         "overloaded",
                         "Overloaded",
                         "The service is busy; try again shortly.",
+                    )
+                },
+                Error::Unavailable => Parts {
+                    retry_after: Some(1),
+                    ..p(
+                        S::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "Unavailable",
+                        "The service cannot answer right now; try again shortly.",
                     )
                 },
                 Error::EmailNotVerified => p(

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
@@ -60,6 +60,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
             )])
             .into());
         }
+        if let Some(field) = nul_in(&value, "") {
+            let e = FieldError::new(
+                &field,
+                "invalid_characters",
+                "NUL characters are not allowed",
+            );
+            return Err(Error::Validation(vec![e]).into());
+        }
         serde_path_to_error::deserialize(value)
             .map(AppJson)
             .map_err(|e| {
@@ -72,6 +80,37 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
                 let message = e.inner().to_string();
                 Error::Validation(vec![FieldError::new(&field, "invalid_type", message)]).into()
             })
+    }
+}
+
+/// The path of the first string (or key) holding a NUL character: no database column
+/// can store it (PostgreSQL refuses it), so it is refused at the door.
+fn nul_in(v: &serde_json::Value, path: &str) -> Option<String> {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => Some(if path.is_empty() {
+            "body".into()
+        } else {
+            path.into()
+        }),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_in(x, &join(&i.to_string()))),
+        serde_json::Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "")))
+            } else {
+                nul_in(x, &join(k))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -210,9 +249,21 @@ impl FromRequestParts<AppState> for AdminCaller {
     }
 }
 
-/// Parses a path id; anything that is not a UUID is simply not found.
-pub fn path_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(raw).map_err(|_| Error::NotFound.into())
+/// A UUID path parameter; anything else (even a path that is not valid UTF-8) is
+/// simply not found.
+pub struct PathId(pub uuid::Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Error::NotFound)?;
+        uuid::Uuid::parse_str(&raw)
+            .map(PathId)
+            .map_err(|_| Error::NotFound.into())
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +304,13 @@ mod tests {
             rate_key("2001:db8:1:2:ffff::1".parse().unwrap())
         );
         assert_eq!(rate_key("1.2.3.4".parse().unwrap()), "ip:1.2.3.4");
+    }
+
+    #[test]
+    fn nul_characters_are_found_with_their_path() {
+        let v = serde_json::json!({"a": "ok", "b": {"c": ["x", "y\u{0}"]}});
+        assert_eq!(nul_in(&v, "").as_deref(), Some("b.c.1"));
+        assert_eq!(nul_in(&serde_json::json!({"a": "fine"}), ""), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod routes;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -147,12 +148,18 @@ pub fn router(
         .route("/docs", axum::routing::get(ops::docs))
         .fallback(|| async { ApiError::RouteNotFound })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(middleware::from_fn(security_headers))
+        // A client that trickles its body is cut off; no request runs forever.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked")))
                 .into_response()
         }))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(security_headers))
         .with_state(state.clone());
     (router, state)
 }
@@ -179,7 +186,7 @@ async fn rate_limit_per_ip(State(state): State<AppState>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// Records metrics and turns axum's bare 405 into problem+json.
+/// Records metrics and turns the framework's bare 405 and 408 into problem+json.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
@@ -189,13 +196,15 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     let mut res = next.run(req).await;
-    if res.status() == StatusCode::METHOD_NOT_ALLOWED
-        && !res.headers().contains_key(header::CONTENT_TYPE)
-    {
-        let allow = res.headers().get(header::ALLOW).cloned();
-        res = ApiError::MethodNotAllowed.into_response();
-        if let Some(allow) = allow {
-            res.headers_mut().insert(header::ALLOW, allow);
+    if !res.headers().contains_key(header::CONTENT_TYPE) {
+        if res.status() == StatusCode::METHOD_NOT_ALLOWED {
+            let allow = res.headers().get(header::ALLOW).cloned();
+            res = ApiError::MethodNotAllowed.into_response();
+            if let Some(allow) = allow {
+                res.headers_mut().insert(header::ALLOW, allow);
+            }
+        } else if res.status() == StatusCode::REQUEST_TIMEOUT {
+            res = ApiError::Timeout.into_response();
         }
     }
     state.metrics.observe(

@@ -296,7 +296,20 @@ impl Services {
             return Err(Error::Validation(vec![]));
         };
         // Admission first: a login refused for overload must not count as a failure.
-        let permit = self.hasher.admit()?;
+        let permit =
+            match self.hasher.admit() {
+                Ok(p) => p,
+                // Even when hashing is saturated, a locked email hears that it is locked.
+                Err(_) => {
+                    let lock = self
+                        .store
+                        .login_lock(email.as_str(), &self.policy.lockout, self.now())
+                        .await?;
+                    return Err(lock.map_or(Error::Overloaded, |retry_after| {
+                        Error::AccountLocked { retry_after }
+                    }));
+                }
+            };
         let failures = match self
             .store
             .reserve_login(email.as_str(), &self.policy.lockout, self.now())
@@ -462,7 +475,11 @@ impl Services {
         let (Some(token), Some(pw)) = (token, pw) else {
             return Err(Error::Validation(vec![]));
         };
-        if token.expose_secret().len() > MAX_TOKEN_BYTES {
+        let token_hash = tokens::hash_token(token.expose_secret());
+        // A bad token costs no hash: it could otherwise be used to fill the pool.
+        if token.expose_secret().len() > MAX_TOKEN_BYTES
+            || !self.store.reset_token_live(&token_hash, self.now()).await?
+        {
             return Err(Error::InvalidToken);
         }
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;

@@ -36,6 +36,11 @@ impl Services {
         let name = c.take(required(input.name, "name").and_then(|n| {
             let n = n.trim().to_owned();
             match n.chars().count() {
+                _ if n.chars().any(char::is_control) => Err(FieldError::new(
+                    "name",
+                    "invalid_characters",
+                    "control characters are not allowed",
+                )),
                 0 => Err(FieldError::new("name", "required", "name is required")),
                 1..=100 => Ok(n),
                 _ => Err(FieldError::new(

@@ -45,6 +45,9 @@ pub enum Error {
     /// The password hashing pool is full.
     #[error("overloaded")]
     Overloaded,
+    /// The database is saturated for now (pool, locks, timeouts).
+    #[error("unavailable")]
+    Unavailable,
     /// Right password, email not verified.
     #[error("email not verified")]
     EmailNotVerified,
@@ -85,7 +88,12 @@ pub enum Error {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
-        Self::Internal(e.into())
+        if e.is_transient() {
+            tracing::warn!(error = %e, "database busy");
+            Self::Unavailable
+        } else {
+            Self::Internal(e.into())
+        }
     }
 }
 

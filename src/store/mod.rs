@@ -23,6 +23,26 @@ use crate::domain::user::{Role, Status, User};
 #[error("storage error: {0}")]
 pub struct StoreError(#[from] pub sqlx::Error);
 
+impl StoreError {
+    /// A failure that passes with load: no pooled connection in time, a lock or
+    /// statement timeout, a busy SQLite, a serialisation conflict, too many clients.
+    pub fn is_transient(&self) -> bool {
+        match &self.0 {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(e) => {
+                let code = e.code().unwrap_or_default();
+                // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
+                // possibly extended (low byte).
+                let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+                sqlite_busy
+                    || ["40001", "40P01", "55P03", "57014", "53300", "53400"]
+                        .contains(&code.as_ref())
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -340,7 +360,9 @@ pub trait Store: Send + Sync + 'static {
         t: &NewOneTimeToken,
         now: UnixTime,
     ) -> StoreResult<()>;
-    /// Uses a reset token: sets the password, verifies the email, ends every session and
+    /// Whether a reset token is unused and unexpired (read only).
+    async fn reset_token_live(&self, token_hash: &str, now: UnixTime) -> StoreResult<bool>;
+    /// Uses a reset token: sets the password, revokes the user's API keys, verifies the email, ends every session and
     /// clears the email's lockout. Returns the user and the ended sessions.
     async fn reset_password(
         &self,
@@ -356,7 +378,15 @@ pub trait Store: Send + Sync + 'static {
         policy: &LockoutPolicy,
         now: UnixTime,
     ) -> StoreResult<Reservation>;
-    /// A right password: the count and any timed lock go.
+    /// The lock in force for `email`, read only: `Some(retry_after)` when locked.
+    async fn login_lock(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<Option<u32>>;
+    /// A right password: the count and every lock it started go (also a hard lock
+    /// that this very attempt's reservation set).
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()>;
     /// An admin unlock or a reset: the count and every lock go, the hard one too.
     async fn unlock_login(&self, email: &str, now: UnixTime) -> StoreResult<()>;
@@ -422,7 +452,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         candidate: &SigningKey,
     ) -> StoreResult<(SigningKey, Vec<SigningKey>)>;
-    /// Deletes expired one-time tokens, rate-limit windows and old refresh tokens.
+    /// Deletes expired one-time tokens, rate-limit windows and refresh tokens, and
+    /// failure counts untouched for 30 days (never a hard lock).
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
 }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, ConnectOptions, Executor, Row};
 use uuid::Uuid;
 
 use super::*;
@@ -16,7 +16,12 @@ use crate::domain::lockout::Lock;
 
 /// The SQL store.
 pub struct SqlStore {
+    /// Reads.
     pool: AnyPool,
+    /// Writes and transactions. For SQLite a single connection: SQLite has one writer
+    /// anyway, and queueing for it here (in order, asynchronously) avoids its busy
+    /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
+    writer: AnyPool,
     backend: &'static str,
 }
 
@@ -230,46 +235,68 @@ impl SqlStore {
                 }
             }
         }
+        // No statement text in logs: slow statements would otherwise be logged with SQL.
         let opts = AnyConnectOptions::from_str(url)
-            .map_err(|_| anyhow::anyhow!("GATEHOUSE_DATABASE_URL is not a valid database URL"))?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .min_connections(if backend == "sqlite" { 1 } else { 0 })
-            .acquire_timeout(Duration::from_secs(acquire_timeout_secs.into()))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == "sqlite" {
-                        // WAL for concurrent readers; FULL so that an acknowledged write
-                        // survives even a power cut, not only a killed process.
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
-                        )
-                        .await?;
-                    } else {
-                        conn.execute("SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';")
+            .map_err(|_| anyhow::anyhow!("GATEHOUSE_DATABASE_URL is not a valid database URL"))?
+            .log_statements(log::LevelFilter::Off)
+            .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(1));
+        let pool_options = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .min_connections(u32::from(backend == "sqlite"))
+                .acquire_timeout(Duration::from_secs(acquire_timeout_secs.into()))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == "sqlite" {
+                            // WAL for concurrent readers; FULL so that an acknowledged
+                            // write survives even a power cut, not only a killed process.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                            )
                             .await?;
-                    }
-                    Ok(())
+                        } else {
+                            conn.execute(
+                                "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';",
+                            )
+                            .await?;
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(opts)
+        };
+        let cannot_open =
+            |e: sqlx::Error| anyhow::anyhow!("cannot open the {backend} database: {e}");
+        let pool = pool_options(max_connections)
+            .connect_with(opts.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open the {backend} database: {e}"))?;
+            .map_err(cannot_open)?;
+        let writer = if backend == "sqlite" {
+            pool_options(1)
+                .connect_with(opts)
+                .await
+                .map_err(cannot_open)?
+        } else {
+            pool.clone()
+        };
         let migrator = if backend == "sqlite" {
             sqlx::migrate!("migrations/sqlite")
         } else {
             sqlx::migrate!("migrations/postgres")
         };
         migrator
-            .run(&pool)
+            .run(&writer)
             .await
             .map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            writer,
+            backend,
+        })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        self.pool.begin().await
+        self.writer.begin().await
     }
 }
 
@@ -304,7 +331,7 @@ impl Store for SqlStore {
         .bind(u.role.as_str())
         .bind(u.email_verified_at)
         .bind(u.now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         if row.is_none() {
             return Ok(None);
@@ -404,7 +431,7 @@ impl Store for SqlStore {
         sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
             .bind(hash)
             .bind(user_id.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -500,7 +527,7 @@ impl Store for SqlStore {
         .bind(email)
         .bind(now)
         .bind(i64::from(max_attempts))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         Ok(match row {
             Some(r) => Some(CodeAttempt {
@@ -545,6 +572,18 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn reset_token_live(&self, token_hash: &str, now: UnixTime) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM one_time_tokens WHERE token_hash = $1 AND kind = 'reset' \
+             AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
     async fn reset_password(
         &self,
         token_hash: &str,
@@ -581,6 +620,14 @@ impl Store for SqlStore {
             .bind(&email)
             .execute(&mut *tx)
             .await?;
+        // Whoever may have had the account kept no way back in through a key.
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(user_id.to_string())
+        .execute(&mut *tx)
+        .await?;
         let user = user_in(&mut tx, user_id).await?;
         tx.commit().await?;
         Ok(user.map(|u| (u, ended)))
@@ -650,13 +697,35 @@ impl Store for SqlStore {
         Ok(out)
     }
 
+    async fn login_lock(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<Option<u32>> {
+        let row =
+            sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
+        Ok(if hard != 0 {
+            Some(policy.hard_retry_after())
+        } else if until > now {
+            Some(u32::try_from(until - now).unwrap_or(u32::MAX))
+        } else {
+            None
+        })
+    }
+
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE login_throttle SET failures = 0, locked_until = 0, updated_at = $2 WHERE email = $1 AND hard_locked = 0",
+            "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",
         )
         .bind(email)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -664,7 +733,7 @@ impl Store for SqlStore {
     async fn unlock_login(&self, email: &str, _now: UnixTime) -> StoreResult<()> {
         sqlx::query("DELETE FROM login_throttle WHERE email = $1")
             .bind(email)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -680,17 +749,20 @@ impl Store for SqlStore {
         let row = sqlx::query(
             "INSERT INTO rate_limits (key, window_start, hits) VALUES ($1, $2, 1) \
              ON CONFLICT (key) DO UPDATE SET \
-               hits = CASE WHEN rate_limits.window_start = excluded.window_start THEN rate_limits.hits + 1 ELSE 1 END, \
-               window_start = excluded.window_start \
-             RETURNING hits",
+               hits = CASE WHEN excluded.window_start > rate_limits.window_start THEN 1 ELSE rate_limits.hits + 1 END, \
+               window_start = CASE WHEN excluded.window_start > rate_limits.window_start \
+                              THEN excluded.window_start ELSE rate_limits.window_start END \
+             RETURNING hits, window_start",
         )
         .bind(key)
         .bind(window)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await?;
+        // An instance whose clock lags counts into the newer window, never resets it.
         let hits: i64 = row.try_get("hits")?;
+        let window: i64 = row.try_get("window_start")?;
         Ok((hits > i64::from(limit.requests))
-            .then(|| u32::try_from((window + per - now).max(1)).unwrap_or(1)))
+            .then(|| u32::try_from((window + per - now).clamp(1, per)).unwrap_or(1)))
     }
 
     async fn open_session(
@@ -821,7 +893,7 @@ impl Store for SqlStore {
                 tx.rollback().await?;
                 return Ok(Rotation::Invalid);
             }
-            (Some(at), Some(sealed)) if live && r.now - at <= r.grace => {
+            (Some(at), Some(sealed)) if live && r.grace > 0 && r.now - at <= r.grace => {
                 let row = sqlx::query("SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL ORDER BY created_at DESC LIMIT 1")
                     .bind(sid.to_string())
                     .fetch_optional(&mut *tx)
@@ -889,7 +961,7 @@ impl Store for SqlStore {
         .bind(reason)
         .bind(sid.to_string())
         .bind(user_id.to_string())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -918,7 +990,7 @@ impl Store for SqlStore {
         .bind(key_hash)
         .bind(k.created_at)
         .bind(k.expires_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -938,7 +1010,7 @@ impl Store for SqlStore {
             .bind(now)
             .bind(id.to_string())
             .bind(user_id.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -962,7 +1034,7 @@ impl Store for SqlStore {
             sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(key.id.to_string())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         }
         Ok(Some((key, user)))
@@ -980,7 +1052,7 @@ impl Store for SqlStore {
         .bind(&e.ip)
         .bind(&e.user_agent)
         .bind(e.detail.to_string())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -1023,7 +1095,7 @@ impl Store for SqlStore {
         .bind(STANDARD.encode(&candidate.private_pkcs8))
         .bind(STANDARD.encode(&candidate.public))
         .bind(candidate.created_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         let rows = sqlx::query("SELECT kid, private_key, public_key, created_at, active_slot FROM signing_keys ORDER BY created_at")
             .fetch_all(&self.pool)
@@ -1064,10 +1136,15 @@ impl Store for SqlStore {
                 now - 86_400,
             ),
             ("DELETE FROM refresh_tokens WHERE expires_at < $1", now),
+            // Failure counts of emails nobody tried for 30 days, unless hard-locked.
+            (
+                "DELETE FROM login_throttle WHERE hard_locked = 0 AND locked_until < $1 AND updated_at < $1",
+                now - 30 * 86_400,
+            ),
         ] {
             n += sqlx::query(sql)
                 .bind(arg)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?
                 .rows_affected();
         }

@@ -1,14 +1,14 @@
 //! `/v1/admin/*`: user administration, for callers whose stored role is admin.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
 use super::{EventPage, UserPage, UserView};
 use crate::domain::FieldError;
 use crate::http::error::{ApiError, Problem};
-use crate::http::extract::{path_id, AdminCaller, AppJson, Client};
+use crate::http::extract::{AdminCaller, AppJson, Client, PathId};
 use crate::http::AppState;
 use crate::service::admin::{UserPatchInput, UserQuery};
 use crate::service::Error;
@@ -39,9 +39,9 @@ pub async fn users(
 pub async fn user(
     State(s): State<AppState>,
     _admin: AdminCaller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Res<Json<UserView>> {
-    Ok(Json(s.services.admin_user(path_id(&id)?).await?.into()))
+    Ok(Json(s.services.admin_user(id).await?.into()))
 }
 
 /// Change a user; a state other than active ends their sessions.
@@ -52,12 +52,12 @@ pub async fn patch_user(
     State(s): State<AppState>,
     AdminCaller(admin): AdminCaller,
     Client(meta): Client,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     AppJson(input): AppJson<UserPatchInput>,
 ) -> Res<Json<UserView>> {
     Ok(Json(
         s.services
-            .admin_patch_user(&admin, path_id(&id)?, input, &meta)
+            .admin_patch_user(&admin, id, input, &meta)
             .await?
             .into(),
     ))
@@ -71,11 +71,9 @@ pub async fn unlock(
     State(s): State<AppState>,
     AdminCaller(admin): AdminCaller,
     Client(meta): Client,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Res<StatusCode> {
-    s.services
-        .admin_unlock(&admin, path_id(&id)?, &meta)
-        .await?;
+    s.services.admin_unlock(&admin, id, &meta).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -86,9 +84,9 @@ pub async fn unlock(
 pub async fn events(
     State(s): State<AppState>,
     _admin: AdminCaller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Res<Json<EventPage>> {
-    let events = s.services.admin_events(path_id(&id)?).await?;
+    let events = s.services.admin_events(id).await?;
     Ok(Json(EventPage {
         events: events.into_iter().map(Into::into).collect(),
     }))

@@ -1,13 +1,13 @@
 //! `/v1/me/*`: the caller's profile, password, sessions and API keys.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
 use super::{ApiKeyCreated, ApiKeyView, SessionView, UserView};
 use crate::clock::rfc3339;
 use crate::http::error::{ApiError, Problem};
-use crate::http::extract::{path_id, AnyCaller, AppJson, Client, SessionCaller};
+use crate::http::extract::{AnyCaller, AppJson, Client, PathId, SessionCaller};
 use crate::http::AppState;
 use crate::service::accounts::ChangePasswordInput;
 use crate::service::api_keys::NewApiKeyInput;
@@ -73,11 +73,9 @@ pub async fn end_session(
     State(s): State<AppState>,
     Client(meta): Client,
     SessionCaller(caller): SessionCaller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Res<StatusCode> {
-    s.services
-        .end_session(&caller, path_id(&id)?, &meta)
-        .await?;
+    s.services.end_session(&caller, id, &meta).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -127,10 +125,8 @@ pub async fn revoke_api_key(
     State(s): State<AppState>,
     Client(meta): Client,
     SessionCaller(caller): SessionCaller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Res<StatusCode> {
-    s.services
-        .revoke_api_key(&caller, path_id(&id)?, &meta)
-        .await?;
+    s.services.revoke_api_key(&caller, id, &meta).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,0 +1,691 @@
+//! The load benchmark: `cargo bench --bench load`.
+//!
+//! Builds in release (cargo bench does), starts `gatehouse serve` on 127.0.0.1 with a
+//! fresh SQLite database (and PostgreSQL too when GATEHOUSE_BENCH_POSTGRES_URL is set),
+//! seeds users, and drives it with the closed- and open-loop load generator below,
+//! each phase bounded in time. Every figure is reported next to a baseline measured in
+//! the same run: the raw argon2id verify rate on the same cores for logins, and a
+//! minimal axum handler served by the same binary for `/v1/me` and refresh. It prints a
+//! table and writes `target/bench/results.json` and `target/bench/results.svg`.
+//!
+//! The load generator shares the machine's cores with the server, as it does with
+//! the baselines, so the ratios compare like with like.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+const PASSWORD: &str = "correct horse battery staple";
+const HASH: &str = "argon2id:m=19456,t=2,p=1";
+
+fn secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn env_cmd(db: &str, data: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GATEHOUSE_DATABASE_URL", db)
+        .env("GATEHOUSE_DATA_DIR", data)
+        .env("GATEHOUSE_PASSWORD_HASH", HASH)
+        .env("GATEHOUSE_RATE_LIMIT_PER_IP", "0")
+        .env("GATEHOUSE_DEVICE_LIMIT", "0")
+        // Lockout off for the timing samples (wrong passwords on one account).
+        .env("GATEHOUSE_LOCKOUT_TIERS", "1000000000:1")
+        .env("GATEHOUSE_LOCKOUT_HARD_LIMIT", "0")
+        .env("GATEHOUSE_MAIL_TRANSPORT", "log")
+        .env("GATEHOUSE_LOG", "error");
+    c
+}
+
+async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+async fn start(db: &str, data: &Path) -> Server {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = env_cmd(db, data)
+        .env("GATEHOUSE_LISTEN", &listen)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server {
+        child,
+        base: format!("http://{listen}"),
+    };
+    wait_ready(&format!("{}/readyz", s.base)).await;
+    s
+}
+
+async fn start_minimal() -> Server {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(BIN)
+        .args(["bench-minimal", "--listen", &listen])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server {
+        child,
+        base: format!("http://{listen}"),
+    };
+    wait_ready(&format!("{}/", s.base)).await;
+    s
+}
+
+fn seed(db: &str, data: &Path, email: &str) {
+    let mut child = env_cmd(db, data)
+        .args([
+            "user",
+            "create",
+            "--email",
+            email,
+            "--password-stdin",
+            "--verified",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(PASSWORD.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Latencies in microseconds, and status counts.
+#[derive(Default)]
+struct Sample {
+    lat: Vec<u64>,
+    ok: u64,
+    other: u64,
+    elapsed: f64,
+}
+
+impl Sample {
+    fn merge(&mut self, o: Sample) {
+        self.lat.extend(o.lat);
+        self.ok += o.ok;
+        self.other += o.other;
+    }
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed
+    }
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.lat.is_empty() {
+            return 0.0;
+        }
+        self.lat.sort_unstable();
+        let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
+        self.lat[i] as f64 / 1000.0
+    }
+    fn summary(&mut self) -> Value {
+        json!({"per_second": self.rate(), "ok": self.ok, "other": self.other,
+               "p50_ms": self.pct(0.5), "p99_ms": self.pct(0.99), "p999_ms": self.pct(0.999)})
+    }
+}
+
+type Req = Arc<dyn Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// Closed loop: `conns` workers each send the next request when the last is answered.
+async fn closed_loop(conns: usize, dur: Duration, req: Req) -> Sample {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(conns)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conns {
+        let (client, req) = (client.clone(), req.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = Sample::default();
+            while start.elapsed() < dur {
+                let t = Instant::now();
+                match req(&client, w).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        s.ok += 1;
+                        s.lat.push(t.elapsed().as_micros() as u64);
+                    }
+                    _ => s.other += 1,
+                }
+            }
+            s
+        }));
+    }
+    let mut all = Sample::default();
+    for t in tasks {
+        all.merge(t.await.unwrap());
+    }
+    all.elapsed = start.elapsed().as_secs_f64();
+    all
+}
+
+/// Raw argon2id verifies per second on every core, with the service's own verify.
+fn raw_hash_rate(dur: Duration) -> f64 {
+    let phc =
+        gatehouse::crypto::password::hash_blocking(&HASH.parse().unwrap(), PASSWORD.as_bytes());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (count, phc) = (count.clone(), phc.clone());
+            s.spawn(move || {
+                while start.elapsed() < dur {
+                    assert!(gatehouse::crypto::password::verify_blocking(
+                        PASSWORD.as_bytes(),
+                        &phc
+                    ));
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Value> {
+    let c = reqwest::Client::new();
+    let mut out = Vec::new();
+    for e in emails {
+        for _ in 0..per_user {
+            let r = c
+                .post(format!("{base}/v1/auth/login"))
+                .json(&json!({"email": e, "password": PASSWORD}))
+                .send()
+                .await
+                .unwrap();
+            out.push(r.json::<Value>().await.unwrap());
+        }
+    }
+    out
+}
+
+/// The overload phase: logins offered open-loop at `rate`/s while `/healthz` and
+/// `/v1/me` are probed; returns the 503 share, rejection latency and probe p99s.
+async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str) -> Value {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let probe = |path: &'static str, bearer: Option<String>| {
+        let (client, done, base) = (client.clone(), done.clone(), base.to_owned());
+        tokio::spawn(async move {
+            let mut s = Sample::default();
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let mut r = client.get(format!("{base}{path}"));
+                if let Some(b) = &bearer {
+                    r = r.bearer_auth(b);
+                }
+                if r.send().await.is_ok_and(|r| r.status().is_success()) {
+                    s.ok += 1;
+                    s.lat.push(t.elapsed().as_micros() as u64);
+                } else {
+                    s.other += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            s
+        })
+    };
+    let health = probe("/healthz", None);
+    let me = probe("/v1/me", Some(token.to_owned()));
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut sent = Vec::new();
+    let mut next = Instant::now();
+    while start.elapsed() < dur {
+        let (client, base, email) = (client.clone(), base.to_owned(), email.to_owned());
+        sent.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = client
+                .post(format!("{base}/v1/auth/login"))
+                .json(&json!({"email": email, "password": PASSWORD}))
+                .send()
+                .await;
+            (
+                r.map(|r| r.status().as_u16()).unwrap_or(0),
+                t.elapsed().as_micros() as u64,
+            )
+        }));
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let mut rejected = Sample::default();
+    let (mut ok, mut total) = (0u64, 0u64);
+    for s in sent {
+        let (status, micros) = s.await.unwrap();
+        total += 1;
+        match status {
+            503 => {
+                rejected.ok += 1;
+                rejected.lat.push(micros);
+            }
+            200 => ok += 1,
+            _ => {}
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let (mut h, mut m) = (health.await.unwrap(), me.await.unwrap());
+    json!({
+        "offered_per_second": rate,
+        "logins_sent": total,
+        "logins_ok": ok,
+        "share_503": rejected.ok as f64 / total.max(1) as f64,
+        "rejected_p50_ms": rejected.pct(0.5),
+        "rejected_p99_ms": rejected.pct(0.99),
+        "healthz_p99_ms": h.pct(0.99),
+        "me_p99_ms": m.pct(0.99),
+        "probe_failures": h.other + m.other,
+    })
+}
+
+/// Median latencies of unknown-email and wrong-password logins, interleaved.
+async fn timing(base: &str, known: &str, samples: usize) -> Value {
+    let c = reqwest::Client::new();
+    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+    for i in 0..samples * 2 {
+        let email = if i % 2 == 0 {
+            format!("nobody{i}@example.com")
+        } else {
+            known.to_owned()
+        };
+        let t = Instant::now();
+        let r = c
+            .post(format!("{base}/v1/auth/login"))
+            .json(&json!({"email": email, "password": "wrong password"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let _ = r.bytes().await;
+        let us = t.elapsed().as_micros() as u64;
+        if i % 2 == 0 {
+            unknown.push(us)
+        } else {
+            wrong.push(us)
+        }
+    }
+    let med = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2] as f64 / 1000.0
+    };
+    let (mu, mw) = (med(&mut unknown), med(&mut wrong));
+    json!({"samples_each": samples, "unknown_email_median_ms": mu, "wrong_password_median_ms": mw,
+           "difference": (mu - mw).abs() / mu.max(mw)})
+}
+
+async fn backend_run(
+    name: &str,
+    db: &str,
+    data: &Path,
+    minimal_rate: f64,
+    hash_rate: f64,
+    d: Duration,
+) -> Value {
+    let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
+    for e in &emails {
+        seed(db, data, e);
+    }
+    let server = start(db, data).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = server.rss_kib("VmRSS:");
+    let base = server.base.clone();
+
+    let b = base.clone();
+    let mut healthz = closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{b}/healthz")))).await;
+
+    let tokens = login_tokens(&base, &emails, 4).await;
+    let access: Arc<Vec<String>> = Arc::new(
+        tokens
+            .iter()
+            .map(|t| t["access_token"].as_str().unwrap().to_owned())
+            .collect(),
+    );
+    let b = base.clone();
+    let a = access.clone();
+    let mut me = closed_loop(
+        32,
+        d,
+        Arc::new(move |c, w| c.get(format!("{b}/v1/me")).bearer_auth(&a[w % a.len()])),
+    )
+    .await;
+
+    // Each refresh worker follows its own chain: the next token is the last answer's.
+    let chains: Arc<Vec<std::sync::Mutex<String>>> = Arc::new(
+        login_tokens(&base, &emails, 2)
+            .await
+            .iter()
+            .map(|t| std::sync::Mutex::new(t["refresh_token"].as_str().unwrap().to_owned()))
+            .collect(),
+    );
+    let refresh = {
+        let start = Instant::now();
+        let client = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for w in 0..chains.len() {
+            let (client, chains, base) = (client.clone(), chains.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut s = Sample::default();
+                while start.elapsed() < d {
+                    let token = chains[w].lock().unwrap().clone();
+                    let t = Instant::now();
+                    let r = client
+                        .post(format!("{base}/v1/auth/refresh"))
+                        .json(&json!({"refresh_token": token}))
+                        .send()
+                        .await
+                        .unwrap();
+                    if r.status().is_success() {
+                        let v: Value = r.json().await.unwrap();
+                        *chains[w].lock().unwrap() =
+                            v["refresh_token"].as_str().unwrap().to_owned();
+                        s.ok += 1;
+                        s.lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        s.other += 1;
+                    }
+                }
+                s
+            }));
+        }
+        let mut all = Sample::default();
+        for t in tasks {
+            all.merge(t.await.unwrap());
+        }
+        all.elapsed = start.elapsed().as_secs_f64();
+        all
+    };
+    let mut refresh = refresh;
+
+    let b = base.clone();
+    let es = Arc::new(emails.clone());
+    let mut login = closed_loop(
+        16,
+        d * 2,
+        Arc::new(move |c, w| {
+            c.post(format!("{b}/v1/auth/login"))
+                .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
+        }),
+    )
+    .await;
+    let capacity = login.rate();
+    let over = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0]).await;
+    let timing = timing(&base, &emails[1], 200).await;
+    let peak_rss = server.rss_kib("VmHWM:");
+    json!({
+        "backend": name,
+        "login": login.summary(),
+        "login_vs_raw_hash": capacity / hash_rate,
+        "me": me.summary(),
+        "me_vs_minimal": me.rate() / minimal_rate,
+        "healthz": healthz.summary(),
+        "me_vs_healthz": me.rate() / healthz.rate(),
+        "refresh": refresh.summary(),
+        "refresh_vs_minimal": refresh.rate() / minimal_rate,
+        "overload_4x": over,
+        "timing": timing,
+        "rss_idle_mib": idle_rss as f64 / 1024.0,
+        "rss_peak_mib": peak_rss as f64 / 1024.0,
+    })
+}
+
+fn row(t: &mut String, k: &str, v: String) {
+    t.push_str(&format!("  {k:<44} {v}\n"));
+}
+
+fn table(results: &Value) -> String {
+    let mut t = String::new();
+    let f = |v: &Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
+    row(&mut t, "cores", results["cores"].to_string());
+    row(
+        &mut t,
+        "raw argon2id verifies/s (all cores)",
+        f(&results["raw_hash_per_second"]),
+    );
+    row(
+        &mut t,
+        "minimal axum handler req/s",
+        f(&results["minimal"]["per_second"]),
+    );
+    for b in results["backends"].as_array().unwrap() {
+        let n = b["backend"].as_str().unwrap();
+        t.push_str(&format!("{n}\n"));
+        for (k, path) in [
+            ("login", "login"),
+            ("GET /v1/me", "me"),
+            ("refresh", "refresh"),
+            ("/healthz", "healthz"),
+        ] {
+            let s = &b[path];
+            row(
+                &mut t,
+                &format!("{k} req/s (p50 / p99 / p99.9 ms)"),
+                format!(
+                    "{} ({} / {} / {})",
+                    f(&s["per_second"]),
+                    f(&s["p50_ms"]),
+                    f(&s["p99_ms"]),
+                    f(&s["p999_ms"])
+                ),
+            );
+        }
+        row(&mut t, "login / raw hash rate", f(&b["login_vs_raw_hash"]));
+        row(&mut t, "me / minimal handler", f(&b["me_vs_minimal"]));
+        row(&mut t, "me / healthz", f(&b["me_vs_healthz"]));
+        row(
+            &mut t,
+            "refresh / minimal handler",
+            f(&b["refresh_vs_minimal"]),
+        );
+        let o = &b["overload_4x"];
+        row(&mut t, "4x overload: share 503", f(&o["share_503"]));
+        row(
+            &mut t,
+            "4x overload: 503 answered p99 ms",
+            f(&o["rejected_p99_ms"]),
+        );
+        row(
+            &mut t,
+            "4x overload: /healthz p99 ms",
+            f(&o["healthz_p99_ms"]),
+        );
+        row(&mut t, "4x overload: /v1/me p99 ms", f(&o["me_p99_ms"]));
+        let tm = &b["timing"];
+        row(
+            &mut t,
+            "median unknown / wrong-password ms",
+            format!(
+                "{} / {}",
+                f(&tm["unknown_email_median_ms"]),
+                f(&tm["wrong_password_median_ms"])
+            ),
+        );
+        row(&mut t, "timing difference (share)", f(&tm["difference"]));
+        row(
+            &mut t,
+            "RSS idle / peak MiB",
+            format!("{} / {}", f(&b["rss_idle_mib"]), f(&b["rss_peak_mib"])),
+        );
+    }
+    t
+}
+
+fn plot(results: &Value, path: &Path) {
+    use plotters::prelude::*;
+    let mut bars: Vec<(String, f64)> = Vec::new();
+    for b in results["backends"].as_array().unwrap() {
+        let n = b["backend"].as_str().unwrap();
+        for (label, key) in [
+            ("login/hash", "login_vs_raw_hash"),
+            ("me/minimal", "me_vs_minimal"),
+            ("refresh/minimal", "refresh_vs_minimal"),
+        ] {
+            bars.push((format!("{n} {label}"), b[key].as_f64().unwrap_or(0.0)));
+        }
+    }
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Gatehouse: throughput as a share of its baseline (same run)",
+            ("sans-serif", 20),
+        )
+        .margin(20)
+        .x_label_area_size(80)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..bars.len(), 0.0..max)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|i| bars.get(*i).map(|b| b.0.clone()).unwrap_or_default())
+        .y_desc("ratio")
+        .draw()
+        .unwrap();
+    chart
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
+        )
+        .unwrap();
+    root.present().unwrap();
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let d = secs("GATEHOUSE_BENCH_SECONDS", 5);
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        eprintln!("raw argon2id verify rate ...");
+        let hash_rate = raw_hash_rate(d);
+        eprintln!("minimal handler ...");
+        let minimal = start_minimal().await;
+        let mb = minimal.base.clone();
+        let mut min = closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{mb}/")))).await;
+        drop(minimal);
+        let minimal_rate = min.rate();
+        let mut backends = Vec::new();
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bench.db").display()
+        );
+        eprintln!("sqlite ...");
+        backends.push(
+            backend_run(
+                "sqlite",
+                &sqlite,
+                &dir.path().join("sqlite"),
+                minimal_rate,
+                hash_rate,
+                d,
+            )
+            .await,
+        );
+        if let Ok(pg) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL") {
+            eprintln!("postgres ...");
+            backends.push(
+                backend_run(
+                    "postgres",
+                    &pg,
+                    &dir.path().join("pg"),
+                    minimal_rate,
+                    hash_rate,
+                    d,
+                )
+                .await,
+            );
+        }
+        let results = json!({
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "seconds_per_phase": d.as_secs(),
+            "password_hash": HASH,
+            "raw_hash_per_second": hash_rate,
+            "minimal": min.summary(),
+            "backends": backends,
+        });
+        std::fs::write(
+            out_dir.join("results.json"),
+            serde_json::to_string_pretty(&results).unwrap(),
+        )
+        .unwrap();
+        plot(&results, &out_dir.join("results.svg"));
+        println!("{}", table(&results));
+        println!("written: {}", out_dir.join("results.json").display());
+    });
+}

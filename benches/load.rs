@@ -26,12 +26,7 @@ const PASSWORD: &str = "correct horse battery staple";
 const HASH: &str = "argon2id:m=19456,t=2,p=1";
 
 fn secs(name: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
+    Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
 }
 
 struct Server {
@@ -48,8 +43,7 @@ impl Drop for Server {
 
 impl Server {
     fn rss_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with(field))
@@ -60,11 +54,7 @@ impl Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn env_cmd(db: &str, data: &Path) -> Command {
@@ -88,12 +78,7 @@ async fn wait_ready(url: &str) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if client
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -103,55 +88,28 @@ async fn wait_ready(url: &str) {
 
 async fn start(db: &str, data: &Path) -> Server {
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = env_cmd(db, data)
-        .env("GATEHOUSE_LISTEN", &listen)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server {
-        child,
-        base: format!("http://{listen}"),
-    };
+    let child = env_cmd(db, data).env("GATEHOUSE_LISTEN", &listen).arg("serve").stdout(Stdio::null()).spawn().unwrap();
+    let s = Server { child, base: format!("http://{listen}") };
     wait_ready(&format!("{}/readyz", s.base)).await;
     s
 }
 
 async fn start_minimal() -> Server {
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(BIN)
-        .args(["bench-minimal", "--listen", &listen])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server {
-        child,
-        base: format!("http://{listen}"),
-    };
+    let child = Command::new(BIN).args(["bench-minimal", "--listen", &listen]).stdout(Stdio::null()).spawn().unwrap();
+    let s = Server { child, base: format!("http://{listen}") };
     wait_ready(&format!("{}/", s.base)).await;
     s
 }
 
 fn seed(db: &str, data: &Path, email: &str) {
     let mut child = env_cmd(db, data)
-        .args([
-            "user",
-            "create",
-            "--email",
-            email,
-            "--password-stdin",
-            "--verified",
-        ])
+        .args(["user", "create", "--email", email, "--password-stdin", "--verified"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(PASSWORD.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(PASSWORD.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
 }
 
@@ -191,10 +149,7 @@ type Req = Arc<dyn Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send
 
 /// Closed loop: `conns` workers each send the next request when the last is answered.
 async fn closed_loop(conns: usize, dur: Duration, req: Req) -> Sample {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(conns)
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(conns).build().unwrap();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..conns {
@@ -225,11 +180,8 @@ async fn closed_loop(conns: usize, dur: Duration, req: Req) -> Sample {
 
 /// Raw argon2id verifies per second on every core, with the service's own verify.
 fn raw_hash_rate(dur: Duration) -> f64 {
-    let phc =
-        gatehouse::crypto::password::hash_blocking(&HASH.parse().unwrap(), PASSWORD.as_bytes());
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let phc = gatehouse::crypto::password::hash_blocking(&HASH.parse().unwrap(), PASSWORD.as_bytes());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -237,10 +189,7 @@ fn raw_hash_rate(dur: Duration) -> f64 {
             let (count, phc) = (count.clone(), phc.clone());
             s.spawn(move || {
                 while start.elapsed() < dur {
-                    assert!(gatehouse::crypto::password::verify_blocking(
-                        PASSWORD.as_bytes(),
-                        &phc
-                    ));
+                    assert!(gatehouse::crypto::password::verify_blocking(PASSWORD.as_bytes(), &phc));
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -269,10 +218,7 @@ async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Val
 /// The overload phase: logins offered open-loop at `rate`/s while `/healthz` and
 /// `/v1/me` are probed; returns the 503 share, rejection latency and probe p99s.
 async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str) -> Value {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let probe = |path: &'static str, bearer: Option<String>| {
         let (client, done, base) = (client.clone(), done.clone(), base.to_owned());
@@ -310,10 +256,7 @@ async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str
                 .json(&json!({"email": email, "password": PASSWORD}))
                 .send()
                 .await;
-            (
-                r.map(|r| r.status().as_u16()).unwrap_or(0),
-                t.elapsed().as_micros() as u64,
-            )
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed().as_micros() as u64)
         }));
         next += interval;
         tokio::time::sleep_until(next.into()).await;
@@ -352,11 +295,7 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
     let c = reqwest::Client::new();
     let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
     for i in 0..samples * 2 {
-        let email = if i % 2 == 0 {
-            format!("nobody{i}@example.com")
-        } else {
-            known.to_owned()
-        };
+        let email = if i % 2 == 0 { format!("nobody{i}@example.com") } else { known.to_owned() };
         let t = Instant::now();
         let r = c
             .post(format!("{base}/v1/auth/login"))
@@ -382,14 +321,7 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
            "difference": (mu - mw).abs() / mu.max(mw)})
 }
 
-async fn backend_run(
-    name: &str,
-    db: &str,
-    data: &Path,
-    minimal_rate: f64,
-    hash_rate: f64,
-    d: Duration,
-) -> Value {
+async fn backend_run(name: &str, db: &str, data: &Path, minimal_rate: f64, hash_rate: f64, d: Duration) -> Value {
     let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     for e in &emails {
         seed(db, data, e);
@@ -403,20 +335,12 @@ async fn backend_run(
     let mut healthz = closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{b}/healthz")))).await;
 
     let tokens = login_tokens(&base, &emails, 4).await;
-    let access: Arc<Vec<String>> = Arc::new(
-        tokens
-            .iter()
-            .map(|t| t["access_token"].as_str().unwrap().to_owned())
-            .collect(),
-    );
+    let access: Arc<Vec<String>> =
+        Arc::new(tokens.iter().map(|t| t["access_token"].as_str().unwrap().to_owned()).collect());
     let b = base.clone();
     let a = access.clone();
-    let mut me = closed_loop(
-        32,
-        d,
-        Arc::new(move |c, w| c.get(format!("{b}/v1/me")).bearer_auth(&a[w % a.len()])),
-    )
-    .await;
+    let mut me =
+        closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{b}/v1/me")).bearer_auth(&a[w % a.len()]))).await;
 
     // Each refresh worker follows its own chain: the next token is the last answer's.
     let chains: Arc<Vec<std::sync::Mutex<String>>> = Arc::new(
@@ -445,8 +369,7 @@ async fn backend_run(
                         .unwrap();
                     if r.status().is_success() {
                         let v: Value = r.json().await.unwrap();
-                        *chains[w].lock().unwrap() =
-                            v["refresh_token"].as_str().unwrap().to_owned();
+                        *chains[w].lock().unwrap() = v["refresh_token"].as_str().unwrap().to_owned();
                         s.ok += 1;
                         s.lat.push(t.elapsed().as_micros() as u64);
                     } else {
@@ -471,8 +394,7 @@ async fn backend_run(
         16,
         d * 2,
         Arc::new(move |c, w| {
-            c.post(format!("{b}/v1/auth/login"))
-                .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
+            c.post(format!("{b}/v1/auth/login")).json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
         }),
     )
     .await;
@@ -505,75 +427,36 @@ fn table(results: &Value) -> String {
     let mut t = String::new();
     let f = |v: &Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
     row(&mut t, "cores", results["cores"].to_string());
-    row(
-        &mut t,
-        "raw argon2id verifies/s (all cores)",
-        f(&results["raw_hash_per_second"]),
-    );
-    row(
-        &mut t,
-        "minimal axum handler req/s",
-        f(&results["minimal"]["per_second"]),
-    );
+    row(&mut t, "raw argon2id verifies/s (all cores)", f(&results["raw_hash_per_second"]));
+    row(&mut t, "minimal axum handler req/s", f(&results["minimal"]["per_second"]));
     for b in results["backends"].as_array().unwrap() {
         let n = b["backend"].as_str().unwrap();
         t.push_str(&format!("{n}\n"));
-        for (k, path) in [
-            ("login", "login"),
-            ("GET /v1/me", "me"),
-            ("refresh", "refresh"),
-            ("/healthz", "healthz"),
-        ] {
+        for (k, path) in [("login", "login"), ("GET /v1/me", "me"), ("refresh", "refresh"), ("/healthz", "healthz")] {
             let s = &b[path];
             row(
                 &mut t,
                 &format!("{k} req/s (p50 / p99 / p99.9 ms)"),
-                format!(
-                    "{} ({} / {} / {})",
-                    f(&s["per_second"]),
-                    f(&s["p50_ms"]),
-                    f(&s["p99_ms"]),
-                    f(&s["p999_ms"])
-                ),
+                format!("{} ({} / {} / {})", f(&s["per_second"]), f(&s["p50_ms"]), f(&s["p99_ms"]), f(&s["p999_ms"])),
             );
         }
         row(&mut t, "login / raw hash rate", f(&b["login_vs_raw_hash"]));
         row(&mut t, "me / minimal handler", f(&b["me_vs_minimal"]));
         row(&mut t, "me / healthz", f(&b["me_vs_healthz"]));
-        row(
-            &mut t,
-            "refresh / minimal handler",
-            f(&b["refresh_vs_minimal"]),
-        );
+        row(&mut t, "refresh / minimal handler", f(&b["refresh_vs_minimal"]));
         let o = &b["overload_4x"];
         row(&mut t, "4x overload: share 503", f(&o["share_503"]));
-        row(
-            &mut t,
-            "4x overload: 503 answered p99 ms",
-            f(&o["rejected_p99_ms"]),
-        );
-        row(
-            &mut t,
-            "4x overload: /healthz p99 ms",
-            f(&o["healthz_p99_ms"]),
-        );
+        row(&mut t, "4x overload: 503 answered p99 ms", f(&o["rejected_p99_ms"]));
+        row(&mut t, "4x overload: /healthz p99 ms", f(&o["healthz_p99_ms"]));
         row(&mut t, "4x overload: /v1/me p99 ms", f(&o["me_p99_ms"]));
         let tm = &b["timing"];
         row(
             &mut t,
             "median unknown / wrong-password ms",
-            format!(
-                "{} / {}",
-                f(&tm["unknown_email_median_ms"]),
-                f(&tm["wrong_password_median_ms"])
-            ),
+            format!("{} / {}", f(&tm["unknown_email_median_ms"]), f(&tm["wrong_password_median_ms"])),
         );
         row(&mut t, "timing difference (share)", f(&tm["difference"]));
-        row(
-            &mut t,
-            "RSS idle / peak MiB",
-            format!("{} / {}", f(&b["rss_idle_mib"]), f(&b["rss_peak_mib"])),
-        );
+        row(&mut t, "RSS idle / peak MiB", format!("{} / {}", f(&b["rss_idle_mib"]), f(&b["rss_peak_mib"])));
     }
     t
 }
@@ -595,10 +478,7 @@ fn plot(results: &Value, path: &Path) {
     root.fill(&WHITE).unwrap();
     let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Gatehouse: throughput as a share of its baseline (same run)",
-            ("sans-serif", 20),
-        )
+        .caption("Gatehouse: throughput as a share of its baseline (same run)", ("sans-serif", 20))
         .margin(20)
         .x_label_area_size(80)
         .y_label_area_size(50)
@@ -613,9 +493,7 @@ fn plot(results: &Value, path: &Path) {
         .unwrap();
     chart
         .draw_series(
-            bars.iter()
-                .enumerate()
-                .map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
+            bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
         )
         .unwrap();
     root.present().unwrap();
@@ -626,10 +504,7 @@ fn main() {
     let d = secs("GATEHOUSE_BENCH_SECONDS", 5);
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         eprintln!("raw argon2id verify rate ...");
         let hash_rate = raw_hash_rate(d);
@@ -641,35 +516,12 @@ fn main() {
         let minimal_rate = min.rate();
         let mut backends = Vec::new();
         let dir = tempfile::tempdir().unwrap();
-        let sqlite = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("bench.db").display()
-        );
+        let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display());
         eprintln!("sqlite ...");
-        backends.push(
-            backend_run(
-                "sqlite",
-                &sqlite,
-                &dir.path().join("sqlite"),
-                minimal_rate,
-                hash_rate,
-                d,
-            )
-            .await,
-        );
+        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), minimal_rate, hash_rate, d).await);
         if let Ok(pg) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL") {
             eprintln!("postgres ...");
-            backends.push(
-                backend_run(
-                    "postgres",
-                    &pg,
-                    &dir.path().join("pg"),
-                    minimal_rate,
-                    hash_rate,
-                    d,
-                )
-                .await,
-            );
+            backends.push(backend_run("postgres", &pg, &dir.path().join("pg"), minimal_rate, hash_rate, d).await);
         }
         let results = json!({
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -679,11 +531,7 @@ fn main() {
             "minimal": min.summary(),
             "backends": backends,
         });
-        std::fs::write(
-            out_dir.join("results.json"),
-            serde_json::to_string_pretty(&results).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();
         plot(&results, &out_dir.join("results.svg"));
         println!("{}", table(&results));
         println!("written: {}", out_dir.join("results.json").display());

@@ -35,16 +35,9 @@ impl App {
     }
 
     /// Builds the service with a given clock (tests use a manual one).
-    pub async fn build_with_clock(
-        settings: &Settings,
-        clock: Arc<dyn Clock>,
-    ) -> anyhow::Result<Self> {
+    pub async fn build_with_clock(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let services = services(settings, clock).await?;
-        let (router, state) = http::router(
-            services,
-            settings.trusted_proxies.clone(),
-            settings.rate_limit_per_ip,
-        );
+        let (router, state) = http::router(services, settings.trusted_proxies.clone(), settings.rate_limit_per_ip);
         Ok(Self { router, state })
     }
 
@@ -66,13 +59,9 @@ impl App {
                 }
             }
         });
-        let served = axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let served = axum::serve(listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await;
         housekeeping.abort();
         Ok(served?)
     }
@@ -80,17 +69,10 @@ impl App {
 
 /// Builds the services: store (migrated), signing key, hasher, mail, GeoIP.
 pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Services> {
-    let store = store::open(
-        &settings.database_url(),
-        settings.db_max_connections,
-        settings.db_acquire_timeout,
-    )
-    .await?;
+    let store = store::open(&settings.database_url(), settings.db_max_connections, settings.db_acquire_timeout).await?;
     let candidate = SigningKey::generate(clock.now())?;
-    let (active, all) = store
-        .signing_keys(&candidate)
-        .await
-        .map_err(|e| anyhow::anyhow!("loading signing keys: {e}"))?;
+    let (active, all) =
+        store.signing_keys(&candidate).await.map_err(|e| anyhow::anyhow!("loading signing keys: {e}"))?;
     let tokens = AccessTokens::new(
         &active,
         &all,
@@ -98,24 +80,18 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Res
         settings.jwt_audience.clone(),
         i64::from(settings.access_token_ttl),
     )?;
-    let hasher = PasswordHasher::start(
-        settings.password_hash,
-        settings.hash_workers(),
-        settings.hash_queue(),
-    );
-    let from: Mailbox = settings.mail_from.parse().map_err(|_| {
-        anyhow::anyhow!("invalid settings: mail_from (GATEHOUSE_MAIL_FROM) is not a mail address")
-    })?;
+    let hasher = PasswordHasher::start(settings.password_hash, settings.hash_workers(), settings.hash_queue());
+    let from: Mailbox = settings
+        .mail_from
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid settings: mail_from (GATEHOUSE_MAIL_FROM) is not a mail address"))?;
     let mail = MailQueue::start(mail::mailer_from(settings)?, from);
     let geo: Option<Box<dyn GeoLookup>> = match &settings.geoip_db {
         Some(path) => Some(Box::new(MaxMindGeo::open(path)?)),
         None => None,
     };
     let policy = Policy {
-        lockout: LockoutPolicy {
-            tiers: settings.lockout_tiers.clone(),
-            hard_limit: settings.lockout_hard_limit,
-        },
+        lockout: LockoutPolicy { tiers: settings.lockout_tiers.clone(), hard_limit: settings.lockout_hard_limit },
         device_limit: settings.device_limit,
         refresh_ttl: i64::from(settings.refresh_token_ttl),
         session_max_age: i64::from(settings.session_max_age),
@@ -125,15 +101,7 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Res
         reset_ttl: settings.reset_token_ttl,
         public_url: settings.issuer(),
     };
-    Ok(Services {
-        store,
-        clock,
-        hasher,
-        tokens,
-        mail,
-        policy,
-        geo,
-    })
+    Ok(Services { store, clock, hasher, tokens, mail, policy, geo })
 }
 
 /// GeoIP lookups in a MaxMind city database.
@@ -144,12 +112,7 @@ impl MaxMindGeo {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         maxminddb::Reader::open_readfile(path)
             .map(Self)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "invalid settings: geoip_db (GATEHOUSE_GEOIP_DB) {}: {e}",
-                    path.display()
-                )
-            })
+            .map_err(|e| anyhow::anyhow!("invalid settings: geoip_db (GATEHOUSE_GEOIP_DB) {}: {e}", path.display()))
     }
 }
 

@@ -75,10 +75,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing(&settings);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gatehouse: cannot start the runtime: {e}");
@@ -97,9 +94,7 @@ pub fn main() -> ExitCode {
 fn init_tracing(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if settings.log_format == "json" {
         builder.json().init();
     } else {
@@ -113,12 +108,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let app = App::build(&settings).await?;
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot listen on {} (GATEHOUSE_LISTEN): {e}",
-                        settings.listen
-                    )
-                })?;
+                .map_err(|e| anyhow::anyhow!("cannot listen on {} (GATEHOUSE_LISTEN): {e}", settings.listen))?;
             tracing::info!(
                 listen = %listener.local_addr()?,
                 database = app.state.services.store.backend(),
@@ -127,14 +117,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             app.serve(listener, shutdown_signal()).await
         }
         Command::BenchMinimal { listen } => {
-            let router = axum::Router::new().route(
-                "/",
-                axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-            );
+            let router = axum::Router::new()
+                .route("/", axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }));
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown_signal())
-                .await?;
+            axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
             Ok(())
         }
         Command::Migrate => {
@@ -142,37 +128,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("database is up to date");
             Ok(())
         }
-        Command::User {
-            command:
-                UserCommand::Create {
-                    email,
-                    password_stdin: _,
-                    role,
-                    verified,
-                },
-        } => {
+        Command::User { command: UserCommand::Create { email, password_stdin: _, role, verified } } => {
             let mut pw = String::new();
             std::io::stdin().read_to_string(&mut pw)?;
             let pw = SecretString::from(pw.trim_end_matches(['\r', '\n']).to_owned());
-            let role = if role == "admin" {
-                Role::Admin
-            } else {
-                Role::User
-            };
+            let role = if role == "admin" { Role::Admin } else { Role::User };
             let services = app::services(&settings, Arc::new(SystemClock)).await?;
-            let user = services
-                .create_user_directly(&email, pw, role, verified)
-                .await
-                .map_err(|e| match e {
-                    crate::service::Error::Validation(errs) => anyhow::anyhow!(
-                        "{}",
-                        errs.iter()
-                            .map(|e| format!("{}: {}", e.field, e.message))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
-                    other => anyhow::anyhow!("{other}"),
-                })?;
+            let user = services.create_user_directly(&email, pw, role, verified).await.map_err(|e| match e {
+                crate::service::Error::Validation(errs) => anyhow::anyhow!(
+                    "{}",
+                    errs.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
+                ),
+                other => anyhow::anyhow!("{other}"),
+            })?;
             println!("{}", user.id);
             Ok(())
         }
@@ -185,8 +153,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             s.recv().await;
         }
     };

@@ -46,9 +46,7 @@ impl Clock for ManualClock {
 
 /// RFC 3339 UTC text of a Unix time, as the API shows timestamps.
 pub fn rfc3339(t: UnixTime) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    chrono::DateTime::from_timestamp(t, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]

@@ -41,26 +41,15 @@ impl FromStr for RateLimit {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "0" {
-            return Ok(Self {
-                requests: 0,
-                per_seconds: 1,
-            });
+            return Ok(Self { requests: 0, per_seconds: 1 });
         }
-        let (n, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("expected REQUESTS/SECONDS such as 60/60, got {s:?}"))?;
-        let requests = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("bad request count {n:?}"))?;
+        let (n, p) = s.split_once('/').ok_or_else(|| format!("expected REQUESTS/SECONDS such as 60/60, got {s:?}"))?;
+        let requests = n.trim().parse().map_err(|_| format!("bad request count {n:?}"))?;
         let per_seconds: u32 = p.trim().parse().map_err(|_| format!("bad seconds {p:?}"))?;
         if per_seconds == 0 {
             return Err("the window must be at least 1 second".into());
         }
-        Ok(Self {
-            requests,
-            per_seconds,
-        })
+        Ok(Self { requests, per_seconds })
     }
 }
 
@@ -263,12 +252,7 @@ impl Settings {
             let mut msg = String::from("invalid settings:");
             for err in e {
                 let key = err.path.join(".");
-                msg.push_str(&format!(
-                    "\n  {} (GATEHOUSE_{}): {}",
-                    key,
-                    key.to_uppercase(),
-                    err.kind
-                ));
+                msg.push_str(&format!("\n  {} (GATEHOUSE_{}): {}", key, key.to_uppercase(), err.kind));
             }
             anyhow::anyhow!(msg)
         })?;
@@ -278,22 +262,16 @@ impl Settings {
 
     fn check(&self) -> anyhow::Result<()> {
         if self.mail_transport == MailTransport::Smtp && self.smtp_url.is_none() {
-            anyhow::bail!(
-                "invalid settings: mail_transport is smtp but GATEHOUSE_SMTP_URL is not set"
-            );
+            anyhow::bail!("invalid settings: mail_transport is smtp but GATEHOUSE_SMTP_URL is not set");
         }
         if self.access_token_ttl == 0 || self.refresh_token_ttl == 0 || self.session_max_age == 0 {
-            anyhow::bail!(
-                "invalid settings: token and session lifetimes must be at least 1 second"
-            );
+            anyhow::bail!("invalid settings: token and session lifetimes must be at least 1 second");
         }
         if self.db_max_connections == 0 {
             anyhow::bail!("invalid settings: db_max_connections must be at least 1");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            anyhow::bail!(
-                "invalid settings: log_format (GATEHOUSE_LOG_FORMAT) must be text or json"
-            );
+            anyhow::bail!("invalid settings: log_format (GATEHOUSE_LOG_FORMAT) must be text or json");
         }
         Ok(())
     }
@@ -303,27 +281,20 @@ impl Settings {
         use secrecy::ExposeSecret;
         match &self.database_url {
             Some(u) if !u.expose_secret().trim().is_empty() => u.expose_secret().trim().to_owned(),
-            _ => format!(
-                "sqlite://{}?mode=rwc",
-                self.data_dir.join("gatehouse.db").display()
-            ),
+            _ => format!("sqlite://{}?mode=rwc", self.data_dir.join("gatehouse.db").display()),
         }
     }
 
     /// The outbox directory in force.
     pub fn outbox_dir(&self) -> PathBuf {
-        self.mail_outbox_dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("outbox"))
+        self.mail_outbox_dir.clone().unwrap_or_else(|| self.data_dir.join("outbox"))
     }
 
     /// Hash workers in force.
     pub fn hash_workers(&self) -> usize {
-        self.hash_workers.filter(|n| *n > 0).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        self.hash_workers
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     /// Hash queue length in force.
@@ -355,13 +326,7 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.device_limit, 2);
         assert_eq!(s.refresh_grace, 5);
-        assert_eq!(
-            s.rate_limit_per_ip,
-            RateLimit {
-                requests: 60,
-                per_seconds: 60
-            }
-        );
+        assert_eq!(s.rate_limit_per_ip, RateLimit { requests: 60, per_seconds: 60 });
         assert_eq!(s.lockout_tiers.0, vec![(5, 60), (10, 300), (20, 3600)]);
         assert!(s.database_url().starts_with("sqlite://"));
         assert_eq!(s.outbox_dir(), PathBuf::from("./data/outbox"));
@@ -378,9 +343,7 @@ mod tests {
 
     #[test]
     fn a_bad_setting_is_named_in_the_error() {
-        let err = with(&[("lockout_tiers", "five:60")])
-            .unwrap_err()
-            .to_string();
+        let err = with(&[("lockout_tiers", "five:60")]).unwrap_err().to_string();
         assert!(err.contains("GATEHOUSE_LOCKOUT_TIERS"), "{err}");
         let err = with(&[("listen", "nowhere")]).unwrap_err().to_string();
         assert!(err.contains("GATEHOUSE_LISTEN"), "{err}");

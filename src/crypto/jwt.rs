@@ -40,9 +40,7 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("kid", &self.kid)
-            .finish_non_exhaustive()
+        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
     }
 }
 
@@ -55,12 +53,7 @@ impl SigningKey {
             .map_err(|_| anyhow::anyhow!("could not read the generated key"))?;
         let public = pair.public_key().as_ref().to_vec();
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(&public))[..16].to_owned();
-        Ok(Self {
-            kid,
-            private_pkcs8: doc.as_ref().to_vec(),
-            public,
-            created_at: now,
-        })
+        Ok(Self { kid, private_pkcs8: doc.as_ref().to_vec(), public, created_at: now })
     }
 }
 
@@ -118,10 +111,7 @@ impl AccessTokens {
         for k in all.iter().chain(std::iter::once(active)) {
             let x = URL_SAFE_NO_PAD.encode(&k.public);
             decoding.insert(k.kid.clone(), DecodingKey::from_ed_components(&x)?);
-            if !keys
-                .iter()
-                .any(|j: &serde_json::Value| j["kid"] == k.kid.as_str())
-            {
+            if !keys.iter().any(|j: &serde_json::Value| j["kid"] == k.kid.as_str()) {
                 keys.push(serde_json::json!({
                     "kty": "OKP", "crv": "Ed25519", "x": x, "kid": k.kid, "alg": "EdDSA", "use": "sig"
                 }));
@@ -188,13 +178,8 @@ impl AccessTokens {
         if header.alg != Algorithm::EdDSA || header.typ.as_deref() != Some(TYP) {
             return Err(InvalidToken);
         }
-        let key = header
-            .kid
-            .as_ref()
-            .and_then(|k| self.decoding.get(k))
-            .ok_or(InvalidToken)?;
-        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
-            .map_err(|_| InvalidToken)?;
+        let key = header.kid.as_ref().and_then(|k| self.decoding.get(k)).ok_or(InvalidToken)?;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).map_err(|_| InvalidToken)?;
         if data.claims.exp + LEEWAY <= now {
             return Err(InvalidToken);
         }
@@ -247,18 +232,13 @@ mod tests {
 
     #[test]
     fn tokens_of_another_key_issuer_or_audience_are_refused() {
-        let (k1, k2) = (
-            SigningKey::generate(0).unwrap(),
-            SigningKey::generate(0).unwrap(),
-        );
+        let (k1, k2) = (SigningKey::generate(0).unwrap(), SigningKey::generate(0).unwrap());
         let (jwt, _) = tokens(&k2).issue(&user(), Uuid::now_v7(), 0).unwrap();
         assert!(tokens(&k1).verify(&jwt, 1).is_err());
-        let other_iss =
-            AccessTokens::new(&k1, &[], "http://evil".into(), "gatehouse".into(), 60).unwrap();
+        let other_iss = AccessTokens::new(&k1, &[], "http://evil".into(), "gatehouse".into(), 60).unwrap();
         let (jwt, _) = other_iss.issue(&user(), Uuid::now_v7(), 0).unwrap();
         assert!(tokens(&k1).verify(&jwt, 1).is_err());
-        let other_aud =
-            AccessTokens::new(&k1, &[], "http://gh.test".into(), "other".into(), 60).unwrap();
+        let other_aud = AccessTokens::new(&k1, &[], "http://gh.test".into(), "other".into(), 60).unwrap();
         let (jwt, _) = other_aud.issue(&user(), Uuid::now_v7(), 0).unwrap();
         assert!(tokens(&k1).verify(&jwt, 1).is_err());
     }

@@ -33,19 +33,12 @@ pub struct HashParams {
 impl FromStr for HashParams {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
-            .trim()
-            .strip_prefix("argon2id:")
-            .ok_or_else(|| format!("expected argon2id:m=..,t=..,p=.., got {s:?}"))?;
+        let rest =
+            s.trim().strip_prefix("argon2id:").ok_or_else(|| format!("expected argon2id:m=..,t=..,p=.., got {s:?}"))?;
         let (mut m, mut t, mut p) = (None, None, None);
         for kv in rest.split(',') {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("bad parameter {kv:?}"))?;
-            let v: u32 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad number in {kv:?}"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("bad parameter {kv:?}"))?;
+            let v: u32 = v.trim().parse().map_err(|_| format!("bad number in {kv:?}"))?;
             match k.trim() {
                 "m" => m = Some(v),
                 "t" => t = Some(v),
@@ -53,11 +46,7 @@ impl FromStr for HashParams {
                 other => return Err(format!("unknown argon2 parameter {other:?}")),
             }
         }
-        let hp = HashParams {
-            m: m.ok_or("m is missing")?,
-            t: t.ok_or("t is missing")?,
-            p: p.ok_or("p is missing")?,
-        };
+        let hp = HashParams { m: m.ok_or("m is missing")?, t: t.ok_or("t is missing")?, p: p.ok_or("p is missing")? };
         hp.argon2_params()?;
         Ok(hp)
     }
@@ -65,8 +54,7 @@ impl FromStr for HashParams {
 
 impl HashParams {
     fn argon2_params(&self) -> Result<Params, String> {
-        Params::new(self.m, self.t, self.p, None)
-            .map_err(|e| format!("argon2 rejects these parameters: {e}"))
+        Params::new(self.m, self.t, self.p, None).map_err(|e| format!("argon2 rejects these parameters: {e}"))
     }
 }
 
@@ -118,17 +106,14 @@ impl PasswordHasher {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers {
             let rx = Arc::clone(&rx);
-            let spawned = std::thread::Builder::new()
-                .name(format!("gatehouse-hash-{i}"))
-                .spawn(move || worker(&rx));
+            let spawned = std::thread::Builder::new().name(format!("gatehouse-hash-{i}")).spawn(move || worker(&rx));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "could not start a hashing thread");
             }
         }
         // On a thread of its own, so that its memory block is freed when it ends.
         let dummy = std::thread::scope(|s| {
-            s.spawn(|| hash_blocking(&params, b"gatehouse dummy password for unknown users"))
-                .join()
+            s.spawn(|| hash_blocking(&params, b"gatehouse dummy password for unknown users")).join()
         })
         .unwrap_or_default();
         let capacity = workers + queue;
@@ -156,18 +141,11 @@ impl PasswordHasher {
 
     /// Reserves a place for one hash, or says at once that there is none.
     pub fn admit(&self) -> Result<HashPermit, Overloaded> {
-        Arc::clone(&self.inner.admission)
-            .try_acquire_owned()
-            .map(HashPermit)
-            .map_err(|_| Overloaded)
+        Arc::clone(&self.inner.admission).try_acquire_owned().map(HashPermit).map_err(|_| Overloaded)
     }
 
     /// Hashes a new password into a PHC string.
-    pub async fn hash(
-        &self,
-        permit: HashPermit,
-        password: &SecretString,
-    ) -> Result<String, Overloaded> {
+    pub async fn hash(&self, permit: HashPermit, password: &SecretString) -> Result<String, Overloaded> {
         let params = self.inner.params;
         let pw = password.expose_secret().as_bytes().to_vec();
         self.run(permit, move || hash_blocking(&params, &pw)).await
@@ -187,10 +165,7 @@ impl PasswordHasher {
         let params = self.inner.params;
         self.run(permit, move || {
             let ok = verify_blocking(&pw, &phc) && real;
-            Verified {
-                ok,
-                needs_rehash: real && !uses_params(&phc, &params),
-            }
+            Verified { ok, needs_rehash: real && !uses_params(&phc, &params) }
         })
         .await
     }
@@ -239,8 +214,7 @@ fn raw_hash(a: &Argon2<'_>, params: &Params, pw: &[u8], salt: &[u8], out: &mut [
             blocks.clear();
             blocks.resize(need, Block::default());
         }
-        a.hash_password_into_with_memory(pw, salt, out, &mut blocks[..])
-            .is_ok()
+        a.hash_password_into_with_memory(pw, salt, out, &mut blocks[..]).is_ok()
     })
 }
 
@@ -272,10 +246,7 @@ pub fn verify_blocking(pw: &[u8], phc: &str) -> bool {
     let Ok(alg) = Algorithm::try_from(parsed.algorithm) else {
         return false;
     };
-    let version = parsed
-        .version
-        .and_then(|v| Version::try_from(v).ok())
-        .unwrap_or(Version::V0x13);
+    let version = parsed.version.and_then(|v| Version::try_from(v).ok()).unwrap_or(Version::V0x13);
     let Ok(params) = Params::try_from(&parsed) else {
         return false;
     };
@@ -310,14 +281,7 @@ mod tests {
     #[test]
     fn params_parse_from_the_contract_format() {
         let p: HashParams = "argon2id:m=19456,t=2,p=1".parse().unwrap();
-        assert_eq!(
-            p,
-            HashParams {
-                m: 19456,
-                t: 2,
-                p: 1
-            }
-        );
+        assert_eq!(p, HashParams { m: 19456, t: 2, p: 1 });
         assert!("bcrypt:12".parse::<HashParams>().is_err());
         assert!("argon2id:m=1,t=1,p=1".parse::<HashParams>().is_err());
         assert!("argon2id:m=64,t=1".parse::<HashParams>().is_err());
@@ -327,9 +291,7 @@ mod tests {
     fn our_phc_strings_verify_with_the_reference_implementation() {
         let phc = hash_blocking(&CHEAP, b"hunter2hunter2");
         let parsed = PasswordHash::new(&phc).unwrap();
-        assert!(Argon2::default()
-            .verify_password(b"hunter2hunter2", &parsed)
-            .is_ok());
+        assert!(Argon2::default().verify_password(b"hunter2hunter2", &parsed).is_ok());
         assert!(verify_blocking(b"hunter2hunter2", &phc));
         assert!(!verify_blocking(b"hunter3hunter3", &phc));
         assert!(!verify_blocking(b"x", "not a hash"));
@@ -342,55 +304,24 @@ mod tests {
         let phc = h.hash(h.admit().unwrap(), &pw).await.unwrap();
         assert_eq!(
             h.verify(h.admit().unwrap(), &pw, Some(&phc)).await.unwrap(),
-            Verified {
-                ok: true,
-                needs_rehash: false
-            }
+            Verified { ok: true, needs_rehash: false }
         );
-        assert!(
-            !h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc))
-                .await
-                .unwrap()
-                .ok
-        );
+        assert!(!h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc)).await.unwrap().ok);
         let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, b"correct horse");
-        assert!(
-            h.verify(h.admit().unwrap(), &pw, Some(&old))
-                .await
-                .unwrap()
-                .needs_rehash
-        );
-        assert!(
-            !h.verify(h.admit().unwrap(), &pw, None).await.unwrap().ok,
-            "the dummy never matches"
-        );
+        assert!(h.verify(h.admit().unwrap(), &pw, Some(&old)).await.unwrap().needs_rehash);
+        assert!(!h.verify(h.admit().unwrap(), &pw, None).await.unwrap().ok, "the dummy never matches");
     }
 
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
-        let h = PasswordHasher::start(
-            HashParams {
-                m: 8192,
-                t: 3,
-                p: 1,
-            },
-            1,
-            1,
-        );
+        let h = PasswordHasher::start(HashParams { m: 8192, t: 3, p: 1 }, 1, 1);
         let pw = SecretString::from("some password");
         let results = futures_join(&h, &pw, 8).await;
-        assert!(
-            results.iter().any(|r| r.is_err()),
-            "some of 8 jobs on 1 worker + 1 slot must be refused"
-        );
+        assert!(results.iter().any(|r| r.is_err()), "some of 8 jobs on 1 worker + 1 slot must be refused");
         assert!(results.iter().any(|r| r.is_ok()));
     }
 
-    async fn futures_join(
-        h: &PasswordHasher,
-        pw: &SecretString,
-        n: usize,
-    ) -> Vec<Result<Verified, Overloaded>> {
+    async fn futures_join(h: &PasswordHasher, pw: &SecretString, n: usize) -> Vec<Result<Verified, Overloaded>> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {
             let (h, pw) = (h.clone(), pw.clone());

@@ -13,11 +13,7 @@ impl Email {
         let e = normalise(raw);
         let bad = |msg: &str| FieldError::new(field, "invalid_email", msg);
         if e.is_empty() {
-            return Err(FieldError::new(
-                field,
-                "required",
-                "an email address is required",
-            ));
+            return Err(FieldError::new(field, "required", "an email address is required"));
         }
         if e.len() > 254 {
             return Err(bad("an email address has at most 254 characters"));
@@ -28,8 +24,7 @@ impl Email {
         if local.is_empty() || local.len() > 64 {
             return Err(bad("the part before @ must have 1 to 64 characters"));
         }
-        if e.chars().any(|c| c.is_whitespace() || c.is_control())
-            || local.chars().any(|c| "<>()[],;:\\\"@".contains(c))
+        if e.chars().any(|c| c.is_whitespace() || c.is_control()) || local.chars().any(|c| "<>()[],;:\\\"@".contains(c))
         {
             return Err(bad("the address holds characters that are not allowed"));
         }
@@ -71,12 +66,7 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lowercased() {
-        assert_eq!(
-            Email::parse("  Alice@Example.COM ", "email")
-                .unwrap()
-                .as_str(),
-            "alice@example.com"
-        );
+        assert_eq!(Email::parse("  Alice@Example.COM ", "email").unwrap().as_str(), "alice@example.com");
     }
 
     #[test]
@@ -93,10 +83,7 @@ mod tests {
             "alice@example..com",
         ] {
             let err = Email::parse(bad, "email").unwrap_err();
-            assert!(
-                err.code == "invalid_email" || err.code == "required",
-                "{bad}: {err:?}"
-            );
+            assert!(err.code == "invalid_email" || err.code == "required", "{bad}: {err:?}");
             assert_eq!(err.field, "email");
         }
     }

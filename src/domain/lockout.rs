@@ -47,21 +47,11 @@ impl FromStr for LockoutTiers {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tiers = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (f, secs) = part
-                .split_once(':')
-                .ok_or_else(|| format!("expected FAILURES:SECONDS, got {part:?}"))?;
-            let f: u32 = f
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad failure count in {part:?}"))?;
-            let secs: u32 = secs
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad seconds in {part:?}"))?;
+            let (f, secs) = part.split_once(':').ok_or_else(|| format!("expected FAILURES:SECONDS, got {part:?}"))?;
+            let f: u32 = f.trim().parse().map_err(|_| format!("bad failure count in {part:?}"))?;
+            let secs: u32 = secs.trim().parse().map_err(|_| format!("bad seconds in {part:?}"))?;
             if f == 0 || secs == 0 {
-                return Err(format!(
-                    "failures and seconds must be at least 1 in {part:?}"
-                ));
+                return Err(format!("failures and seconds must be at least 1 in {part:?}"));
             }
             tiers.push((f, secs));
         }
@@ -122,10 +112,7 @@ mod tests {
     use super::*;
 
     fn policy() -> LockoutPolicy {
-        LockoutPolicy {
-            tiers: "5:60,10:300,20:3600".parse().unwrap(),
-            hard_limit: 100,
-        }
+        LockoutPolicy { tiers: "5:60,10:300,20:3600".parse().unwrap(), hard_limit: 100 }
     }
 
     #[test]

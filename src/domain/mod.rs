@@ -19,10 +19,6 @@ pub struct FieldError {
 impl FieldError {
     /// A field error.
     pub fn new(field: &str, code: &str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            code: code.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), code: code.into(), message: message.into() }
     }
 }

@@ -64,33 +64,17 @@ const COMMON: &[&str] = &[
 pub fn check_new(password: &str, email: Option<&str>, field: &str) -> Result<(), FieldError> {
     let chars = password.chars().count();
     if chars < MIN_CHARS {
-        return Err(FieldError::new(
-            field,
-            "too_short",
-            format!("use at least {MIN_CHARS} characters"),
-        ));
+        return Err(FieldError::new(field, "too_short", format!("use at least {MIN_CHARS} characters")));
     }
     if chars > MAX_CHARS {
-        return Err(FieldError::new(
-            field,
-            "too_long",
-            format!("use at most {MAX_CHARS} characters"),
-        ));
+        return Err(FieldError::new(field, "too_long", format!("use at most {MAX_CHARS} characters")));
     }
     let lower = password.to_lowercase();
     if COMMON.contains(&lower.as_str()) || lower.chars().all(|c| lower.starts_with(c)) {
-        return Err(FieldError::new(
-            field,
-            "too_common",
-            "this password is too easy to guess",
-        ));
+        return Err(FieldError::new(field, "too_common", "this password is too easy to guess"));
     }
     if email.is_some_and(|e| lower == e || e.split('@').next() == Some(lower.as_str())) {
-        return Err(FieldError::new(
-            field,
-            "too_common",
-            "the password must not be the email address",
-        ));
+        return Err(FieldError::new(field, "too_common", "the password must not be the email address"));
     }
     Ok(())
 }
@@ -101,33 +85,15 @@ mod tests {
 
     #[test]
     fn short_long_and_common_passwords_are_refused() {
-        assert_eq!(
-            check_new("short", None, "password").unwrap_err().code,
-            "too_short"
-        );
-        assert_eq!(
-            check_new(&"x".repeat(300), None, "password")
-                .unwrap_err()
-                .code,
-            "too_long"
-        );
-        assert_eq!(
-            check_new("Password123", None, "password").unwrap_err().code,
-            "too_common"
-        );
-        assert_eq!(
-            check_new("aaaaaaaaaa", None, "password").unwrap_err().code,
-            "too_common"
-        );
+        assert_eq!(check_new("short", None, "password").unwrap_err().code, "too_short");
+        assert_eq!(check_new(&"x".repeat(300), None, "password").unwrap_err().code, "too_long");
+        assert_eq!(check_new("Password123", None, "password").unwrap_err().code, "too_common");
+        assert_eq!(check_new("aaaaaaaaaa", None, "password").unwrap_err().code, "too_common");
     }
 
     #[test]
     fn the_email_is_not_a_password() {
-        let e = check_new(
-            "alice.smith@example.com",
-            Some("alice.smith@example.com"),
-            "password",
-        );
+        let e = check_new("alice.smith@example.com", Some("alice.smith@example.com"), "password");
         assert_eq!(e.unwrap_err().code, "too_common");
     }
 

@@ -62,55 +62,28 @@ struct Parts {
     retry_after: Option<u32>,
 }
 
-const fn p(
-    status: StatusCode,
-    code: &'static str,
-    title: &'static str,
-    detail: &'static str,
-) -> Parts {
-    Parts {
-        status,
-        code,
-        title,
-        detail,
-        retry_after: None,
-    }
+const fn p(status: StatusCode, code: &'static str, title: &'static str, detail: &'static str) -> Parts {
+    Parts { status, code, title, detail, retry_after: None }
 }
 
 impl ApiError {
     fn parts(&self) -> Parts {
         use StatusCode as S;
         match self {
-            Self::InvalidJson => p(
-                S::BAD_REQUEST,
-                "invalid_json",
-                "Invalid JSON",
-                "The request body is not valid JSON.",
-            ),
+            Self::InvalidJson => {
+                p(S::BAD_REQUEST, "invalid_json", "Invalid JSON", "The request body is not valid JSON.")
+            }
             Self::UnsupportedMediaType => p(
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "Unsupported media type",
                 "Send the body as application/json.",
             ),
-            Self::PayloadTooLarge => p(
-                S::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "Payload too large",
-                "The request body is over 64 KiB.",
-            ),
-            Self::RouteNotFound => p(
-                S::NOT_FOUND,
-                "not_found",
-                "Not found",
-                "There is nothing at this path.",
-            ),
-            Self::Timeout => p(
-                S::REQUEST_TIMEOUT,
-                "request_timeout",
-                "Request timeout",
-                "The request took too long.",
-            ),
+            Self::PayloadTooLarge => {
+                p(S::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large", "The request body is over 64 KiB.")
+            }
+            Self::RouteNotFound => p(S::NOT_FOUND, "not_found", "Not found", "There is nothing at this path."),
+            Self::Timeout => p(S::REQUEST_TIMEOUT, "request_timeout", "Request timeout", "The request took too long."),
             Self::MethodNotAllowed => p(
                 S::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -118,18 +91,12 @@ impl ApiError {
                 "This path does not take this method.",
             ),
             Self::Service(e) => match e {
-                Error::Validation(_) => p(
-                    S::BAD_REQUEST,
-                    "validation_failed",
-                    "Validation failed",
-                    "Some fields are missing or invalid.",
-                ),
-                Error::InvalidCredentials => p(
-                    S::UNAUTHORIZED,
-                    "invalid_credentials",
-                    "Invalid credentials",
-                    "The email or password is wrong.",
-                ),
+                Error::Validation(_) => {
+                    p(S::BAD_REQUEST, "validation_failed", "Validation failed", "Some fields are missing or invalid.")
+                }
+                Error::InvalidCredentials => {
+                    p(S::UNAUTHORIZED, "invalid_credentials", "Invalid credentials", "The email or password is wrong.")
+                }
                 Error::AccountLocked { retry_after } => Parts {
                     retry_after: Some(*retry_after),
                     ..p(
@@ -141,21 +108,11 @@ impl ApiError {
                 },
                 Error::RateLimited { retry_after } => Parts {
                     retry_after: Some(*retry_after),
-                    ..p(
-                        S::TOO_MANY_REQUESTS,
-                        "rate_limited",
-                        "Rate limited",
-                        "Too many requests from this address.",
-                    )
+                    ..p(S::TOO_MANY_REQUESTS, "rate_limited", "Rate limited", "Too many requests from this address.")
                 },
                 Error::Overloaded => Parts {
                     retry_after: Some(1),
-                    ..p(
-                        S::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "Overloaded",
-                        "The service is busy; try again shortly.",
-                    )
+                    ..p(S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", "The service is busy; try again shortly.")
                 },
                 Error::Unavailable => Parts {
                     retry_after: Some(1),
@@ -172,30 +129,18 @@ impl ApiError {
                     "Email not verified",
                     "Verify your email address first; check your mail.",
                 ),
-                Error::AccountDeactivated => p(
-                    S::FORBIDDEN,
-                    "account_deactivated",
-                    "Account deactivated",
-                    "This account is deactivated.",
-                ),
-                Error::AccountSuspended => p(
-                    S::FORBIDDEN,
-                    "account_suspended",
-                    "Account suspended",
-                    "This account is suspended.",
-                ),
-                Error::AccountDeleted => p(
-                    S::FORBIDDEN,
-                    "account_deleted",
-                    "Account deleted",
-                    "This account was deleted.",
-                ),
-                Error::InvalidToken => p(
-                    S::BAD_REQUEST,
-                    "invalid_token",
-                    "Invalid token",
-                    "The token or code is wrong, used or expired.",
-                ),
+                Error::AccountDeactivated => {
+                    p(S::FORBIDDEN, "account_deactivated", "Account deactivated", "This account is deactivated.")
+                }
+                Error::AccountSuspended => {
+                    p(S::FORBIDDEN, "account_suspended", "Account suspended", "This account is suspended.")
+                }
+                Error::AccountDeleted => {
+                    p(S::FORBIDDEN, "account_deleted", "Account deleted", "This account was deleted.")
+                }
+                Error::InvalidToken => {
+                    p(S::BAD_REQUEST, "invalid_token", "Invalid token", "The token or code is wrong, used or expired.")
+                }
                 Error::InvalidRefreshToken => p(
                     S::UNAUTHORIZED,
                     "invalid_token",
@@ -208,31 +153,15 @@ impl ApiError {
                     "Refresh token reused",
                     "This refresh token was already used; the session has been ended.",
                 ),
-                Error::Unauthorized => p(
-                    S::UNAUTHORIZED,
-                    "unauthorized",
-                    "Unauthorized",
-                    "Missing or invalid credentials.",
-                ),
-                Error::SessionEnded => p(
-                    S::UNAUTHORIZED,
-                    "session_ended",
-                    "Session ended",
-                    "This session has ended.",
-                ),
-                Error::Forbidden => p(
-                    S::FORBIDDEN,
-                    "forbidden",
-                    "Forbidden",
-                    "You may not do this.",
-                ),
+                Error::Unauthorized => {
+                    p(S::UNAUTHORIZED, "unauthorized", "Unauthorized", "Missing or invalid credentials.")
+                }
+                Error::SessionEnded => p(S::UNAUTHORIZED, "session_ended", "Session ended", "This session has ended."),
+                Error::Forbidden => p(S::FORBIDDEN, "forbidden", "Forbidden", "You may not do this."),
                 Error::NotFound => p(S::NOT_FOUND, "not_found", "Not found", "No such resource."),
-                Error::Internal(_) => p(
-                    S::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "Internal error",
-                    "Something went wrong on our side.",
-                ),
+                Error::Internal(_) => {
+                    p(S::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "Something went wrong on our side.")
+                }
             },
         }
     }
@@ -264,10 +193,7 @@ impl IntoResponse for ApiError {
         };
         let mut res = (parts.status, axum::Json(body)).into_response();
         let h = res.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(secs) = parts.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

@@ -21,25 +21,15 @@ use crate::service::{Caller, ClientMeta, Error};
 pub struct AppJson<T>(pub T);
 
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let ct = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !is_json(ct) {
             return Err(ApiError::UnsupportedMediaType);
         }
@@ -50,8 +40,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
                 ApiError::InvalidJson
             }
         })?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
         if !value.is_object() {
             return Err(Error::Validation(vec![FieldError::new(
                 "body",
@@ -61,25 +50,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
             .into());
         }
         if let Some(field) = nul_in(&value, "") {
-            let e = FieldError::new(
-                &field,
-                "invalid_characters",
-                "NUL characters are not allowed",
-            );
+            let e = FieldError::new(&field, "invalid_characters", "NUL characters are not allowed");
             return Err(Error::Validation(vec![e]).into());
         }
-        serde_path_to_error::deserialize(value)
-            .map(AppJson)
-            .map_err(|e| {
-                let field = e.path().to_string();
-                let field = if field == "." {
-                    "body".to_owned()
-                } else {
-                    field
-                };
-                let message = e.inner().to_string();
-                Error::Validation(vec![FieldError::new(&field, "invalid_type", message)]).into()
-            })
+        serde_path_to_error::deserialize(value).map(AppJson).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "body".to_owned() } else { field };
+            let message = e.inner().to_string();
+            Error::Validation(vec![FieldError::new(&field, "invalid_type", message)]).into()
+        })
     }
 }
 
@@ -94,22 +73,21 @@ fn nul_in(v: &serde_json::Value, path: &str) -> Option<String> {
         }
     };
     match v {
-        serde_json::Value::String(s) if s.contains('\0') => Some(if path.is_empty() {
-            "body".into()
-        } else {
-            path.into()
-        }),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .find_map(|(i, x)| nul_in(x, &join(&i.to_string()))),
-        serde_json::Value::Object(o) => o.iter().find_map(|(k, x)| {
-            if k.contains('\0') {
-                Some(join(&k.replace('\0', "")))
-            } else {
-                nul_in(x, &join(k))
-            }
-        }),
+        serde_json::Value::String(s) if s.contains('\0') => {
+            Some(if path.is_empty() { "body".into() } else { path.into() })
+        }
+        serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| nul_in(x, &join(&i.to_string()))),
+        serde_json::Value::Object(o) => {
+            o.iter().find_map(
+                |(k, x)| {
+                    if k.contains('\0') {
+                        Some(join(&k.replace('\0', "")))
+                    } else {
+                        nul_in(x, &join(k))
+                    }
+                },
+            )
+        }
         _ => None,
     }
 }
@@ -140,10 +118,7 @@ pub fn client_ip(headers: &HeaderMap, peer: Option<IpAddr>, trusted: &TrustedPro
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }
@@ -155,19 +130,13 @@ pub fn rate_key(ip: IpAddr) -> String {
         IpAddr::V4(v4) => format!("ip:{v4}"),
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            format!(
-                "ip6:{}/64",
-                Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)
-            )
+            format!("ip6:{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
     }
 }
 
 fn peer(parts: &Parts) -> Option<IpAddr> {
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| canonical(c.0.ip()))
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| canonical(c.0.ip()))
 }
 
 /// The client's address and user agent.
@@ -178,31 +147,22 @@ impl FromRequestParts<AppState> for Client {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ip = client_ip(&parts.headers, peer(parts), &state.trusted_proxies);
-        let user_agent = parts
-            .headers
-            .get(USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.chars().take(256).collect());
+        let user_agent =
+            parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect());
         Ok(Client(ClientMeta { ip, user_agent }))
     }
 }
 
 /// Peer address for middleware that has the whole request.
 pub fn request_ip(req: &Request, trusted: &TrustedProxies) -> IpAddr {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| canonical(c.0.ip()));
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| canonical(c.0.ip()));
     client_ip(req.headers(), peer, trusted)
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
     let v = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// A caller with a live session (Bearer access token).
@@ -228,9 +188,7 @@ impl FromRequestParts<AppState> for AnyCaller {
             let key = key.to_str().map_err(|_| Error::Unauthorized)?;
             return Ok(Self(state.services.authenticate_api_key(key.trim()).await?));
         }
-        SessionCaller::from_request_parts(parts, state)
-            .await
-            .map(|c| Self(c.0))
+        SessionCaller::from_request_parts(parts, state).await.map(|c| Self(c.0))
     }
 }
 
@@ -257,12 +215,8 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| Error::NotFound)?;
-        uuid::Uuid::parse_str(&raw)
-            .map(PathId)
-            .map_err(|_| Error::NotFound.into())
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| Error::NotFound)?;
+        uuid::Uuid::parse_str(&raw).map(PathId).map_err(|_| Error::NotFound.into())
     }
 }
 
@@ -287,11 +241,7 @@ mod tests {
     #[test]
     fn forwarded_for_is_believed_from_trusted_proxies_rightmost_untrusted_first() {
         let t: TrustedProxies = "10.0.0.0/8".parse().unwrap();
-        let ip = client_ip(
-            &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"),
-            Some("10.0.0.1".parse().unwrap()),
-            &t,
-        );
+        let ip = client_ip(&headers("6.6.6.6, 1.2.3.4, 10.0.0.7"), Some("10.0.0.1".parse().unwrap()), &t);
         assert_eq!(ip, "1.2.3.4".parse::<IpAddr>().unwrap());
         let junk = client_ip(&headers("nonsense"), Some("10.0.0.1".parse().unwrap()), &t);
         assert_eq!(junk, "10.0.0.1".parse::<IpAddr>().unwrap());

@@ -44,52 +44,24 @@ impl Metrics {
         let hash_in_flight = Gauge::default();
         let hash_capacity = Gauge::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());
-        registry.register(
-            "http_request_duration_seconds",
-            "Time to answer, by route",
-            latency.clone(),
-        );
-        registry.register(
-            "password_hash_in_flight",
-            "Password hashes queued or running",
-            hash_in_flight.clone(),
-        );
-        registry.register(
-            "password_hash_workers",
-            "Password hashing threads",
-            hash_capacity.clone(),
-        );
-        Self {
-            registry,
-            requests,
-            latency,
-            hash_in_flight,
-            hash_capacity,
-        }
+        registry.register("http_request_duration_seconds", "Time to answer, by route", latency.clone());
+        registry.register("password_hash_in_flight", "Password hashes queued or running", hash_in_flight.clone());
+        registry.register("password_hash_workers", "Password hashing threads", hash_capacity.clone());
+        Self { registry, requests, latency, hash_in_flight, hash_capacity }
     }
 
     /// Counts one answered request.
     pub fn observe(&self, method: &str, route: &str, status: u16, seconds: f64) {
         self.requests
-            .get_or_create(&RequestLabels {
-                method: method.to_owned(),
-                route: route.to_owned(),
-                status,
-            })
+            .get_or_create(&RequestLabels { method: method.to_owned(), route: route.to_owned(), status })
             .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(seconds);
+        self.latency.get_or_create(&RouteLabels { route: route.to_owned() }).observe(seconds);
     }
 
     /// The text exposition, with the hashing pool's load read now.
     pub fn render(&self, hash_in_flight: usize, hash_workers: usize) -> String {
-        self.hash_in_flight
-            .set(i64::try_from(hash_in_flight).unwrap_or(i64::MAX));
-        self.hash_capacity
-            .set(i64::try_from(hash_workers).unwrap_or(i64::MAX));
+        self.hash_in_flight.set(i64::try_from(hash_in_flight).unwrap_or(i64::MAX));
+        self.hash_capacity.set(i64::try_from(hash_workers).unwrap_or(i64::MAX));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

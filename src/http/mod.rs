@@ -63,23 +63,14 @@ struct SecuritySchemes;
 
 impl utoipa::Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{
-            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
-        };
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
         );
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
-        );
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
     }
 }
 
@@ -124,24 +115,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// Builds the router over `state`'s services.
-pub fn router(
-    services: Services,
-    trusted_proxies: TrustedProxies,
-    rate_limit: RateLimit,
-) -> (Router, AppState) {
+pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: RateLimit) -> (Router, AppState) {
     let (auth_routes, doc, rest) = api();
     let openapi_json = doc.to_json().unwrap_or_else(|_| "{}".into());
-    let state = Arc::new(HttpState {
-        services,
-        trusted_proxies,
-        rate_limit,
-        metrics: metrics::Metrics::new(),
-        openapi_json,
-    });
-    let auth_routes = auth_routes.route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        rate_limit_per_ip,
-    ));
+    let state =
+        Arc::new(HttpState { services, trusted_proxies, rate_limit, metrics: metrics::Metrics::new(), openapi_json });
+    let auth_routes = auth_routes.route_layer(middleware::from_fn_with_state(state.clone(), rate_limit_per_ip));
     let router = Router::new()
         .merge(auth_routes)
         .merge(rest)
@@ -150,13 +129,9 @@ pub fn router(
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // A client that trickles its body is cut off; no request runs forever.
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(30),
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
         .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked")))
-                .into_response()
+            ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked"))).into_response()
         }))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(security_headers))
@@ -170,16 +145,9 @@ async fn rate_limit_per_ip(State(state): State<AppState>, req: Request, next: Ne
     if state.rate_limit.enabled() {
         let ip = extract::request_ip(&req, &state.trusted_proxies);
         let now = state.services.now();
-        match state
-            .services
-            .store
-            .hit_rate_limit(&extract::rate_key(ip), state.rate_limit, now)
-            .await
-        {
+        match state.services.store.hit_rate_limit(&extract::rate_key(ip), state.rate_limit, now).await {
             Ok(None) => {}
-            Ok(Some(retry_after)) => {
-                return ApiError::from(Error::RateLimited { retry_after }).into_response()
-            }
+            Ok(Some(retry_after)) => return ApiError::from(Error::RateLimited { retry_after }).into_response(),
             Err(e) => return ApiError::from(Error::from(e)).into_response(),
         }
     }
@@ -190,11 +158,8 @@ async fn rate_limit_per_ip(State(state): State<AppState>, req: Request, next: Ne
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let mut res = next.run(req).await;
     if !res.headers().contains_key(header::CONTENT_TYPE) {
         if res.status() == StatusCode::METHOD_NOT_ALLOWED {
@@ -207,12 +172,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
             res = ApiError::Timeout.into_response();
         }
     }
-    state.metrics.observe(
-        &method,
-        &route,
-        res.status().as_u16(),
-        start.elapsed().as_secs_f64(),
-    );
+    state.metrics.observe(&method, &route, res.status().as_u16(), start.elapsed().as_secs_f64());
     res
 }
 
@@ -220,20 +180,11 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.entry(header::CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     h.entry(header::CONTENT_SECURITY_POLICY)
-        .or_insert(HeaderValue::from_static(
-            "default-src 'none'; frame-ancestors 'none'",
-        ));
+        .or_insert(HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     res
 }

@@ -32,9 +32,7 @@ pub struct Mail {
 impl std::fmt::Debug for Mail {
     // Bodies hold tokens and codes: never print them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mail")
-            .field("subject", &self.subject)
-            .finish_non_exhaustive()
+        f.debug_struct("Mail").field("subject", &self.subject).finish_non_exhaustive()
     }
 }
 
@@ -54,11 +52,7 @@ pub struct FileMailer {
 impl Mailer for FileMailer {
     async fn send(&self, msg: Message) -> anyhow::Result<()> {
         tokio::fs::create_dir_all(&self.dir).await?;
-        let name = format!(
-            "{}-{}.eml",
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
-            uuid::Uuid::new_v4()
-        );
+        let name = format!("{}-{}.eml", chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"), uuid::Uuid::new_v4());
         let tmp = self.dir.join(format!(".{name}.tmp"));
         tokio::fs::write(&tmp, msg.formatted()).await?;
         // Rename is atomic: readers of the outbox never see half a mail.
@@ -86,11 +80,7 @@ pub struct LogMailer;
 #[async_trait]
 impl Mailer for LogMailer {
     async fn send(&self, msg: Message) -> anyhow::Result<()> {
-        let subject = msg
-            .headers()
-            .get_raw("Subject")
-            .unwrap_or_default()
-            .to_owned();
+        let subject = msg.headers().get_raw("Subject").unwrap_or_default().to_owned();
         tracing::info!(subject, "mail not sent: the log transport is configured");
         Ok(())
     }
@@ -99,21 +89,13 @@ impl Mailer for LogMailer {
 /// Builds the transport the settings ask for.
 pub fn mailer_from(settings: &Settings) -> anyhow::Result<Arc<dyn Mailer>> {
     Ok(match settings.mail_transport {
-        MailTransport::File => Arc::new(FileMailer {
-            dir: settings.outbox_dir(),
-        }),
+        MailTransport::File => Arc::new(FileMailer { dir: settings.outbox_dir() }),
         MailTransport::Log => Arc::new(LogMailer),
         MailTransport::Smtp => {
-            let url = settings
-                .smtp_url
-                .as_ref()
-                .map(|u| u.expose_secret().to_owned())
-                .unwrap_or_default();
+            let url = settings.smtp_url.as_ref().map(|u| u.expose_secret().to_owned()).unwrap_or_default();
             let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
                 .map_err(|_| {
-                    anyhow::anyhow!(
-                        "invalid settings: smtp_url (GATEHOUSE_SMTP_URL) is not a valid SMTP URL"
-                    )
+                    anyhow::anyhow!("invalid settings: smtp_url (GATEHOUSE_SMTP_URL) is not a valid SMTP URL")
                 })?
                 .timeout(Some(Duration::from_secs(10)))
                 .build();
@@ -154,16 +136,8 @@ impl MailQueue {
 /// 998), so links and tokens reach the reader unwrapped; lettre would otherwise pick
 /// quoted-printable for lines over 76 characters and split the links.
 fn seven_bit(text: &str) -> Option<Body> {
-    let ok = text.is_ascii()
-        && !text.contains('\r')
-        && !text.contains('\0')
-        && text.lines().all(|l| l.len() <= 998);
-    ok.then(|| {
-        Body::dangerous_pre_encoded(
-            text.replace('\n', "\r\n").into_bytes(),
-            ContentTransferEncoding::SevenBit,
-        )
-    })
+    let ok = text.is_ascii() && !text.contains('\r') && !text.contains('\0') && text.lines().all(|l| l.len() <= 998);
+    ok.then(|| Body::dangerous_pre_encoded(text.replace('\n', "\r\n").into_bytes(), ContentTransferEncoding::SevenBit))
 }
 
 async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
@@ -179,11 +153,7 @@ async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
         .from(from.clone())
         .to(to)
         .subject(mail.subject.clone())
-        .singlepart(
-            SinglePart::builder()
-                .header(ContentType::TEXT_PLAIN)
-                .body(body),
-        );
+        .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(body));
     let msg = match msg {
         Ok(m) => m,
         Err(e) => {

@@ -4,14 +4,7 @@
 use super::Mail;
 
 /// Verification: a link with the token and the 6-digit code.
-pub fn verification(
-    to: &str,
-    public_url: &str,
-    token: &str,
-    code: &str,
-    link_hours: u32,
-    code_minutes: u32,
-) -> Mail {
+pub fn verification(to: &str, public_url: &str, token: &str, code: &str, link_hours: u32, code_minutes: u32) -> Mail {
     Mail {
         to: to.to_owned(),
         subject: "Verify your email address".into(),
@@ -55,10 +48,9 @@ pub fn password_changed(to: &str) -> Mail {
     Mail {
         to: to.to_owned(),
         subject: "Your password was changed".into(),
-        body:
-            "The password of your account was just changed and your other sessions were ended.\n\n\
+        body: "The password of your account was just changed and your other sessions were ended.\n\n\
                If this was not you, reset your password at once.\n"
-                .into(),
+            .into(),
     }
 }
 

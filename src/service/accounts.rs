@@ -105,24 +105,14 @@ pub const MAX_TOKEN_BYTES: usize = 512;
 
 fn name_of(raw: Option<String>) -> Result<Option<String>, FieldError> {
     match raw.map(|n| n.trim().to_owned()) {
-        Some(n) if n.chars().count() > 200 => Err(FieldError::new(
-            "name",
-            "too_long",
-            "use at most 200 characters",
-        )),
-        Some(n) if n.chars().any(char::is_control) => {
-            Err(FieldError::new("name", "invalid", "no control characters"))
-        }
+        Some(n) if n.chars().count() > 200 => Err(FieldError::new("name", "too_long", "use at most 200 characters")),
+        Some(n) if n.chars().any(char::is_control) => Err(FieldError::new("name", "invalid", "no control characters")),
         Some(n) if n.is_empty() => Ok(None),
         other => Ok(other),
     }
 }
 
-fn new_password(
-    raw: Option<SecretString>,
-    email: Option<&str>,
-    field: &str,
-) -> Result<SecretString, FieldError> {
+fn new_password(raw: Option<SecretString>, email: Option<&str>, field: &str) -> Result<SecretString, FieldError> {
     let pw = required(raw, field)?;
     password::check_new(pw.expose_secret(), email, field)?;
     Ok(pw)
@@ -131,25 +121,17 @@ fn new_password(
 fn token_of(raw: Option<SecretString>, field: &str) -> Result<SecretString, FieldError> {
     let t = required(raw, field)?;
     if t.expose_secret().is_empty() {
-        return Err(FieldError::new(
-            field,
-            "required",
-            format!("{field} is required"),
-        ));
+        return Err(FieldError::new(field, "required", format!("{field} is required")));
     }
     Ok(t)
 }
 
 impl Services {
     /// Registers an account, or mails the owner of a taken email a notice.
-    pub async fn register(&self, input: RegisterInput) -> Result<()> {
+    pub async fn register(&self, input: RegisterInput, meta: &ClientMeta) -> Result<()> {
         let mut c = Checks::default();
         let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
-        let pw = c.take(new_password(
-            input.password,
-            email.as_ref().map(Email::as_str),
-            "password",
-        ));
+        let pw = c.take(new_password(input.password, email.as_ref().map(Email::as_str), "password"));
         let name = c.take(name_of(input.name));
         c.finish()?;
         let (Some(email), Some(pw), Some(name)) = (email, pw, name) else {
@@ -159,26 +141,23 @@ impl Services {
         let now = self.now();
         let created = self
             .store
-            .create_user(NewUser {
-                id: Uuid::now_v7(),
-                email: email.to_string(),
-                name,
-                password_hash: Some(hash),
-                role: Role::User,
-                email_verified_at: None,
-                now,
-            })
+            .register(
+                NewUser {
+                    id: Uuid::now_v7(),
+                    email: email.to_string(),
+                    name,
+                    password_hash: Some(hash),
+                    role: Role::User,
+                    email_verified_at: None,
+                    now,
+                },
+                Some(meta.ip.to_string()),
+                meta.user_agent.clone(),
+            )
             .await?;
         match created {
-            Some(user) => {
-                self.audit(Some(&user), None, "registered", None, serde_json::json!({}))
-                    .await;
-                self.send_verification(user);
-            }
-            None => self.mail.send(templates::already_registered(
-                email.as_str(),
-                &self.policy.public_url,
-            )),
+            Some(user) => self.send_verification(user),
+            None => self.mail.send(templates::already_registered(email.as_str(), &self.policy.public_url)),
         }
         Ok(())
     }
@@ -208,10 +187,7 @@ impl Services {
             self.policy.verify_code_ttl / 60,
         );
         tokio::spawn(async move {
-            match store
-                .issue_verification(user.id, &link_row, &code_row, now)
-                .await
-            {
+            match store.issue_verification(user.id, &link_row, &code_row, now).await {
                 Ok(()) => mail.send(m),
                 Err(e) => tracing::error!(error = %e, "could not store verification tokens"),
             }
@@ -239,13 +215,10 @@ impl Services {
             if token.expose_secret().len() > MAX_TOKEN_BYTES {
                 return Err(Error::InvalidToken);
             }
-            self.store
-                .verify_email_by_link(&tokens::hash_token(token.expose_secret()), now)
-                .await?
+            self.store.verify_email_by_link(&tokens::hash_token(token.expose_secret()), now).await?
         } else {
             let mut c = Checks::default();
-            let email =
-                c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
+            let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
             let code = c.take(token_of(input.code, "code"));
             c.finish()?;
             let (Some(email), Some(code)) = (email, code) else {
@@ -257,31 +230,15 @@ impl Services {
             }
             // The try is counted before the comparison, so parallel guesses cannot
             // get more than CODE_ATTEMPTS comparisons.
-            match self
-                .store
-                .reserve_code_attempt(email.as_str(), CODE_ATTEMPTS, now)
-                .await?
-            {
-                Some(a)
-                    if tokens::ct_eq(
-                        &tokens::hash_code(&a.token_id.to_string(), code),
-                        &a.code_hash,
-                    ) =>
-                {
+            match self.store.reserve_code_attempt(email.as_str(), CODE_ATTEMPTS, now).await? {
+                Some(a) if tokens::ct_eq(&tokens::hash_code(&a.token_id.to_string(), code), &a.code_hash) => {
                     self.store.verify_email_by_code(a.token_id, now).await?
                 }
                 _ => None,
             }
         };
         let user = user.ok_or(Error::InvalidToken)?;
-        self.audit(
-            Some(&user),
-            None,
-            "email_verified",
-            Some(meta),
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit(Some(&user), None, "email_verified", Some(meta), serde_json::json!({})).await;
         Ok(user)
     }
 
@@ -296,38 +253,22 @@ impl Services {
             return Err(Error::Validation(vec![]));
         };
         // Admission first: a login refused for overload must not count as a failure.
-        let permit =
-            match self.hasher.admit() {
-                Ok(p) => p,
-                // Even when hashing is saturated, a locked email hears that it is locked.
-                Err(_) => {
-                    let lock = self
-                        .store
-                        .login_lock(email.as_str(), &self.policy.lockout, self.now())
-                        .await?;
-                    return Err(lock.map_or(Error::Overloaded, |retry_after| {
-                        Error::AccountLocked { retry_after }
-                    }));
-                }
-            };
-        let failures = match self
-            .store
-            .reserve_login(email.as_str(), &self.policy.lockout, self.now())
-            .await?
-        {
-            Reservation::Locked { retry_after } => {
-                return Err(Error::AccountLocked { retry_after })
+        let permit = match self.hasher.admit() {
+            Ok(p) => p,
+            // Even when hashing is saturated, a locked email hears that it is locked.
+            Err(_) => {
+                let lock = self.store.login_lock(email.as_str(), &self.policy.lockout, self.now()).await?;
+                return Err(lock.map_or(Error::Overloaded, |retry_after| Error::AccountLocked { retry_after }));
             }
+        };
+        let failures = match self.store.reserve_login(email.as_str(), &self.policy.lockout, self.now()).await? {
+            Reservation::Locked { retry_after } => return Err(Error::AccountLocked { retry_after }),
             Reservation::Allowed { failures } => failures,
         };
         let user = self.store.user_by_email(email.as_str()).await?;
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
-        let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES {
-            None
-        } else {
-            stored
-        };
+        let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
         let verified = self.hasher.verify(permit, &pw, stored).await?;
         let user = match user {
             Some(u) if verified.ok => u,
@@ -353,9 +294,7 @@ impl Services {
                 return Err(Error::InvalidCredentials);
             }
         };
-        self.store
-            .clear_login_failures(email.as_str(), self.now())
-            .await?;
+        self.store.clear_login_failures(email.as_str(), self.now()).await?;
         if verified.needs_rehash {
             self.rehash_later(user.id, pw);
         }
@@ -366,11 +305,7 @@ impl Services {
             Status::Deleted => return Err(Error::AccountDeleted),
         }
         if !user.email_verified() {
-            if !self
-                .store
-                .has_live_verification(user.id, self.now())
-                .await?
-            {
+            if !self.store.has_live_verification(user.id, self.now()).await? {
                 self.send_verification(user);
             }
             return Err(Error::EmailNotVerified);
@@ -408,20 +343,9 @@ impl Services {
             geolocation: self.geo.as_ref().and_then(|g| g.locate(meta.ip)),
             now,
         };
-        let (user, evicted) = self
-            .store
-            .open_session(&s, self.policy.device_limit)
-            .await?;
-        self.audit(
-            Some(&user),
-            None,
-            "login",
-            Some(meta),
-            serde_json::json!({"session_id": sid}),
-        )
-        .await;
-        self.audit_ended(&user, &evicted, "evicted", Some(meta))
-            .await;
+        let (user, evicted) = self.store.open_session(&s, self.policy.device_limit).await?;
+        self.audit(Some(&user), None, "login", Some(meta), serde_json::json!({"session_id": sid})).await;
+        self.audit_ended(&user, &evicted, "evicted", Some(meta)).await;
         let (access_token, access_expires_at) = self.tokens.issue(&user, sid, now)?;
         Ok(Tokens {
             access_token,
@@ -446,12 +370,7 @@ impl Services {
             token_hash: tokens::hash_token(&token),
             expires_at: now + i64::from(self.policy.reset_ttl),
         };
-        let m = templates::password_reset(
-            email.as_str(),
-            &self.policy.public_url,
-            &token,
-            self.policy.reset_ttl / 60,
-        );
+        let m = templates::password_reset(email.as_str(), &self.policy.public_url, &token, self.policy.reset_ttl / 60);
         tokio::spawn(async move {
             let user = match store.user_by_email(email.as_str()).await {
                 Ok(Some(u)) if u.status != Status::Deleted => u,
@@ -485,23 +404,11 @@ impl Services {
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
         let (user, ended) = self
             .store
-            .reset_password(
-                &tokens::hash_token(token.expose_secret()),
-                &hash,
-                self.now(),
-            )
+            .reset_password(&token_hash, &hash, self.now())
             .await?
             .ok_or(Error::InvalidToken)?;
-        self.audit(
-            Some(&user),
-            None,
-            "password_reset",
-            Some(meta),
-            serde_json::json!({}),
-        )
-        .await;
-        self.audit_ended(&user, &ended, "password_reset", Some(meta))
-            .await;
+        self.audit(Some(&user), None, "password_reset", Some(meta), serde_json::json!({})).await;
+        self.audit_ended(&user, &ended, "password_reset", Some(meta)).await;
         self.mail.send(templates::password_changed(&user.email));
         Ok(())
     }
@@ -518,57 +425,27 @@ impl Services {
     ) -> Result<()> {
         let mut c = Checks::default();
         let current = c.take(token_of(input.current_password, "current_password"));
-        let new = c.take(new_password(
-            input.new_password,
-            Some(&user.email),
-            "new_password",
-        ));
+        let new = c.take(new_password(input.new_password, Some(&user.email), "new_password"));
         c.finish()?;
         let (Some(current), Some(new)) = (current, new) else {
             return Err(Error::Validation(vec![]));
         };
         let permit = self.hasher.admit()?;
-        if let Reservation::Locked { retry_after } = self
-            .store
-            .reserve_login(&user.email, &self.policy.lockout, self.now())
-            .await?
+        if let Reservation::Locked { retry_after } =
+            self.store.reserve_login(&user.email, &self.policy.lockout, self.now()).await?
         {
             return Err(Error::AccountLocked { retry_after });
         }
-        let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES {
-            None
-        } else {
-            user.password_hash.as_deref()
-        };
+        let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
         if !self.hasher.verify(permit, &current, stored).await?.ok {
-            self.audit(
-                Some(user),
-                None,
-                "password_change_failed",
-                Some(meta),
-                serde_json::json!({}),
-            )
-            .await;
+            self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
             return Err(Error::InvalidCredentials);
         }
-        self.store
-            .clear_login_failures(&user.email, self.now())
-            .await?;
+        self.store.clear_login_failures(&user.email, self.now()).await?;
         let hash = self.hasher.hash(self.hasher.admit()?, &new).await?;
-        let ended = self
-            .store
-            .change_password(user.id, &hash, Some(session_id), self.now())
-            .await?;
-        self.audit(
-            Some(user),
-            None,
-            "password_changed",
-            Some(meta),
-            serde_json::json!({}),
-        )
-        .await;
-        self.audit_ended(user, &ended, "password_changed", Some(meta))
-            .await;
+        let ended = self.store.change_password(user.id, &hash, Some(session_id), self.now()).await?;
+        self.audit(Some(user), None, "password_changed", Some(meta), serde_json::json!({})).await;
+        self.audit_ended(user, &ended, "password_changed", Some(meta)).await;
         self.mail.send(templates::password_changed(&user.email));
         Ok(())
     }
@@ -582,8 +459,7 @@ impl Services {
         verified: bool,
     ) -> Result<User> {
         let email = Email::parse(email, "email").map_err(|e| Error::Validation(vec![e]))?;
-        let pw = new_password(Some(pw), Some(email.as_str()), "password")
-            .map_err(|e| Error::Validation(vec![e]))?;
+        let pw = new_password(Some(pw), Some(email.as_str()), "password").map_err(|e| Error::Validation(vec![e]))?;
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
         let now = self.now();
         let user = self
@@ -599,20 +475,9 @@ impl Services {
             })
             .await?
             .ok_or_else(|| {
-                Error::Validation(vec![FieldError::new(
-                    "email",
-                    "taken",
-                    "an account with this email exists",
-                )])
+                Error::Validation(vec![FieldError::new("email", "taken", "an account with this email exists")])
             })?;
-        self.audit(
-            Some(&user),
-            None,
-            "registered",
-            None,
-            serde_json::json!({"via": "cli"}),
-        )
-        .await;
+        self.audit(Some(&user), None, "registered", None, serde_json::json!({"via": "cli"})).await;
         Ok(user)
     }
 }

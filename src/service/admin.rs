@@ -44,26 +44,16 @@ pub struct UserPatchInput {
     pub metadata: Option<serde_json::Value>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<Option<String>>, D::Error> {
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
-fn enum_field<T: std::str::FromStr>(
-    v: Option<serde_json::Value>,
-    field: &str,
-    c: &mut Checks,
-) -> Option<T> {
+fn enum_field<T: std::str::FromStr>(v: Option<serde_json::Value>, field: &str, c: &mut Checks) -> Option<T> {
     let v = v?;
     match v.as_str().and_then(|s| s.parse().ok()) {
         Some(t) => Some(t),
         None => {
-            c.push(FieldError::new(
-                field,
-                "invalid_value",
-                format!("{v} is not an allowed {field}"),
-            ));
+            c.push(FieldError::new(field, "invalid_value", format!("{v} is not an allowed {field}")));
             None
         }
     }
@@ -76,12 +66,9 @@ impl Services {
     /// A page of users and the cursor of the next.
     pub async fn admin_list_users(&self, q: UserQuery) -> Result<(Vec<User>, Option<String>)> {
         let mut c = Checks::default();
-        let status =
-            q.status.filter(|s| !s.is_empty()).and_then(|s| {
-                c.take(s.parse::<Status>().map_err(|_| {
-                    FieldError::new("status", "invalid_value", "not an account state")
-                }))
-            });
+        let status = q.status.filter(|s| !s.is_empty()).and_then(|s| {
+            c.take(s.parse::<Status>().map_err(|_| FieldError::new("status", "invalid_value", "not an account state")))
+        });
         let limit = match q.limit.filter(|l| !l.is_empty()) {
             None => 50,
             Some(l) => c
@@ -89,32 +76,19 @@ impl Services {
                     l.parse::<u32>()
                         .ok()
                         .filter(|n| (1..=200).contains(n))
-                        .ok_or_else(|| {
-                            FieldError::new("limit", "out_of_range", "a whole number from 1 to 200")
-                        }),
+                        .ok_or_else(|| FieldError::new("limit", "out_of_range", "a whole number from 1 to 200")),
                 )
                 .unwrap_or(50),
         };
         let after = q.cursor.filter(|s| !s.is_empty()).and_then(|s| {
-            c.take(
-                Uuid::parse_str(&s)
-                    .map_err(|_| FieldError::new("cursor", "invalid", "not a cursor of this list")),
-            )
+            c.take(Uuid::parse_str(&s).map_err(|_| FieldError::new("cursor", "invalid", "not a cursor of this list")))
         });
+        if q.email.as_ref().is_some_and(|e| e.chars().any(char::is_control)) {
+            c.push(FieldError::new("email", "invalid_characters", "control characters are not allowed"));
+        }
         c.finish()?;
-        let email = q
-            .email
-            .map(|e| e.trim().to_lowercase())
-            .filter(|e| !e.is_empty());
-        let users = self
-            .store
-            .list_users(&UserFilter {
-                email,
-                status,
-                limit: limit + 1,
-                after,
-            })
-            .await?;
+        let email = q.email.map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
+        let users = self.store.list_users(&UserFilter { email, status, limit: limit + 1, after }).await?;
         let mut users = users;
         let next = if users.len() > limit as usize {
             users.truncate(limit as usize);
@@ -142,12 +116,12 @@ impl Services {
         let status = enum_field::<Status>(input.status, "status", &mut c);
         let role = enum_field::<Role>(input.role, "role", &mut c);
         let name = match input.name {
+            Some(Some(n)) if n.chars().any(char::is_control) => {
+                c.push(FieldError::new("name", "invalid_characters", "control characters are not allowed"));
+                None
+            }
             Some(Some(n)) if n.chars().count() > 200 => {
-                c.push(FieldError::new(
-                    "name",
-                    "too_long",
-                    "use at most 200 characters",
-                ));
+                c.push(FieldError::new("name", "too_long", "use at most 200 characters"));
                 None
             }
             Some(Some(n)) => Some(Some(n.trim().to_owned()).filter(|n| !n.is_empty())),
@@ -155,35 +129,15 @@ impl Services {
         };
         if let Some(m) = &input.metadata {
             if !m.is_object() {
-                c.push(FieldError::new(
-                    "metadata",
-                    "invalid_type",
-                    "metadata must be an object",
-                ));
+                c.push(FieldError::new("metadata", "invalid_type", "metadata must be an object"));
             } else if m.to_string().len() > MAX_METADATA_BYTES {
-                c.push(FieldError::new(
-                    "metadata",
-                    "too_long",
-                    "metadata is limited to 16 KiB",
-                ));
+                c.push(FieldError::new("metadata", "too_long", "metadata is limited to 16 KiB"));
             }
         }
         c.finish()?;
-        let patch = UserPatch {
-            status,
-            role,
-            email_verified: input.email_verified,
-            name,
-            metadata: input.metadata,
-        };
-        let (user, ended) = self
-            .store
-            .patch_user(id, &patch, self.now())
-            .await?
-            .ok_or(Error::NotFound)?;
-        let reason = status
-            .map(|s| format!("account_{}", s.as_str()))
-            .unwrap_or_default();
+        let patch = UserPatch { status, role, email_verified: input.email_verified, name, metadata: input.metadata };
+        let (user, ended) = self.store.patch_user(id, &patch, self.now()).await?.ok_or(Error::NotFound)?;
+        let reason = status.map(|s| format!("account_{}", s.as_str())).unwrap_or_default();
         self.audit(
             Some(&user),
             None,
@@ -200,14 +154,7 @@ impl Services {
     pub async fn admin_unlock(&self, admin: &Caller, id: Uuid, meta: &ClientMeta) -> Result<()> {
         let user = self.store.user_by_id(id).await?.ok_or(Error::NotFound)?;
         self.store.unlock_login(&user.email, self.now()).await?;
-        self.audit(
-            Some(&user),
-            None,
-            "unlocked",
-            Some(meta),
-            serde_json::json!({"by": admin.user.id}),
-        )
-        .await;
+        self.audit(Some(&user), None, "unlocked", Some(meta), serde_json::json!({"by": admin.user.id})).await;
         Ok(())
     }
 

@@ -36,27 +36,17 @@ impl Services {
         let name = c.take(required(input.name, "name").and_then(|n| {
             let n = n.trim().to_owned();
             match n.chars().count() {
-                _ if n.chars().any(char::is_control) => Err(FieldError::new(
-                    "name",
-                    "invalid_characters",
-                    "control characters are not allowed",
-                )),
+                _ if n.chars().any(char::is_control) => {
+                    Err(FieldError::new("name", "invalid_characters", "control characters are not allowed"))
+                }
                 0 => Err(FieldError::new("name", "required", "name is required")),
                 1..=100 => Ok(n),
-                _ => Err(FieldError::new(
-                    "name",
-                    "too_long",
-                    "use at most 100 characters",
-                )),
+                _ => Err(FieldError::new("name", "too_long", "use at most 100 characters")),
             }
         }));
         if let Some(e) = input.expires_in {
             if !(60..=10 * 365 * 86_400).contains(&e) {
-                c.push(FieldError::new(
-                    "expires_in",
-                    "out_of_range",
-                    "between 60 seconds and 10 years",
-                ));
+                c.push(FieldError::new("expires_in", "out_of_range", "between 60 seconds and 10 years"));
             }
         }
         c.finish()?;
@@ -81,9 +71,7 @@ impl Services {
             expires_at: input.expires_in.map(|e| now + e),
             last_used_at: None,
         };
-        self.store
-            .create_api_key(&record, &tokens::hash_token(&key))
-            .await?;
+        self.store.create_api_key(&record, &tokens::hash_token(&key)).await?;
         self.audit(
             Some(&caller.user),
             None,
@@ -102,21 +90,11 @@ impl Services {
 
     /// Revokes one of the caller's keys.
     pub async fn revoke_api_key(&self, caller: &Caller, id: Uuid, meta: &ClientMeta) -> Result<()> {
-        if !self
-            .store
-            .revoke_api_key(caller.user.id, id, self.now())
-            .await?
-        {
+        if !self.store.revoke_api_key(caller.user.id, id, self.now()).await? {
             return Err(Error::NotFound);
         }
-        self.audit(
-            Some(&caller.user),
-            None,
-            "api_key_revoked",
-            Some(meta),
-            serde_json::json!({"api_key_id": id}),
-        )
-        .await;
+        self.audit(Some(&caller.user), None, "api_key_revoked", Some(meta), serde_json::json!({"api_key_id": id}))
+            .await;
         Ok(())
     }
 
@@ -125,17 +103,11 @@ impl Services {
         if key.is_empty() || key.len() > 256 {
             return Err(Error::Unauthorized);
         }
-        let (_, user) = self
-            .store
-            .api_key_user(&tokens::hash_token(key), self.now())
-            .await?
-            .ok_or(Error::Unauthorized)?;
+        let (_, user) =
+            self.store.api_key_user(&tokens::hash_token(key), self.now()).await?.ok_or(Error::Unauthorized)?;
         if user.status != Status::Active {
             return Err(Error::Unauthorized);
         }
-        Ok(Caller {
-            user,
-            session_id: None,
-        })
+        Ok(Caller { user, session_id: None })
     }
 }

@@ -191,9 +191,7 @@ impl Services {
     ) {
         let e = Event {
             user_id: user.map(|u| u.id),
-            email: email
-                .map(str::to_owned)
-                .or_else(|| user.map(|u| u.email.clone())),
+            email: email.map(str::to_owned).or_else(|| user.map(|u| u.email.clone())),
             kind: kind.to_owned(),
             at: self.now(),
             ip: meta.map(|m| m.ip.to_string()),
@@ -206,13 +204,7 @@ impl Services {
     }
 
     /// Records that sessions ended.
-    pub async fn audit_ended(
-        &self,
-        user: &User,
-        ended: &[Uuid],
-        reason: &str,
-        meta: Option<&ClientMeta>,
-    ) {
+    pub async fn audit_ended(&self, user: &User, ended: &[Uuid], reason: &str, meta: Option<&ClientMeta>) {
         for sid in ended {
             self.audit(
                 Some(user),

@@ -40,8 +40,7 @@ pub struct RefreshInput {
 impl Services {
     /// Rotates a refresh token (see the module policy).
     pub async fn refresh(&self, input: RefreshInput, meta: &ClientMeta) -> Result<Tokens> {
-        let old = required(input.refresh_token, "refresh_token")
-            .map_err(|e| Error::Validation(vec![e]))?;
+        let old = required(input.refresh_token, "refresh_token").map_err(|e| Error::Validation(vec![e]))?;
         let old = old.expose_secret();
         if old.is_empty() || old.len() > MAX_TOKEN_BYTES {
             return Err(Error::InvalidRefreshToken);
@@ -57,88 +56,51 @@ impl Services {
             grace: self.policy.refresh_grace,
             now,
         };
-        let (refresh_token, session, user, refresh_expires_at) =
-            match self.store.rotate_refresh(&r).await? {
-                Rotation::Rotated {
-                    session,
-                    user,
-                    refresh_expires_at,
-                } => (new, session, user, refresh_expires_at),
-                Rotation::Grace {
-                    sealed,
-                    session,
-                    user,
-                    refresh_expires_at,
-                } => {
-                    let successor =
-                        tokens::unseal(&sealed, old).ok_or(Error::InvalidRefreshToken)?;
-                    (successor, session, user, refresh_expires_at)
+        let (refresh_token, session, user, refresh_expires_at) = match self.store.rotate_refresh(&r).await? {
+            Rotation::Rotated { session, user, refresh_expires_at } => (new, session, user, refresh_expires_at),
+            Rotation::Grace { sealed, session, user, refresh_expires_at } => {
+                let successor = tokens::unseal(&sealed, old).ok_or(Error::InvalidRefreshToken)?;
+                (successor, session, user, refresh_expires_at)
+            }
+            Rotation::Reused { session_id, user_id } => {
+                if let Some(user) = self.store.user_by_id(user_id).await? {
+                    self.audit(
+                        Some(&user),
+                        None,
+                        "refresh_token_reused",
+                        Some(meta),
+                        serde_json::json!({"session_id": session_id}),
+                    )
+                    .await;
+                    self.audit_ended(&user, &[session_id], "refresh_token_reused", Some(meta)).await;
                 }
-                Rotation::Reused {
-                    session_id,
-                    user_id,
-                } => {
-                    if let Some(user) = self.store.user_by_id(user_id).await? {
-                        self.audit(
-                            Some(&user),
-                            None,
-                            "refresh_token_reused",
-                            Some(meta),
-                            serde_json::json!({"session_id": session_id}),
-                        )
-                        .await;
-                        self.audit_ended(&user, &[session_id], "refresh_token_reused", Some(meta))
-                            .await;
-                    }
-                    return Err(Error::RefreshTokenReused);
-                }
-                Rotation::Invalid => return Err(Error::InvalidRefreshToken),
-            };
+                return Err(Error::RefreshTokenReused);
+            }
+            Rotation::Invalid => return Err(Error::InvalidRefreshToken),
+        };
         let (access_token, access_expires_at) = self.tokens.issue(&user, session.id, now)?;
-        Ok(Tokens {
-            access_token,
-            access_expires_at,
-            refresh_token,
-            refresh_expires_at,
-            session_id: session.id,
-            user,
-        })
+        Ok(Tokens { access_token, access_expires_at, refresh_token, refresh_expires_at, session_id: session.id, user })
     }
 
     /// Checks a Bearer access token and its session.
     pub async fn authenticate_bearer(&self, jwt: &str) -> Result<Caller> {
         let now = self.now();
-        let claims = self
-            .tokens
-            .verify(jwt, now)
-            .map_err(|_| Error::Unauthorized)?;
-        let (session, user) = self
-            .store
-            .session_with_user(claims.sid)
-            .await?
-            .ok_or(Error::SessionEnded)?;
+        let claims = self.tokens.verify(jwt, now).map_err(|_| Error::Unauthorized)?;
+        let (session, user) = self.store.session_with_user(claims.sid).await?.ok_or(Error::SessionEnded)?;
         if session.user_id != claims.sub {
             return Err(Error::Unauthorized);
         }
         if !session.is_live(now) || user.status != Status::Active {
             return Err(Error::SessionEnded);
         }
-        Ok(Caller {
-            user,
-            session_id: Some(session.id),
-        })
+        Ok(Caller { user, session_id: Some(session.id) })
     }
 
     /// Ends the caller's session.
     pub async fn logout(&self, caller: &Caller, meta: &ClientMeta) -> Result<()> {
         let sid = caller.session_id.ok_or(Error::Unauthorized)?;
-        if self
-            .store
-            .end_session(caller.user.id, sid, "logout", self.now())
-            .await?
-        {
-            self.audit_ended(&caller.user, &[sid], "logout", Some(meta))
-                .await;
+        if self.store.end_session(caller.user.id, sid, "logout", self.now()).await? {
+            self.audit_ended(&caller.user, &[sid], "logout", Some(meta)).await;
         }
         Ok(())
     }
@@ -150,31 +112,17 @@ impl Services {
 
     /// Ends one of the caller's sessions; someone else's is not found.
     pub async fn end_session(&self, caller: &Caller, sid: Uuid, meta: &ClientMeta) -> Result<()> {
-        if !self
-            .store
-            .end_session(caller.user.id, sid, "ended_by_user", self.now())
-            .await?
-        {
+        if !self.store.end_session(caller.user.id, sid, "ended_by_user", self.now()).await? {
             return Err(Error::NotFound);
         }
-        self.audit_ended(&caller.user, &[sid], "ended_by_user", Some(meta))
-            .await;
+        self.audit_ended(&caller.user, &[sid], "ended_by_user", Some(meta)).await;
         Ok(())
     }
 
     /// Ends every session of the caller but the current one.
     pub async fn end_other_sessions(&self, caller: &Caller, meta: &ClientMeta) -> Result<()> {
-        let ended = self
-            .store
-            .end_sessions(
-                caller.user.id,
-                caller.session_id,
-                "ended_by_user",
-                self.now(),
-            )
-            .await?;
-        self.audit_ended(&caller.user, &ended, "ended_by_user", Some(meta))
-            .await;
+        let ended = self.store.end_sessions(caller.user.id, caller.session_id, "ended_by_user", self.now()).await?;
+        self.audit_ended(&caller.user, &ended, "ended_by_user", Some(meta)).await;
         Ok(())
     }
 }

@@ -34,9 +34,7 @@ impl StoreError {
                 // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
                 // possibly extended (low byte).
                 let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-                sqlite_busy
-                    || ["40001", "40P01", "55P03", "57014", "53300", "53400"]
-                        .contains(&code.as_ref())
+                sqlite_busy || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
             }
             _ => false,
         }
@@ -299,6 +297,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a user; `None` if the email is taken.
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>>;
+    /// Registration: creates the user, or not if the email is taken, and in the same
+    /// transaction records the attempt on the account either way, so both outcomes
+    /// cost the same work (no timing difference tells them apart).
+    async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>>;
     /// A user by id.
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
     /// A user by normalised email.
@@ -307,12 +309,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>>;
     /// Applies an admin's changes; a state other than active ends the user's sessions.
     /// Returns the user and the sessions ended.
-    async fn patch_user(
-        &self,
-        id: Uuid,
-        p: &UserPatch,
-        now: UnixTime,
-    ) -> StoreResult<Option<(User, Vec<Uuid>)>>;
+    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>>;
     /// Replaces the hash of the same password (new parameters).
     async fn rehash_password(&self, user_id: Uuid, hash: &str) -> StoreResult<()>;
     /// Sets a new password and ends every session but `keep`; returns those ended.
@@ -335,12 +332,10 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the user has an unused, unexpired verification link.
     async fn has_live_verification(&self, user_id: Uuid, now: UnixTime) -> StoreResult<bool>;
     /// Verifies the email of the link's user; `None` if the link is unknown, used or expired.
-    async fn verify_email_by_link(
-        &self,
-        token_hash: &str,
-        now: UnixTime,
-    ) -> StoreResult<Option<User>>;
-    /// Counts one try against the live code of `email`, if it has tries left.
+    async fn verify_email_by_link(&self, token_hash: &str, now: UnixTime) -> StoreResult<Option<User>>;
+    /// Counts one try against the live code of `email`, if it has tries left and the
+    /// account has not used `2 * max_attempts` tries on codes in the last 24 hours
+    /// (re-issuing codes must not buy unlimited guesses; the link still works).
     async fn reserve_code_attempt(
         &self,
         email: &str,
@@ -348,18 +343,9 @@ pub trait Store: Send + Sync + 'static {
         now: UnixTime,
     ) -> StoreResult<Option<CodeAttempt>>;
     /// Uses the code (after a successful comparison) and verifies its user's email.
-    async fn verify_email_by_code(
-        &self,
-        token_id: Uuid,
-        now: UnixTime,
-    ) -> StoreResult<Option<User>>;
-    /// Supersedes earlier reset tokens of the user and stores a new one.
-    async fn issue_reset(
-        &self,
-        user_id: Uuid,
-        t: &NewOneTimeToken,
-        now: UnixTime,
-    ) -> StoreResult<()>;
+    async fn verify_email_by_code(&self, token_id: Uuid, now: UnixTime) -> StoreResult<Option<User>>;
+    /// Stores a new reset token; earlier ones stay valid until one is used.
+    async fn issue_reset(&self, user_id: Uuid, t: &NewOneTimeToken, now: UnixTime) -> StoreResult<()>;
     /// Whether a reset token is unused and unexpired (read only).
     async fn reset_token_live(&self, token_hash: &str, now: UnixTime) -> StoreResult<bool>;
     /// Uses a reset token: sets the password, revokes the user's API keys, verifies the email, ends every session and
@@ -372,39 +358,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<(User, Vec<Uuid>)>>;
 
     /// Reserves a login attempt for `email` under `policy` (see `domain::lockout`).
-    async fn reserve_login(
-        &self,
-        email: &str,
-        policy: &LockoutPolicy,
-        now: UnixTime,
-    ) -> StoreResult<Reservation>;
+    async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation>;
     /// The lock in force for `email`, read only: `Some(retry_after)` when locked.
-    async fn login_lock(
-        &self,
-        email: &str,
-        policy: &LockoutPolicy,
-        now: UnixTime,
-    ) -> StoreResult<Option<u32>>;
+    async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>>;
     /// A right password: the count and every lock it started go (also a hard lock
     /// that this very attempt's reservation set).
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()>;
     /// An admin unlock or a reset: the count and every lock go, the hard one too.
     async fn unlock_login(&self, email: &str, now: UnixTime) -> StoreResult<()>;
     /// Counts a hit in `key`'s window; `Some(retry_after)` when over the limit.
-    async fn hit_rate_limit(
-        &self,
-        key: &str,
-        limit: RateLimit,
-        now: UnixTime,
-    ) -> StoreResult<Option<u32>>;
+    async fn hit_rate_limit(&self, key: &str, limit: RateLimit, now: UnixTime) -> StoreResult<Option<u32>>;
 
     /// Opens a session, records the login on the user and ends the oldest sessions
     /// beyond `device_limit` (0: unlimited). Returns the user and the evicted ids.
-    async fn open_session(
-        &self,
-        s: &NewSession,
-        device_limit: u32,
-    ) -> StoreResult<(User, Vec<Uuid>)>;
+    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<(User, Vec<Uuid>)>;
     /// Rotates a refresh token (see [`Rotation`]).
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation>;
     /// A session and its user, for the Bearer check.
@@ -412,13 +379,7 @@ pub trait Store: Send + Sync + 'static {
     /// The user's live sessions, newest first.
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>>;
     /// Ends one of the user's sessions; `false` if it is not theirs or not live.
-    async fn end_session(
-        &self,
-        user_id: Uuid,
-        sid: Uuid,
-        reason: &str,
-        now: UnixTime,
-    ) -> StoreResult<bool>;
+    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool>;
     /// Ends every live session of the user but `keep`; returns those ended.
     async fn end_sessions(
         &self,
@@ -435,11 +396,7 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes one of the user's keys; `false` if it is not theirs or already revoked.
     async fn revoke_api_key(&self, user_id: Uuid, id: Uuid, now: UnixTime) -> StoreResult<bool>;
     /// The live key with this hash and its user.
-    async fn api_key_user(
-        &self,
-        key_hash: &str,
-        now: UnixTime,
-    ) -> StoreResult<Option<(ApiKey, User)>>;
+    async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>>;
 
     /// Appends an audit event.
     async fn record_event(&self, e: &Event) -> StoreResult<()>;
@@ -448,10 +405,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// The signing key all instances share (storing `candidate` if there is none yet)
     /// and every key whose tokens are still accepted.
-    async fn signing_keys(
-        &self,
-        candidate: &SigningKey,
-    ) -> StoreResult<(SigningKey, Vec<SigningKey>)>;
+    async fn signing_keys(&self, candidate: &SigningKey) -> StoreResult<(SigningKey, Vec<SigningKey>)>;
     /// Deletes expired one-time tokens, rate-limit windows and refresh tokens, and
     /// failure counts untouched for 30 days (never a hard lock).
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
@@ -463,7 +417,5 @@ pub async fn open(
     max_connections: u32,
     acquire_timeout_secs: u32,
 ) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    Ok(std::sync::Arc::new(
-        sql::SqlStore::connect(url, max_connections, acquire_timeout_secs).await?,
-    ))
+    Ok(std::sync::Arc::new(sql::SqlStore::connect(url, max_connections, acquire_timeout_secs).await?))
 }

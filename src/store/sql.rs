@@ -27,20 +27,16 @@ pub struct SqlStore {
 
 impl std::fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqlStore")
-            .field("backend", &self.backend)
-            .finish_non_exhaustive()
+        f.debug_struct("SqlStore").field("backend", &self.backend).finish_non_exhaustive()
     }
 }
 
-const USER_COLS: &str =
-    "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
+const USER_COLS: &str = "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
     u.created_at, u.updated_at, u.last_login_at, u.last_login_geo, u.metadata";
 const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
     s.last_used_at AS s_last_used_at, s.expires_at AS s_expires_at, s.ip AS s_ip, \
     s.user_agent AS s_user_agent, s.ended_at AS s_ended_at";
-const KEY_COLS: &str =
-    "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
+const KEY_COLS: &str = "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
     k.created_at AS k_created_at, k.expires_at AS k_expires_at, k.last_used_at AS k_last_used_at";
 
 fn uuid(row: &AnyRow, col: &str) -> Result<Uuid, sqlx::Error> {
@@ -133,12 +129,7 @@ async fn end_sessions_in(
     ids(&rows)
 }
 
-async fn consume_token(
-    tx: &mut Tx,
-    cond: &str,
-    arg: String,
-    now: UnixTime,
-) -> Result<Option<Uuid>, sqlx::Error> {
+async fn consume_token(tx: &mut Tx, cond: &str, arg: String, now: UnixTime) -> Result<Option<Uuid>, sqlx::Error> {
     let row = sqlx::query(&format!(
         "UPDATE one_time_tokens SET used_at = $1 WHERE {cond} AND used_at IS NULL AND expires_at > $1 RETURNING user_id"
     ))
@@ -149,12 +140,7 @@ async fn consume_token(
     row.as_ref().map(|r| uuid(r, "user_id")).transpose()
 }
 
-async fn supersede(
-    tx: &mut Tx,
-    user_id: Uuid,
-    kinds: &[TokenKind],
-    now: UnixTime,
-) -> Result<(), sqlx::Error> {
+async fn supersede(tx: &mut Tx, user_id: Uuid, kinds: &[TokenKind], now: UnixTime) -> Result<(), sqlx::Error> {
     for k in kinds {
         sqlx::query("UPDATE one_time_tokens SET used_at = $1 WHERE user_id = $2 AND kind = $3 AND used_at IS NULL")
             .bind(now)
@@ -188,11 +174,7 @@ async fn insert_token(
 }
 
 /// Marks the user verified (keeping the first verification time) and returns them.
-async fn mark_verified(
-    tx: &mut Tx,
-    user_id: Uuid,
-    now: UnixTime,
-) -> Result<Option<User>, sqlx::Error> {
+async fn mark_verified(tx: &mut Tx, user_id: Uuid, now: UnixTime) -> Result<Option<User>, sqlx::Error> {
     sqlx::query(
         "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $1), \
          updated_at = CASE WHEN email_verified_at IS NULL THEN $1 ELSE updated_at END WHERE id = $2",
@@ -201,23 +183,13 @@ async fn mark_verified(
     .bind(user_id.to_string())
     .execute(&mut **tx)
     .await?;
-    supersede(
-        tx,
-        user_id,
-        &[TokenKind::VerifyLink, TokenKind::VerifyCode],
-        now,
-    )
-    .await?;
+    supersede(tx, user_id, &[TokenKind::VerifyLink, TokenKind::VerifyCode], now).await?;
     user_in(tx, user_id).await
 }
 
 impl SqlStore {
     /// Connects, configures each connection and runs the backend's migrations.
-    pub async fn connect(
-        url: &str,
-        max_connections: u32,
-        acquire_timeout_secs: u32,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, max_connections: u32, acquire_timeout_secs: u32) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             "postgres"
@@ -227,8 +199,7 @@ impl SqlStore {
             anyhow::bail!("GATEHOUSE_DATABASE_URL must start with sqlite:// or postgres://");
         };
         if backend == "sqlite" {
-            if let Some(parent) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf()))
-            {
+            if let Some(parent) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf())) {
                 if !parent.as_os_str().is_empty() {
                     std::fs::create_dir_all(&parent)
                         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
@@ -265,17 +236,10 @@ impl SqlStore {
                     })
                 })
         };
-        let cannot_open =
-            |e: sqlx::Error| anyhow::anyhow!("cannot open the {backend} database: {e}");
-        let pool = pool_options(max_connections)
-            .connect_with(opts.clone())
-            .await
-            .map_err(cannot_open)?;
+        let cannot_open = |e: sqlx::Error| anyhow::anyhow!("cannot open the {backend} database: {e}");
+        let pool = pool_options(max_connections).connect_with(opts.clone()).await.map_err(cannot_open)?;
         let writer = if backend == "sqlite" {
-            pool_options(1)
-                .connect_with(opts)
-                .await
-                .map_err(cannot_open)?
+            pool_options(1).connect_with(opts).await.map_err(cannot_open)?
         } else {
             pool.clone()
         };
@@ -284,15 +248,8 @@ impl SqlStore {
         } else {
             sqlx::migrate!("migrations/postgres")
         };
-        migrator
-            .run(&writer)
-            .await
-            .map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
-        Ok(Self {
-            pool,
-            writer,
-            backend,
-        })
+        migrator.run(&writer).await.map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
+        Ok(Self { pool, writer, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
@@ -301,9 +258,7 @@ impl SqlStore {
 }
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
 }
@@ -339,6 +294,39 @@ impl Store for SqlStore {
         self.user_by_id(u.id).await
     }
 
+    async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO users (id, email, name, password_hash, role, status, email_verified_at, created_at, updated_at, metadata) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $7, '{{}}') ON CONFLICT (email) DO NOTHING RETURNING {}",
+            USER_COLS.replace("u.", "")
+        ))
+        .bind(u.id.to_string())
+        .bind(&u.email)
+        .bind(&u.name)
+        .bind(&u.password_hash)
+        .bind(u.role.as_str())
+        .bind(u.email_verified_at)
+        .bind(u.now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
+             SELECT $1, u.id, u.email, CASE WHEN u.id = $3 THEN 'registered' ELSE 'registration_attempt' END, $4, $5, $6, '{}' \
+             FROM users u WHERE u.email = $2",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(&u.email)
+        .bind(u.id.to_string())
+        .bind(u.now)
+        .bind(ip)
+        .bind(user_agent)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.as_ref().map(user_from).transpose()?)
+    }
+
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
         let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.id = $1"))
             .bind(id.to_string())
@@ -348,21 +336,16 @@ impl Store for SqlStore {
     }
 
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!(
-            "SELECT {USER_COLS} FROM users u WHERE u.email = $1"
-        ))
-        .bind(email)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.email = $1"))
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(user_from).transpose()?)
     }
 
     async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>> {
         let pattern = f.email.as_ref().map(|e| {
-            let escaped = e
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
+            let escaped = e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
             format!("%{escaped}%")
         });
         let rows = sqlx::query(&format!(
@@ -378,12 +361,7 @@ impl Store for SqlStore {
         Ok(rows.iter().map(user_from).collect::<Result<_, _>>()?)
     }
 
-    async fn patch_user(
-        &self,
-        id: Uuid,
-        p: &UserPatch,
-        now: UnixTime,
-    ) -> StoreResult<Option<(User, Vec<Uuid>)>> {
+    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         let mut tx = self.begin().await?;
         let (name_set, name) = match &p.name {
             Some(n) => (1i64, n.clone()),
@@ -464,13 +442,7 @@ impl Store for SqlStore {
         now: UnixTime,
     ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        supersede(
-            &mut tx,
-            user_id,
-            &[TokenKind::VerifyLink, TokenKind::VerifyCode],
-            now,
-        )
-        .await?;
+        supersede(&mut tx, user_id, &[TokenKind::VerifyLink, TokenKind::VerifyCode], now).await?;
         insert_token(&mut tx, user_id, TokenKind::VerifyLink, link, now).await?;
         insert_token(&mut tx, user_id, TokenKind::VerifyCode, code, now).await?;
         tx.commit().await?;
@@ -489,19 +461,10 @@ impl Store for SqlStore {
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
 
-    async fn verify_email_by_link(
-        &self,
-        token_hash: &str,
-        now: UnixTime,
-    ) -> StoreResult<Option<User>> {
+    async fn verify_email_by_link(&self, token_hash: &str, now: UnixTime) -> StoreResult<Option<User>> {
         let mut tx = self.begin().await?;
-        let Some(user_id) = consume_token(
-            &mut tx,
-            "token_hash = $2 AND kind = 'verify_link'",
-            token_hash.to_owned(),
-            now,
-        )
-        .await?
+        let Some(user_id) =
+            consume_token(&mut tx, "token_hash = $2 AND kind = 'verify_link'", token_hash.to_owned(), now).await?
         else {
             return Ok(None);
         };
@@ -521,6 +484,8 @@ impl Store for SqlStore {
                 SELECT t.id FROM one_time_tokens t JOIN users u ON u.id = t.user_id \
                 WHERE u.email = $1 AND t.kind = 'verify_code' AND t.used_at IS NULL \
                   AND t.expires_at > $2 AND t.attempts < $3 \
+                  AND (SELECT COALESCE(SUM(b.attempts), 0) FROM one_time_tokens b \
+                       WHERE b.user_id = t.user_id AND b.kind = 'verify_code' AND b.created_at > $2 - 86400) < $3 * 2 \
                 ORDER BY t.created_at DESC, t.id DESC LIMIT 1) \
              AND attempts < $3 AND used_at IS NULL RETURNING id, token_hash",
         )
@@ -530,27 +495,15 @@ impl Store for SqlStore {
         .fetch_optional(&self.writer)
         .await?;
         Ok(match row {
-            Some(r) => Some(CodeAttempt {
-                token_id: uuid(&r, "id")?,
-                code_hash: r.try_get("token_hash")?,
-            }),
+            Some(r) => Some(CodeAttempt { token_id: uuid(&r, "id")?, code_hash: r.try_get("token_hash")? }),
             None => None,
         })
     }
 
-    async fn verify_email_by_code(
-        &self,
-        token_id: Uuid,
-        now: UnixTime,
-    ) -> StoreResult<Option<User>> {
+    async fn verify_email_by_code(&self, token_id: Uuid, now: UnixTime) -> StoreResult<Option<User>> {
         let mut tx = self.begin().await?;
-        let Some(user_id) = consume_token(
-            &mut tx,
-            "id = $2 AND kind = 'verify_code'",
-            token_id.to_string(),
-            now,
-        )
-        .await?
+        let Some(user_id) =
+            consume_token(&mut tx, "id = $2 AND kind = 'verify_code'", token_id.to_string(), now).await?
         else {
             return Ok(None);
         };
@@ -559,14 +512,11 @@ impl Store for SqlStore {
         Ok(user)
     }
 
-    async fn issue_reset(
-        &self,
-        user_id: Uuid,
-        t: &NewOneTimeToken,
-        now: UnixTime,
-    ) -> StoreResult<()> {
+    async fn issue_reset(&self, user_id: Uuid, t: &NewOneTimeToken, now: UnixTime) -> StoreResult<()> {
+        // Earlier links stay valid until used or expired: a flood of forgot-password
+        // requests must not kill the link the owner is about to open. Using one
+        // (reset_password) retires the others.
         let mut tx = self.begin().await?;
-        supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
         insert_token(&mut tx, user_id, TokenKind::Reset, t, now).await?;
         tx.commit().await?;
         Ok(())
@@ -591,13 +541,8 @@ impl Store for SqlStore {
         now: UnixTime,
     ) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         let mut tx = self.begin().await?;
-        let Some(user_id) = consume_token(
-            &mut tx,
-            "token_hash = $2 AND kind = 'reset'",
-            token_hash.to_owned(),
-            now,
-        )
-        .await?
+        let Some(user_id) =
+            consume_token(&mut tx, "token_hash = $2 AND kind = 'reset'", token_hash.to_owned(), now).await?
         else {
             return Ok(None);
         };
@@ -616,29 +561,20 @@ impl Store for SqlStore {
         };
         let email: String = row.try_get("email")?;
         let ended = end_sessions_in(&mut tx, user_id, None, "password_reset", now).await?;
-        sqlx::query("DELETE FROM login_throttle WHERE email = $1")
-            .bind(&email)
+        sqlx::query("DELETE FROM login_throttle WHERE email = $1").bind(&email).execute(&mut *tx).await?;
+        supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
+        // Whoever may have had the account kept no way back in through a key.
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(user_id.to_string())
             .execute(&mut *tx)
             .await?;
-        // Whoever may have had the account kept no way back in through a key.
-        sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(user_id.to_string())
-        .execute(&mut *tx)
-        .await?;
         let user = user_in(&mut tx, user_id).await?;
         tx.commit().await?;
         Ok(user.map(|u| (u, ended)))
     }
 
-    async fn reserve_login(
-        &self,
-        email: &str,
-        policy: &LockoutPolicy,
-        now: UnixTime,
-    ) -> StoreResult<Reservation> {
+    async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
@@ -659,8 +595,7 @@ impl Store for SqlStore {
         .await?;
         let out = match counted {
             Some(row) => {
-                let failures =
-                    u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
+                let failures = u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
                 let (until, hard) = match policy.lock_after(failures) {
                     Lock::None => (0, 0),
                     Lock::For(s) => (now + i64::from(s), 0),
@@ -677,12 +612,10 @@ impl Store for SqlStore {
                 Reservation::Allowed { failures }
             }
             None => {
-                let row = sqlx::query(
-                    "SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1",
-                )
-                .bind(email)
-                .fetch_one(&mut *tx)
-                .await?;
+                let row = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
+                    .bind(email)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 let hard: i64 = row.try_get("hard_locked")?;
                 let until: i64 = row.try_get("locked_until")?;
                 let retry_after = if hard != 0 {
@@ -697,17 +630,11 @@ impl Store for SqlStore {
         Ok(out)
     }
 
-    async fn login_lock(
-        &self,
-        email: &str,
-        policy: &LockoutPolicy,
-        now: UnixTime,
-    ) -> StoreResult<Option<u32>> {
-        let row =
-            sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
-                .bind(email)
-                .fetch_optional(&self.pool)
-                .await?;
+    async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
+        let row = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
         Ok(if hard != 0 {
@@ -731,19 +658,11 @@ impl Store for SqlStore {
     }
 
     async fn unlock_login(&self, email: &str, _now: UnixTime) -> StoreResult<()> {
-        sqlx::query("DELETE FROM login_throttle WHERE email = $1")
-            .bind(email)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query("DELETE FROM login_throttle WHERE email = $1").bind(email).execute(&self.writer).await?;
         Ok(())
     }
 
-    async fn hit_rate_limit(
-        &self,
-        key: &str,
-        limit: RateLimit,
-        now: UnixTime,
-    ) -> StoreResult<Option<u32>> {
+    async fn hit_rate_limit(&self, key: &str, limit: RateLimit, now: UnixTime) -> StoreResult<Option<u32>> {
         let per = i64::from(limit.per_seconds);
         let window = now - now.rem_euclid(per);
         let row = sqlx::query(
@@ -761,15 +680,10 @@ impl Store for SqlStore {
         // An instance whose clock lags counts into the newer window, never resets it.
         let hits: i64 = row.try_get("hits")?;
         let window: i64 = row.try_get("window_start")?;
-        Ok((hits > i64::from(limit.requests))
-            .then(|| u32::try_from((window + per - now).clamp(1, per)).unwrap_or(1)))
+        Ok((hits > i64::from(limit.requests)).then(|| u32::try_from((window + per - now).clamp(1, per)).unwrap_or(1)))
     }
 
-    async fn open_session(
-        &self,
-        s: &NewSession,
-        device_limit: u32,
-    ) -> StoreResult<(User, Vec<Uuid>)> {
+    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<(User, Vec<Uuid>)> {
         let mut tx = self.begin().await?;
         // Writing the user row first serialises logins of the same user on every backend.
         sqlx::query("UPDATE users SET last_login_at = $1, last_login_geo = $2 WHERE id = $3")
@@ -790,13 +704,15 @@ impl Store for SqlStore {
         .bind(&s.user_agent)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(&s.refresh_hash)
-            .bind(s.id.to_string())
-            .bind(s.now)
-            .bind(s.refresh_expires_at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&s.refresh_hash)
+        .bind(s.id.to_string())
+        .bind(s.now)
+        .bind(s.refresh_expires_at)
+        .execute(&mut *tx)
+        .await?;
         let mut evicted = Vec::new();
         if device_limit > 0 {
             let rows = sqlx::query(
@@ -808,19 +724,15 @@ impl Store for SqlStore {
             .fetch_all(&mut *tx)
             .await?;
             for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
-                sqlx::query(
-                    "UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2",
-                )
-                .bind(s.now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2")
+                    .bind(s.now)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
                 evicted.push(id);
             }
         }
-        let user = user_in(&mut tx, s.user_id)
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?;
+        let user = user_in(&mut tx, s.user_id).await?.ok_or(sqlx::Error::RowNotFound)?;
         tx.commit().await?;
         Ok((user, evicted))
     }
@@ -839,10 +751,12 @@ impl Store for SqlStore {
         let (sid, rotated_at, sealed) = match rotated {
             Some(row) => (uuid(&row, "session_id")?, None, None),
             None => {
-                let row = sqlx::query("SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens WHERE token_hash = $1")
-                    .bind(&r.old_hash)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let row = sqlx::query(
+                    "SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens WHERE token_hash = $1",
+                )
+                .bind(&r.old_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
                 let Some(row) = row else {
                     return Ok(Rotation::Invalid);
                 };
@@ -880,14 +794,7 @@ impl Store for SqlStore {
                     .bind(sid.to_string())
                     .execute(&mut *tx)
                     .await?;
-                Rotation::Rotated {
-                    session: Session {
-                        last_used_at: r.now,
-                        ..session
-                    },
-                    user,
-                    refresh_expires_at,
-                }
+                Rotation::Rotated { session: Session { last_used_at: r.now, ..session }, user, refresh_expires_at }
             }
             (None, _) => {
                 tx.rollback().await?;
@@ -902,19 +809,11 @@ impl Store for SqlStore {
                     Some(row) => row.try_get("expires_at")?,
                     None => refresh_expires_at,
                 };
-                Rotation::Grace {
-                    sealed,
-                    session,
-                    user,
-                    refresh_expires_at: exp,
-                }
+                Rotation::Grace { sealed, session, user, refresh_expires_at: exp }
             }
             (Some(_), _) if session.ended_at.is_none() => {
                 end_sessions_by_id(&mut tx, sid, "refresh_token_reused", r.now).await?;
-                Rotation::Reused {
-                    session_id: sid,
-                    user_id: session.user_id,
-                }
+                Rotation::Reused { session_id: sid, user_id: session.user_id }
             }
             (Some(_), _) => Rotation::Invalid,
         };
@@ -947,13 +846,7 @@ impl Store for SqlStore {
         Ok(rows.iter().map(session_from).collect::<Result<_, _>>()?)
     }
 
-    async fn end_session(
-        &self,
-        user_id: Uuid,
-        sid: Uuid,
-        reason: &str,
-        now: UnixTime,
-    ) -> StoreResult<bool> {
+    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool> {
         let r = sqlx::query(
             "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL",
         )
@@ -1006,20 +899,17 @@ impl Store for SqlStore {
     }
 
     async fn revoke_api_key(&self, user_id: Uuid, id: Uuid, now: UnixTime) -> StoreResult<bool> {
-        let r = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id.to_string())
-            .bind(user_id.to_string())
-            .execute(&self.writer)
-            .await?;
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id.to_string())
+                .bind(user_id.to_string())
+                .execute(&self.writer)
+                .await?;
         Ok(r.rows_affected() > 0)
     }
 
-    async fn api_key_user(
-        &self,
-        key_hash: &str,
-        now: UnixTime,
-    ) -> StoreResult<Option<(ApiKey, User)>> {
+    async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>> {
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLS}, {USER_COLS} FROM api_keys k JOIN users u ON u.id = k.user_id \
              WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
@@ -1082,10 +972,7 @@ impl Store for SqlStore {
             .map_err(StoreError)
     }
 
-    async fn signing_keys(
-        &self,
-        candidate: &SigningKey,
-    ) -> StoreResult<(SigningKey, Vec<SigningKey>)> {
+    async fn signing_keys(&self, candidate: &SigningKey) -> StoreResult<(SigningKey, Vec<SigningKey>)> {
         // Racing instances all try to insert; the unique active slot lets one win.
         sqlx::query(
             "INSERT INTO signing_keys (kid, alg, private_key, public_key, created_at, active_slot) \
@@ -1097,17 +984,17 @@ impl Store for SqlStore {
         .bind(candidate.created_at)
         .execute(&self.writer)
         .await?;
-        let rows = sqlx::query("SELECT kid, private_key, public_key, created_at, active_slot FROM signing_keys ORDER BY created_at")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT kid, private_key, public_key, created_at, active_slot FROM signing_keys ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let mut active = None;
         let mut all = Vec::new();
         for r in &rows {
             let decode = |col: &str| -> Result<Vec<u8>, sqlx::Error> {
                 let s: String = r.try_get(col)?;
-                STANDARD
-                    .decode(s)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+                STANDARD.decode(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
             };
             let key = SigningKey {
                 kid: r.try_get("kid")?,
@@ -1127,14 +1014,8 @@ impl Store for SqlStore {
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
         let mut n = 0;
         for (sql, arg) in [
-            (
-                "DELETE FROM one_time_tokens WHERE expires_at < $1",
-                now - 86_400,
-            ),
-            (
-                "DELETE FROM rate_limits WHERE window_start < $1",
-                now - 86_400,
-            ),
+            ("DELETE FROM one_time_tokens WHERE expires_at < $1", now - 86_400),
+            ("DELETE FROM rate_limits WHERE window_start < $1", now - 86_400),
             ("DELETE FROM refresh_tokens WHERE expires_at < $1", now),
             // Failure counts of emails nobody tried for 30 days, unless hard-locked.
             (
@@ -1142,29 +1023,18 @@ impl Store for SqlStore {
                 now - 30 * 86_400,
             ),
         ] {
-            n += sqlx::query(sql)
-                .bind(arg)
-                .execute(&self.writer)
-                .await?
-                .rows_affected();
+            n += sqlx::query(sql).bind(arg).execute(&self.writer).await?.rows_affected();
         }
         Ok(n)
     }
 }
 
-async fn end_sessions_by_id(
-    tx: &mut Tx,
-    sid: Uuid,
-    reason: &str,
-    now: UnixTime,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL",
-    )
-    .bind(now)
-    .bind(reason)
-    .bind(sid.to_string())
-    .execute(&mut **tx)
-    .await?;
+async fn end_sessions_by_id(tx: &mut Tx, sid: Uuid, reason: &str, now: UnixTime) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
+        .bind(now)
+        .bind(reason)
+        .bind(sid.to_string())
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }

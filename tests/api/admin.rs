@@ -37,13 +37,7 @@ async fn user(app: &TestApp, email: &str) -> String {
         .to_string()
 }
 
-async fn call(
-    app: &TestApp,
-    m: Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> Response {
+async fn call(app: &TestApp, m: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Response {
     let mut r = app.client.request(m, app.url(path));
     if let Some(t) = token {
         r = r.bearer_auth(t);
@@ -55,21 +49,12 @@ async fn call(
 }
 
 async fn patch(app: &TestApp, admin: &str, id: &str, body: Value) -> Response {
-    call(
-        app,
-        Method::PATCH,
-        &format!("/v1/admin/users/{id}"),
-        Some(admin),
-        Some(body),
-    )
-    .await
+    call(app, Method::PATCH, &format!("/v1/admin/users/{id}"), Some(admin), Some(body)).await
 }
 
 /// `GET /v1/admin/users{query}` as the admin: the 200 body.
 async fn list(app: &TestApp, admin: &str, query: &str) -> Value {
-    let r = app
-        .get_bearer(&format!("/v1/admin/users{query}"), admin)
-        .await;
+    let r = app.get_bearer(&format!("/v1/admin/users{query}"), admin).await;
     assert_eq!(r.status(), StatusCode::OK, "list {query}");
     assert_eq!(r.headers()["cache-control"], "no-store");
     r.json().await.unwrap()
@@ -103,20 +88,14 @@ const USER_FIELDS: [&str; 12] = [
 ];
 
 fn assert_user_shape(u: &Value) {
-    let mut fields: Vec<&str> = u
-        .as_object()
-        .unwrap_or_else(|| panic!("a user object: {u}"))
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut fields: Vec<&str> =
+        u.as_object().unwrap_or_else(|| panic!("a user object: {u}")).keys().map(String::as_str).collect();
     fields.sort_unstable();
     assert_eq!(fields, USER_FIELDS, "{u}");
 }
 
 fn time(v: &Value, k: &str) -> i64 {
-    DateTime::parse_from_rfc3339(&str_of(v, k))
-        .unwrap_or_else(|e| panic!("{k} in {v}: {e}"))
-        .timestamp()
+    DateTime::parse_from_rfc3339(&str_of(v, k)).unwrap_or_else(|e| panic!("{k} in {v}: {e}")).timestamp()
 }
 
 /// Every admin route with a method, for an existing user id.
@@ -124,11 +103,7 @@ fn admin_routes(id: &str) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, "/v1/admin/users".to_owned(), None),
         (Method::GET, format!("/v1/admin/users/{id}"), None),
-        (
-            Method::PATCH,
-            format!("/v1/admin/users/{id}"),
-            Some(json!({"role": "admin"})),
-        ),
+        (Method::PATCH, format!("/v1/admin/users/{id}"), Some(json!({"role": "admin"}))),
         (Method::POST, format!("/v1/admin/users/{id}/unlock"), None),
         (Method::GET, format!("/v1/admin/users/{id}/events"), None),
     ]
@@ -144,18 +119,10 @@ async fn every_admin_route_is_forbidden_to_users_and_unauthorized_without_a_toke
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "user: {m} {path}");
         assert_problem(r, StatusCode::FORBIDDEN, "forbidden").await;
         let r = call(&app, m.clone(), &path, None, body.clone()).await;
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "anonymous: {m} {path}"
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "anonymous: {m} {path}");
         assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
         let r = call(&app, m.clone(), &path, Some("not.a.jwt"), body).await;
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "bad token: {m} {path}"
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "bad token: {m} {path}");
         assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // The refused PATCH to role admin changed nothing.
@@ -168,31 +135,14 @@ async fn the_admin_role_is_read_from_the_store_on_every_request(b: Backend) {
     let root = str_of(&app.admin("root@example.com").await, "access_token");
     let other = app.admin("second@example.com").await;
     let other_at = str_of(&other, "access_token");
-    assert_eq!(
-        app.get_bearer("/v1/admin/users", &other_at).await.status(),
-        StatusCode::OK
-    );
-    let r = patch(
-        &app,
-        &root,
-        &str_of(&other["user"], "id"),
-        json!({"role": "user"}),
-    )
-    .await;
+    assert_eq!(app.get_bearer("/v1/admin/users", &other_at).await.status(), StatusCode::OK);
+    let r = patch(&app, &root, &str_of(&other["user"], "id"), json!({"role": "user"})).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["role"], "user");
     // The token still says admin; the stored role wins at once.
-    assert_problem(
-        app.get_bearer("/v1/admin/users", &other_at).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    )
-    .await;
+    assert_problem(app.get_bearer("/v1/admin/users", &other_at).await, StatusCode::FORBIDDEN, "forbidden").await;
     // A demotion is not a session end: the token still works where users may go.
-    assert_eq!(
-        app.get_bearer("/v1/me", &other_at).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get_bearer("/v1/me", &other_at).await.status(), StatusCode::OK);
 }
 
 async fn users_are_filtered_by_email_substring_and_by_status(b: Backend) {
@@ -210,40 +160,22 @@ async fn users_are_filtered_by_email_substring_and_by_status(b: Backend) {
     for u in all["users"].as_array().unwrap() {
         assert_user_shape(u);
     }
-    assert_eq!(
-        emails(&list(&app, &admin, "?email=alice").await),
-        ["alice@example.com", "malice@example.org"]
-    );
+    assert_eq!(emails(&list(&app, &admin, "?email=alice").await), ["alice@example.com", "malice@example.org"]);
     // Trimmed and lowercased like every email.
-    assert_eq!(
-        emails(&list(&app, &admin, "?email=%20ALICE@EXAMPLE.COM%20").await),
-        ["alice@example.com"]
-    );
-    assert_eq!(
-        emails(&list(&app, &admin, "?email=example.org").await),
-        ["malice@example.org"]
-    );
+    assert_eq!(emails(&list(&app, &admin, "?email=%20ALICE@EXAMPLE.COM%20").await), ["alice@example.com"]);
+    assert_eq!(emails(&list(&app, &admin, "?email=example.org").await), ["malice@example.org"]);
     // `_` and `%` are characters of the address, not wildcards.
-    assert_eq!(
-        emails(&list(&app, &admin, "?email=a_b").await),
-        ["a_b@example.net"]
-    );
+    assert_eq!(emails(&list(&app, &admin, "?email=a_b").await), ["a_b@example.net"]);
     assert!(emails(&list(&app, &admin, "?email=%25").await).is_empty());
     assert!(emails(&list(&app, &admin, "?email=nobody").await).is_empty());
 
     let r = patch(&app, &admin, &bob, json!({"status": "suspended"})).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(
-        emails(&list(&app, &admin, "?status=suspended").await),
-        ["bob@example.com"]
-    );
+    assert_eq!(emails(&list(&app, &admin, "?status=suspended").await), ["bob@example.com"]);
     assert_eq!(emails(&list(&app, &admin, "?status=active").await).len(), 5);
     assert!(emails(&list(&app, &admin, "?status=deleted").await).is_empty());
     assert!(emails(&list(&app, &admin, "?status=active&email=bob").await).is_empty());
-    assert_eq!(
-        emails(&list(&app, &admin, "?status=suspended&email=bob").await),
-        ["bob@example.com"]
-    );
+    assert_eq!(emails(&list(&app, &admin, "?status=suspended&email=bob").await), ["bob@example.com"]);
 }
 
 async fn pages_of_two_walk_every_user_once_with_a_cursor(b: Backend) {
@@ -305,17 +237,10 @@ async fn bad_limits_states_and_cursors_are_validation_failures(b: Backend) {
         ("?status=suspended1", "status"),
         ("?cursor=not-a-cursor", "cursor"),
     ] {
-        let r = app
-            .get_bearer(&format!("/v1/admin/users{query}"), &admin)
-            .await;
+        let r = app.get_bearer(&format!("/v1/admin/users{query}"), &admin).await;
         let p = assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
-        let errors = p["errors"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{query}: {p}"));
-        assert!(
-            errors.iter().any(|e| e["field"] == field),
-            "{query} names {field}: {p}"
-        );
+        let errors = p["errors"].as_array().unwrap_or_else(|| panic!("{query}: {p}"));
+        assert!(errors.iter().any(|e| e["field"] == field), "{query} names {field}: {p}");
     }
     // The edges are fine.
     assert_eq!(emails(&list(&app, &admin, "?limit=1").await).len(), 1);
@@ -327,9 +252,7 @@ async fn one_user_is_read_by_id_and_unknown_or_malformed_ids_are_not_found(b: Ba
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
     let t = app.logged_in("one@example.com").await;
     let id = str_of(&t["user"], "id");
-    let r = app
-        .get_bearer(&format!("/v1/admin/users/{id}"), &admin)
-        .await;
+    let r = app.get_bearer(&format!("/v1/admin/users/{id}"), &admin).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["cache-control"], "no-store");
     let u: Value = r.json().await.unwrap();
@@ -356,22 +279,11 @@ async fn patch_changes_name_metadata_role_and_verification_and_returns_the_user(
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
     let t = app.logged_in("edit@example.com").await;
     let id = str_of(&t["user"], "id");
-    let before: Value = app
-        .get_bearer(&format!("/v1/admin/users/{id}"), &admin)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let before: Value = app.get_bearer(&format!("/v1/admin/users/{id}"), &admin).await.json().await.unwrap();
     app.clock.advance(30);
 
     let meta = json!({"plan": "pro", "seats": 3, "tags": ["a", "b"], "nested": {"x": null}});
-    let r = patch(
-        &app,
-        &admin,
-        &id,
-        json!({"name": "  Edith Editor  ", "metadata": meta}),
-    )
-    .await;
+    let r = patch(&app, &admin, &id, json!({"name": "  Edith Editor  ", "metadata": meta})).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["cache-control"], "no-store");
     let u: Value = r.json().await.unwrap();
@@ -386,74 +298,35 @@ async fn patch_changes_name_metadata_role_and_verification_and_returns_the_user(
     assert_eq!(time(&u, "updated_at"), time(&before, "updated_at") + 30);
 
     // The change is stored, and the user sees it too.
-    let again: Value = app
-        .get_bearer(&format!("/v1/admin/users/{id}"), &admin)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = app.get_bearer(&format!("/v1/admin/users/{id}"), &admin).await.json().await.unwrap();
     assert_eq!(again, u);
-    let me: Value = app
-        .get_bearer("/v1/me", &str_of(&t, "access_token"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.get_bearer("/v1/me", &str_of(&t, "access_token")).await.json().await.unwrap();
     assert_eq!(me["name"], "Edith Editor");
     assert_eq!(me["metadata"], meta);
 
     // Metadata is replaced, not merged; a null name clears it.
-    let u: Value = patch(
-        &app,
-        &admin,
-        &id,
-        json!({"metadata": {"plan": "free"}, "name": null}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let u: Value =
+        patch(&app, &admin, &id, json!({"metadata": {"plan": "free"}, "name": null})).await.json().await.unwrap();
     assert_eq!(u["metadata"], json!({"plan": "free"}));
     assert!(u["name"].is_null(), "{u}");
 
     // Role: the user becomes an admin with the token they already hold.
-    let u: Value = patch(&app, &admin, &id, json!({"role": "admin"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let u: Value = patch(&app, &admin, &id, json!({"role": "admin"})).await.json().await.unwrap();
     assert_eq!(u["role"], "admin");
-    assert_eq!(
-        app.get_bearer("/v1/admin/users", &str_of(&t, "access_token"))
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get_bearer("/v1/admin/users", &str_of(&t, "access_token")).await.status(), StatusCode::OK);
 
     // Verification can be withdrawn and given.
-    let u: Value = patch(&app, &admin, &id, json!({"email_verified": false}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let u: Value = patch(&app, &admin, &id, json!({"email_verified": false})).await.json().await.unwrap();
     assert_eq!(u["email_verified"], false);
     assert!(u["email_verified_at"].is_null(), "{u}");
-    assert_problem(
-        app.login("edit@example.com", PASSWORD).await,
-        StatusCode::FORBIDDEN,
-        "email_not_verified",
-    )
-    .await;
+    assert_problem(app.login("edit@example.com", PASSWORD).await, StatusCode::FORBIDDEN, "email_not_verified").await;
     app.clock.advance(5);
     let r = patch(&app, &admin, &id, json!({"email_verified": true})).await;
     assert_eq!(r.status(), StatusCode::OK);
     let u: Value = r.json().await.unwrap();
     assert_eq!(u["email_verified"], true);
     assert!(u["email_verified_at"].is_string(), "{u}");
-    assert_eq!(
-        app.login("edit@example.com", PASSWORD).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("edit@example.com", PASSWORD).await.status(), StatusCode::OK);
 
     // An empty patch changes nothing and still answers with the user.
     let r = patch(&app, &admin, &id, json!({})).await;
@@ -483,36 +356,18 @@ async fn patch_rejects_unknown_states_and_roles_and_metadata_that_is_not_an_obje
     ] {
         let r = patch(&app, &admin, &id, body.clone()).await;
         let p = assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
-        let errors = p["errors"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{body}: {p}"));
-        assert!(
-            errors.iter().any(|e| e["field"] == field),
-            "{body} names {field}: {p}"
-        );
+        let errors = p["errors"].as_array().unwrap_or_else(|| panic!("{body}: {p}"));
+        assert!(errors.iter().any(|e| e["field"] == field), "{body} names {field}: {p}");
     }
     // A refused patch changes nothing, not even its valid parts.
-    let r = patch(
-        &app,
-        &admin,
-        &id,
-        json!({"status": "suspended", "name": "Half", "metadata": [1]}),
-    )
-    .await;
+    let r = patch(&app, &admin, &id, json!({"status": "suspended", "name": "Half", "metadata": [1]})).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
-    let u: Value = app
-        .get_bearer(&format!("/v1/admin/users/{id}"), &admin)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let u: Value = app.get_bearer(&format!("/v1/admin/users/{id}"), &admin).await.json().await.unwrap();
     assert_eq!(u["status"], "active");
     assert!(u["name"].is_null(), "{u}");
     assert_eq!(u["metadata"], json!({}));
     assert_eq!(
-        app.get_bearer("/v1/me", &str_of(&t, "access_token"))
-            .await
-            .status(),
+        app.get_bearer("/v1/me", &str_of(&t, "access_token")).await.status(),
         StatusCode::OK,
         "the session survived the refused suspension"
     );
@@ -538,26 +393,11 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
             "session_ended",
         )
         .await;
-        let r = app
-            .post(
-                "/v1/auth/refresh",
-                json!({"refresh_token": str_of(t, "refresh_token")}),
-            )
-            .await;
+        let r = app.post("/v1/auth/refresh", json!({"refresh_token": str_of(t, "refresh_token")})).await;
         assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
     }
-    assert_eq!(
-        app.get_bearer("/v1/me", &str_of(&bystander, "access_token"))
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    assert_problem(
-        app.login("susp@example.com", PASSWORD).await,
-        StatusCode::FORBIDDEN,
-        "account_suspended",
-    )
-    .await;
+    assert_eq!(app.get_bearer("/v1/me", &str_of(&bystander, "access_token")).await.status(), StatusCode::OK);
+    assert_problem(app.login("susp@example.com", PASSWORD).await, StatusCode::FORBIDDEN, "account_suspended").await;
     // The wrong password is still just wrong: the state shows only to the owner.
     assert_problem(
         app.login("susp@example.com", "not the password").await,
@@ -570,12 +410,7 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "active");
     let again = app.login_ok("susp@example.com").await;
-    assert_eq!(
-        app.get_bearer("/v1/me", &str_of(&again, "access_token"))
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get_bearer("/v1/me", &str_of(&again, "access_token")).await.status(), StatusCode::OK);
     // Reactivation opens no old session again.
     for t in [&first, &second] {
         assert_problem(
@@ -584,12 +419,7 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
             "session_ended",
         )
         .await;
-        let r = app
-            .post(
-                "/v1/auth/refresh",
-                json!({"refresh_token": str_of(t, "refresh_token")}),
-            )
-            .await;
+        let r = app.post("/v1/auth/refresh", json!({"refresh_token": str_of(t, "refresh_token")})).await;
         assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
     }
 }
@@ -597,19 +427,10 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
 async fn the_other_inactive_states_refuse_login_with_their_own_code(b: Backend) {
     let app = TestApp::spawn(b).await;
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
-    for (status, code) in [
-        ("deactivated", "account_deactivated"),
-        ("deleted", "account_deleted"),
-    ] {
+    for (status, code) in [("deactivated", "account_deactivated"), ("deleted", "account_deleted")] {
         let email = format!("{status}@example.com");
         let t = app.logged_in(&email).await;
-        let r = patch(
-            &app,
-            &admin,
-            &str_of(&t["user"], "id"),
-            json!({"status": status}),
-        )
-        .await;
+        let r = patch(&app, &admin, &str_of(&t["user"], "id"), json!({"status": status})).await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.json::<Value>().await.unwrap()["status"], status);
         assert_problem(
@@ -618,12 +439,7 @@ async fn the_other_inactive_states_refuse_login_with_their_own_code(b: Backend) 
             "session_ended",
         )
         .await;
-        assert_problem(
-            app.login(&email, PASSWORD).await,
-            StatusCode::FORBIDDEN,
-            code,
-        )
-        .await;
+        assert_problem(app.login(&email, PASSWORD).await, StatusCode::FORBIDDEN, code).await;
     }
 }
 
@@ -643,28 +459,14 @@ async fn unlock_clears_a_lockout_so_the_right_password_works_at_once(b: Backend)
     assert_eq!(retry_after(&r), 60);
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
 
-    let r = call(
-        &app,
-        Method::POST,
-        &format!("/v1/admin/users/{id}/unlock"),
-        Some(&admin),
-        None,
-    )
-    .await;
+    let r = call(&app, Method::POST, &format!("/v1/admin/users/{id}/unlock"), Some(&admin), None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert!(r.text().await.unwrap().is_empty());
     let t = app.login_ok("locked@example.com").await;
     assert_eq!(t["user"]["id"], id.as_str());
 
     // Unlocking an account that is not locked is harmless.
-    let r = call(
-        &app,
-        Method::POST,
-        &format!("/v1/admin/users/{id}/unlock"),
-        Some(&admin),
-        None,
-    )
-    .await;
+    let r = call(&app, Method::POST, &format!("/v1/admin/users/{id}/unlock"), Some(&admin), None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     app.login_ok("locked@example.com").await;
 }
@@ -713,18 +515,13 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // Someone else's doings are not in this trail.
     app.login("noise@example.com", "wrong password!").await;
-    app.post_bearer("/v1/auth/logout", &str_of(&other, "access_token"), None)
-        .await;
+    app.post_bearer("/v1/auth/logout", &str_of(&other, "access_token"), None).await;
 
-    let r = app
-        .get_bearer(&format!("/v1/admin/users/{id}/events"), &admin)
-        .await;
+    let r = app.get_bearer(&format!("/v1/admin/users/{id}/events"), &admin).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["cache-control"], "no-store");
     let body: Value = r.json().await.unwrap();
-    let events = body["events"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{body}"));
+    let events = body["events"].as_array().unwrap_or_else(|| panic!("{body}"));
     for e in events {
         let mut fields: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
         fields.sort_unstable();
@@ -733,17 +530,9 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
         time(e, "at");
     }
     let times: Vec<i64> = events.iter().map(|e| time(e, "at")).collect();
-    assert!(
-        times.windows(2).all(|w| w[0] >= w[1]),
-        "newest first: {body}"
-    );
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first: {body}");
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    let pos = |k: &str| {
-        kinds
-            .iter()
-            .position(|x| *x == k)
-            .unwrap_or_else(|| panic!("a {k} event in {kinds:?}"))
-    };
+    let pos = |k: &str| kinds.iter().position(|x| *x == k).unwrap_or_else(|| panic!("a {k} event in {kinds:?}"));
     // Newest first: the session end, the lockout and failures, then the login.
     assert!(pos("session_ended") < pos("lockout"), "{kinds:?}");
     assert!(pos("lockout") < pos("login"), "{kinds:?}");
@@ -765,12 +554,7 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
     assert_eq!(time(failed, "at"), time(ended, "at") - 10);
     // No secret of any kind is in the trail.
     let text = body.to_string();
-    for secret in [
-        PASSWORD,
-        "wrong password!",
-        &str_of(&t, "access_token"),
-        &str_of(&t, "refresh_token"),
-    ] {
+    for secret in [PASSWORD, "wrong password!", &str_of(&t, "access_token"), &str_of(&t, "refresh_token")] {
         assert!(!text.contains(secret), "the trail holds a secret: {text}");
     }
 }

@@ -32,18 +32,11 @@ async fn new_key(app: &TestApp, token: &str, body: Value) -> Value {
 }
 
 async fn me_with_key(app: &TestApp, key: &str) -> Response {
-    app.client
-        .get(app.url("/v1/me"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap()
+    app.client.get(app.url("/v1/me")).header("x-api-key", key).send().await.unwrap()
 }
 
 fn time(v: &Value, k: &str) -> i64 {
-    DateTime::parse_from_rfc3339(&str_of(v, k))
-        .unwrap_or_else(|e| panic!("{k} in {v}: {e}"))
-        .timestamp()
+    DateTime::parse_from_rfc3339(&str_of(v, k)).unwrap_or_else(|e| panic!("{k} in {v}: {e}")).timestamp()
 }
 
 async fn a_new_key_is_shown_once_with_its_prefix_and_acts_for_its_owner(b: Backend) {
@@ -56,10 +49,7 @@ async fn a_new_key_is_shown_once_with_its_prefix_and_acts_for_its_owner(b: Backe
     let k: Value = r.json().await.unwrap();
     let mut fields: Vec<&str> = k.as_object().unwrap().keys().map(String::as_str).collect();
     fields.sort_unstable();
-    assert_eq!(
-        fields,
-        ["created_at", "expires_at", "id", "key", "name", "prefix"]
-    );
+    assert_eq!(fields, ["created_at", "expires_at", "id", "key", "name", "prefix"]);
     assert!(uuid::Uuid::parse_str(&str_of(&k, "id")).is_ok());
     assert_eq!(k["name"], "ci deploy");
     assert!(k["expires_at"].is_null(), "no expires_in, no expiry: {k}");
@@ -68,10 +58,7 @@ async fn a_new_key_is_shown_once_with_its_prefix_and_acts_for_its_owner(b: Backe
     let prefix = str_of(&k, "prefix");
     assert!(!prefix.is_empty());
     assert!(key.starts_with(&prefix), "{key} starts with {prefix}");
-    assert!(
-        key.len() > prefix.len() + 16,
-        "a key has a real secret part"
-    );
+    assert!(key.len() > prefix.len() + 16, "a key has a real secret part");
 
     let r = me_with_key(&app, &key).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -82,12 +69,7 @@ async fn a_new_key_is_shown_once_with_its_prefix_and_acts_for_its_owner(b: Backe
 
     // Never from the URL: a key in the query is no key.
     for q in ["api_key", "key", "x-api-key"] {
-        let r = app
-            .client
-            .get(app.url(&format!("/v1/me?{q}={key}")))
-            .send()
-            .await
-            .unwrap();
+        let r = app.client.get(app.url(&format!("/v1/me?{q}={key}"))).send().await.unwrap();
         assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // The key is not tied to the session that created it.
@@ -103,12 +85,7 @@ async fn a_new_key_is_shown_once_with_its_prefix_and_acts_for_its_owner(b: Backe
     let mut forged = key.clone();
     forged.push('x');
     for bad in [forged.as_str(), prefix.as_str(), "nonsense"] {
-        assert_problem(
-            me_with_key(&app, bad).await,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        )
-        .await;
+        assert_problem(me_with_key(&app, bad).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
 }
 
@@ -157,29 +134,11 @@ async fn a_revoked_key_is_refused_at_once(b: Backend) {
     let path = format!("/v1/me/api-keys/{}", str_of(&k, "id"));
     let r = app.delete_bearer(&path, &at).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_problem(
-        me_with_key(&app, &key).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(me_with_key(&app, &key).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
     // The other key is untouched; revoking twice finds nothing more to revoke.
-    assert_eq!(
-        me_with_key(&app, &str_of(&keep, "key")).await.status(),
-        StatusCode::OK
-    );
-    assert_problem(
-        app.delete_bearer(&path, &at).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
-    assert_problem(
-        me_with_key(&app, &key).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_eq!(me_with_key(&app, &str_of(&keep, "key")).await.status(), StatusCode::OK);
+    assert_problem(app.delete_bearer(&path, &at).await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_problem(me_with_key(&app, &key).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
 async fn another_users_key_or_a_nonsense_id_is_not_found(b: Backend) {
@@ -187,21 +146,14 @@ async fn another_users_key_or_a_nonsense_id_is_not_found(b: Backend) {
     let owner = str_of(&app.logged_in("owner@example.com").await, "access_token");
     let k = new_key(&app, &owner, json!({"name": "mine"})).await;
     let intruder = str_of(&app.logged_in("intruder@example.com").await, "access_token");
-    let r = app
-        .delete_bearer(&format!("/v1/me/api-keys/{}", str_of(&k, "id")), &intruder)
-        .await;
+    let r = app.delete_bearer(&format!("/v1/me/api-keys/{}", str_of(&k, "id")), &intruder).await;
     assert_problem(r, StatusCode::NOT_FOUND, "not_found").await;
     for id in [uuid::Uuid::new_v4().to_string().as_str(), "not-a-uuid"] {
-        let r = app
-            .delete_bearer(&format!("/v1/me/api-keys/{id}"), &intruder)
-            .await;
+        let r = app.delete_bearer(&format!("/v1/me/api-keys/{id}"), &intruder).await;
         assert_problem(r, StatusCode::NOT_FOUND, "not_found").await;
     }
     // The owner's key survived the attempt.
-    assert_eq!(
-        me_with_key(&app, &str_of(&k, "key")).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(me_with_key(&app, &str_of(&k, "key")).await.status(), StatusCode::OK);
 }
 
 async fn a_key_with_expires_in_stops_when_it_expires(b: Backend) {
@@ -214,16 +166,8 @@ async fn a_key_with_expires_in_stops_when_it_expires(b: Backend) {
     app.clock.advance(599);
     assert_eq!(me_with_key(&app, &key).await.status(), StatusCode::OK);
     app.clock.advance(2);
-    assert_problem(
-        me_with_key(&app, &key).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
-    assert_eq!(
-        me_with_key(&app, &str_of(&lasting, "key")).await.status(),
-        StatusCode::OK
-    );
+    assert_problem(me_with_key(&app, &key).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_eq!(me_with_key(&app, &str_of(&lasting, "key")).await.status(), StatusCode::OK);
 }
 
 async fn invalid_names_and_lifetimes_are_validation_failures(b: Backend) {
@@ -238,10 +182,7 @@ async fn invalid_names_and_lifetimes_are_validation_failures(b: Backend) {
         (json!({"name": "k", "expires_in": 59}), "expires_in"),
         (json!({"name": "k", "expires_in": 0}), "expires_in"),
         (json!({"name": "k", "expires_in": -60}), "expires_in"),
-        (
-            json!({"name": "k", "expires_in": ten_years + 1}),
-            "expires_in",
-        ),
+        (json!({"name": "k", "expires_in": ten_years + 1}), "expires_in"),
         (json!({"name": "k", "expires_in": "3600"}), "expires_in"),
         (json!({"name": 7}), "name"),
     ];
@@ -249,28 +190,15 @@ async fn invalid_names_and_lifetimes_are_validation_failures(b: Backend) {
         let r = create_key(&app, &at, body.clone()).await;
         let p = assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
         let errors = p["errors"].as_array().unwrap_or_else(|| panic!("{p}"));
-        assert!(
-            errors.iter().any(|e| e["field"] == field),
-            "{body} names {field}: {p}"
-        );
+        assert!(errors.iter().any(|e| e["field"] == field), "{body} names {field}: {p}");
     }
     // Both problems at once are both reported.
     let r = create_key(&app, &at, json!({"expires_in": 1})).await;
     let p = assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
-    let fields: Vec<&Value> = p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| &e["field"])
-        .collect();
+    let fields: Vec<&Value> = p["errors"].as_array().unwrap().iter().map(|e| &e["field"]).collect();
     assert!(fields.contains(&&json!("name")) && fields.contains(&&json!("expires_in")));
     // Nothing was created by the refused requests; the edges of the range are fine.
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/api-keys", &at)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_bearer("/v1/me/api-keys", &at).await.json().await.unwrap();
     assert!(list.is_empty(), "{list:?}");
     for e in [60, ten_years] {
         new_key(&app, &at, json!({"name": "edge", "expires_in": e})).await;
@@ -284,16 +212,8 @@ async fn an_api_key_cannot_manage_keys_or_reach_bearer_only_endpoints(b: Backend
     let at = str_of(&root, "access_token");
     let k = new_key(&app, &at, json!({"name": "admin key"})).await;
     let key = str_of(&k, "key");
-    let with_key = |m: reqwest::Method, path: &str| {
-        app.client
-            .request(m, app.url(path))
-            .header("x-api-key", &key)
-    };
-    let r = with_key(reqwest::Method::POST, "/v1/me/api-keys")
-        .json(&json!({"name": "child"}))
-        .send()
-        .await
-        .unwrap();
+    let with_key = |m: reqwest::Method, path: &str| app.client.request(m, app.url(path)).header("x-api-key", &key);
+    let r = with_key(reqwest::Method::POST, "/v1/me/api-keys").json(&json!({"name": "child"})).send().await.unwrap();
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
     let by_id = format!("/v1/me/api-keys/{}", str_of(&k, "id"));
     let user_path = format!("/v1/admin/users/{}", root["user"]["id"].as_str().unwrap());
@@ -311,21 +231,10 @@ async fn an_api_key_cannot_manage_keys_or_reach_bearer_only_endpoints(b: Backend
     }
     // The key is still there and still works: the refused DELETE did nothing.
     assert_eq!(me_with_key(&app, &key).await.status(), StatusCode::OK);
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/api-keys", &at)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_bearer("/v1/me/api-keys", &at).await.json().await.unwrap();
     assert_eq!(list.len(), 1);
     // And without any credentials the key endpoints are 401 too.
-    let r = app
-        .client
-        .post(app.url("/v1/me/api-keys"))
-        .json(&json!({"name": "anon"}))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.post(app.url("/v1/me/api-keys")).json(&json!({"name": "anon"})).send().await.unwrap();
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
@@ -338,20 +247,12 @@ async fn a_key_stops_working_when_an_admin_suspends_its_owner(b: Backend) {
     assert_eq!(me_with_key(&app, &key).await.status(), StatusCode::OK);
     let r = app
         .client
-        .patch(app.url(&format!(
-            "/v1/admin/users/{}",
-            t["user"]["id"].as_str().unwrap()
-        )))
+        .patch(app.url(&format!("/v1/admin/users/{}", t["user"]["id"].as_str().unwrap())))
         .bearer_auth(&admin)
         .json(&json!({"status": "suspended"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_problem(
-        me_with_key(&app, &key).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(me_with_key(&app, &key).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }

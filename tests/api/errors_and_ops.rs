@@ -23,13 +23,9 @@ async fn raw(app: &TestApp, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqw
 
 async fn bad_bodies_get_the_contract_errors(b: Backend) {
     let app = TestApp::spawn(b).await;
-    for path in [
-        "/v1/auth/register",
-        "/v1/auth/login",
-        "/v1/auth/verify-email",
-        "/v1/auth/refresh",
-        "/v1/auth/password/reset",
-    ] {
+    for path in
+        ["/v1/auth/register", "/v1/auth/login", "/v1/auth/verify-email", "/v1/auth/refresh", "/v1/auth/password/reset"]
+    {
         assert_problem(
             raw(&app, path, Some("application/json"), b"{nope".to_vec()).await,
             StatusCode::BAD_REQUEST,
@@ -59,13 +55,9 @@ async fn bad_bodies_get_the_contract_errors(b: Backend) {
             let r = raw(&app, path, Some("application/json"), body.to_vec()).await;
             assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
         }
-        let r = raw(
-            &app,
-            path,
-            Some("application/json; charset=utf-8"),
-            br#"{"email": ["x"], "password": {}}"#.to_vec(),
-        )
-        .await;
+        let r =
+            raw(&app, path, Some("application/json; charset=utf-8"), br#"{"email": ["x"], "password": {}}"#.to_vec())
+                .await;
         assert!(r.status().is_client_error(), "{path}: {}", r.status());
     }
     // Odd but well-formed input never yields a 5xx.
@@ -74,13 +66,7 @@ async fn bad_bodies_get_the_contract_errors(b: Backend) {
         r#"{"email": "a@example.com", "password": "\ud800"}"#,
         r#"{"email": "émile@exämple.com", "password": "correct horse battery"}"#,
     ] {
-        let r = raw(
-            &app,
-            "/v1/auth/login",
-            Some("application/json"),
-            body.as_bytes().to_vec(),
-        )
-        .await;
+        let r = raw(&app, "/v1/auth/login", Some("application/json"), body.as_bytes().to_vec()).await;
         assert!(r.status().is_client_error(), "{body}: {}", r.status());
     }
     let long = "p".repeat(60 * 1024);
@@ -92,12 +78,7 @@ async fn unknown_routes_and_methods_are_problems_too(b: Backend) {
     let app = TestApp::spawn(b).await;
     let r = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
     assert_problem(r, StatusCode::NOT_FOUND, "not_found").await;
-    let r = app
-        .client
-        .get(app.url("/v1/auth/login"))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.get(app.url("/v1/auth/login")).send().await.unwrap();
     assert!(r.headers().contains_key("allow"));
     assert_problem(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
@@ -112,25 +93,15 @@ async fn health_readiness_metrics_and_discovery_answer(b: Backend) {
     assert_eq!(ready["status"], "ready");
     app.login("m@example.com", "whatever").await;
     let metrics = get("/metrics").await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("gatehouse_http_requests_total{method=\"POST\",route=\"/v1/auth/login\",status=\"401\"} 1"), "{metrics}");
-    assert!(metrics.contains("gatehouse_password_hash_workers"));
-    let conf: Value = get("/.well-known/openid-configuration")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(conf["issuer"], "http://127.0.0.1:8080");
-    assert_eq!(
-        conf["jwks_uri"],
-        "http://127.0.0.1:8080/.well-known/jwks.json"
+    assert!(
+        metrics.contains("gatehouse_http_requests_total{method=\"POST\",route=\"/v1/auth/login\",status=\"401\"} 1"),
+        "{metrics}"
     );
-    let jwks: Value = get("/.well-known/jwks.json")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert!(metrics.contains("gatehouse_password_hash_workers"));
+    let conf: Value = get("/.well-known/openid-configuration").await.unwrap().json().await.unwrap();
+    assert_eq!(conf["issuer"], "http://127.0.0.1:8080");
+    assert_eq!(conf["jwks_uri"], "http://127.0.0.1:8080/.well-known/jwks.json");
+    let jwks: Value = get("/.well-known/jwks.json").await.unwrap().json().await.unwrap();
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
     let docs = get("/docs").await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
@@ -139,15 +110,7 @@ async fn health_readiness_metrics_and_discovery_answer(b: Backend) {
 
 async fn the_openapi_document_covers_every_route(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = doc["paths"].as_object().unwrap();
     for (path, method) in [

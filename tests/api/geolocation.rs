@@ -21,18 +21,11 @@ both_backends!(
 );
 
 async fn located_app(b: Backend) -> TestApp {
-    TestApp::spawn_with(b, |f| {
-        f.merge(("geoip_db", GEOIP_DB))
-            .merge(("trusted_proxies", "127.0.0.1"))
-    })
-    .await
+    TestApp::spawn_with(b, |f| f.merge(("geoip_db", GEOIP_DB)).merge(("trusted_proxies", "127.0.0.1"))).await
 }
 
 async fn login_from(app: &TestApp, email: &str, forwarded_for: Option<&str>) -> Response {
-    let mut r = app
-        .client
-        .post(app.url("/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}));
+    let mut r = app.client.post(app.url("/v1/auth/login")).json(&json!({"email": email, "password": PASSWORD}));
     if let Some(xff) = forwarded_for {
         r = r.header("x-forwarded-for", xff);
     }
@@ -47,15 +40,8 @@ async fn login_ok_from(app: &TestApp, email: &str, forwarded_for: Option<&str>) 
 
 /// The caller's current session as `GET /v1/me/sessions` lists it.
 async fn current_session(app: &TestApp, t: &Value) -> Value {
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/sessions", &str_of(t, "access_token"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    list.into_iter()
-        .find(|s| s["current"] == true)
-        .expect("the current session is listed")
+    let list: Vec<Value> = app.get_bearer("/v1/me/sessions", &str_of(t, "access_token")).await.json().await.unwrap();
+    list.into_iter().find(|s| s["current"] == true).expect("the current session is listed")
 }
 
 async fn me(app: &TestApp, t: &Value) -> Value {
@@ -76,24 +62,12 @@ async fn a_login_through_a_trusted_proxy_is_located_by_the_forwarded_address(b: 
     // The stored user holds it too, for the user and for an admin.
     assert_eq!(&me(&app, &t).await["last_login_geolocation"], geo);
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
-    let u: Value = app
-        .get_bearer(
-            &format!("/v1/admin/users/{}", str_of(&t["user"], "id")),
-            &admin,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let u: Value =
+        app.get_bearer(&format!("/v1/admin/users/{}", str_of(&t["user"], "id")), &admin).await.json().await.unwrap();
     assert_eq!(&u["last_login_geolocation"], geo);
 
     // Through a chain of proxies the right-most untrusted hop is the client.
-    let t = login_ok_from(
-        &app,
-        "london@example.com",
-        Some("203.0.113.9, 81.2.69.142, 127.0.0.1"),
-    )
-    .await;
+    let t = login_ok_from(&app, "london@example.com", Some("203.0.113.9, 81.2.69.142, 127.0.0.1")).await;
     assert_eq!(t["user"]["last_login_geolocation"]["city"], "London");
     assert_eq!(current_session(&app, &t).await["ip"], "81.2.69.142");
 }
@@ -131,11 +105,8 @@ async fn without_a_trusted_proxy_the_forwarded_address_is_ignored(b: Backend) {
     assert!(me(&app, &t).await["last_login_geolocation"].is_null());
 
     // A trusted proxy other than the peer changes nothing either.
-    let app = TestApp::spawn_with(b, |f| {
-        f.merge(("geoip_db", GEOIP_DB))
-            .merge(("trusted_proxies", "10.0.0.0/8"))
-    })
-    .await;
+    let app =
+        TestApp::spawn_with(b, |f| f.merge(("geoip_db", GEOIP_DB)).merge(("trusted_proxies", "10.0.0.0/8"))).await;
     app.verified_user("direct@example.com").await;
     let t = login_ok_from(&app, "direct@example.com", Some("81.2.69.142")).await;
     assert_eq!(current_session(&app, &t).await["ip"], "127.0.0.1");
@@ -146,10 +117,7 @@ async fn without_a_geoip_database_the_location_is_null(b: Backend) {
     let app = TestApp::spawn_with(b, |f| f.merge(("trusted_proxies", "127.0.0.1"))).await;
     app.verified_user("nowhere@example.com").await;
     let t = login_ok_from(&app, "nowhere@example.com", Some("81.2.69.142")).await;
-    assert!(
-        t["user"].get("last_login_geolocation").is_some(),
-        "the field is there: {t}"
-    );
+    assert!(t["user"].get("last_login_geolocation").is_some(), "the field is there: {t}");
     assert!(t["user"]["last_login_geolocation"].is_null(), "{t}");
     assert!(me(&app, &t).await["last_login_geolocation"].is_null());
     // The forwarded address is still the client's.
@@ -175,9 +143,6 @@ async fn a_geoip_database_that_cannot_be_opened_stops_the_start(b: Backend) {
             panic!("{} was accepted as a GeoIP database", path.display());
         };
         let msg = format!("{e:#}");
-        assert!(
-            msg.contains("geoip_db"),
-            "the error names the setting: {msg}"
-        );
+        assert!(msg.contains("geoip_db"), "the error names the setting: {msg}");
     }
 }

@@ -68,23 +68,16 @@ impl TestApp {
             .merge(("hash_queue", 256));
         let settings = Settings::from_figment(tweak(f)).expect("test settings");
         let clock = Arc::new(ManualClock::starting_now());
-        let app = App::build_with_clock(&settings, clock.clone())
-            .await
-            .expect("build app");
+        let app = App::build_with_clock(&settings, clock.clone()).await.expect("build app");
         let state = app.state.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(app.serve(listener, std::future::pending()));
         Self {
             addr,
             clock,
             state,
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(64)
-                .build()
-                .expect("client"),
+            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
             outbox: settings.outbox_dir(),
             _dir: dir,
         }
@@ -95,12 +88,7 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).json(&body).send().await.expect("request")
     }
 
     pub async fn post_bearer(&self, path: &str, token: &str, body: Option<Value>) -> Response {
@@ -112,46 +100,26 @@ impl TestApp {
     }
 
     pub async fn get_bearer(&self, path: &str, token: &str) -> Response {
-        self.client
-            .get(self.url(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
+        self.client.get(self.url(path)).bearer_auth(token).send().await.expect("request")
     }
 
     pub async fn delete_bearer(&self, path: &str, token: &str) -> Response {
-        self.client
-            .delete(self.url(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
+        self.client.delete(self.url(path)).bearer_auth(token).send().await.expect("request")
     }
 
     pub async fn register(&self, email: &str) -> Response {
-        self.post(
-            "/v1/auth/register",
-            json!({"email": email, "password": PASSWORD}),
-        )
-        .await
+        self.post("/v1/auth/register", json!({"email": email, "password": PASSWORD})).await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> Response {
-        self.post(
-            "/v1/auth/login",
-            json!({"email": email, "password": password}),
-        )
-        .await
+        self.post("/v1/auth/login", json!({"email": email, "password": password})).await
     }
 
     /// Registers, verifies by link and returns the user JSON.
     pub async fn verified_user(&self, email: &str) -> Value {
         assert_eq!(self.register(email).await.status(), StatusCode::ACCEPTED);
         let mail = self.wait_mail(email, "Verify").await;
-        let r = self
-            .post("/v1/auth/verify-email", json!({"token": link_token(&mail)}))
-            .await;
+        let r = self.post("/v1/auth/verify-email", json!({"token": link_token(&mail)})).await;
         assert_eq!(r.status(), StatusCode::OK);
         r.json().await.expect("user")
     }
@@ -172,12 +140,7 @@ impl TestApp {
     pub async fn admin(&self, email: &str) -> Value {
         self.state
             .services
-            .create_user_directly(
-                email,
-                PASSWORD.to_owned().into(),
-                gatehouse::domain::user::Role::Admin,
-                true,
-            )
+            .create_user_directly(email, PASSWORD.to_owned().into(), gatehouse::domain::user::Role::Admin, true)
             .await
             .expect("create admin");
         self.login_ok(email).await
@@ -188,19 +151,13 @@ impl TestApp {
         let Ok(rd) = std::fs::read_dir(&self.outbox) else {
             return vec![];
         };
-        let mut files: Vec<_> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
-            .collect();
+        let mut files: Vec<_> =
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "eml")).collect();
         files.sort();
         files
             .into_iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
-            .filter(|m| {
-                m.lines()
-                    .any(|l| l.eq_ignore_ascii_case(&format!("To: {to}")))
-            })
+            .filter(|m| m.lines().any(|l| l.eq_ignore_ascii_case(&format!("To: {to}"))))
             .collect()
     }
 
@@ -216,18 +173,12 @@ impl TestApp {
             let found: Vec<String> = self
                 .mails_to(to)
                 .into_iter()
-                .filter(|m| {
-                    m.lines()
-                        .any(|l| l.starts_with("Subject:") && l.contains(subject))
-                })
+                .filter(|m| m.lines().any(|l| l.starts_with("Subject:") && l.contains(subject)))
                 .collect();
             if found.len() >= n {
                 return found;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {n} mail(s) '{subject}' to {to} within 10 s"
-            );
+            assert!(Instant::now() < deadline, "no {n} mail(s) '{subject}' to {to} within 10 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -235,11 +186,7 @@ impl TestApp {
     /// Gives background work (mail) a moment, then asserts nothing arrived for `to`.
     pub async fn assert_no_mail_with(&self, to: &str, subject: &str) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let n = self
-            .mails_to(to)
-            .iter()
-            .filter(|m| m.contains(subject))
-            .count();
+        let n = self.mails_to(to).iter().filter(|m| m.contains(subject)).count();
         assert_eq!(n, 0, "unexpected '{subject}' mail to {to}");
     }
 }
@@ -247,10 +194,7 @@ impl TestApp {
 /// The `token=` value of a mailed link.
 pub fn link_token(mail: &str) -> String {
     let start = mail.find("token=").expect("a token link") + "token=".len();
-    mail[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric())
-        .collect()
+    mail[start..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect()
 }
 
 /// The 6-digit code of a verification mail.
@@ -265,12 +209,7 @@ pub fn code(mail: &str) -> String {
 /// Asserts a problem+json answer with `status` and `code`; returns the body.
 pub async fn assert_problem(r: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(r.status(), status, "status for {code}");
-    let ct = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert_eq!(ct, "application/problem+json");
     let body: Value = r.json().await.expect("problem body");
     assert_eq!(body["code"], code, "{body}");
@@ -289,7 +228,5 @@ pub fn retry_after(r: &Response) -> u64 {
 }
 
 pub fn str_of(v: &Value, k: &str) -> String {
-    v[k].as_str()
-        .unwrap_or_else(|| panic!("{k} in {v}"))
-        .to_owned()
+    v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}")).to_owned()
 }

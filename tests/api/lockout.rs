@@ -27,12 +27,7 @@ async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
 async fn fail_n(app: &TestApp, email: &str, n: usize) {
     for i in 0..n {
         let r = fail(app, email).await;
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "failure {} of {n}",
-            i + 1
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "failure {} of {n}", i + 1);
     }
 }
 
@@ -65,15 +60,9 @@ async fn retry_after_counts_down_and_the_right_password_waits_it_out(b: Backend)
     assert_eq!(retry_after(&r), 40);
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     app.clock.advance(39);
-    assert_eq!(
-        retry_after(&app.login("wait@example.com", PASSWORD).await),
-        1
-    );
+    assert_eq!(retry_after(&app.login("wait@example.com", PASSWORD).await), 1);
     app.clock.advance(1);
-    assert_eq!(
-        app.login("wait@example.com", PASSWORD).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("wait@example.com", PASSWORD).await.status(), StatusCode::OK);
 }
 
 async fn unknown_emails_lock_the_same_way(b: Backend) {
@@ -88,15 +77,9 @@ async fn a_success_resets_the_count(b: Backend) {
     let app = TestApp::spawn(b).await;
     app.verified_user("reset@example.com").await;
     fail_n(&app, "reset@example.com", 4).await;
-    assert_eq!(
-        app.login("reset@example.com", PASSWORD).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("reset@example.com", PASSWORD).await.status(), StatusCode::OK);
     fail_n(&app, "reset@example.com", 4).await;
-    assert_eq!(
-        app.login("reset@example.com", PASSWORD).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("reset@example.com", PASSWORD).await.status(), StatusCode::OK);
 }
 
 async fn the_hard_lock_holds_until_a_reset_or_an_admin_unlock(b: Backend) {
@@ -105,77 +88,39 @@ async fn the_hard_lock_holds_until_a_reset_or_an_admin_unlock(b: Backend) {
     let user = app.verified_user("hard@example.com").await;
     for n in 1..=100 {
         let r = fail(&app, "hard@example.com").await;
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "failure {n} is checked"
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "failure {n} is checked");
         app.clock.advance(3600);
     }
     app.clock.advance(10 * 86_400);
     let r = app.login("hard@example.com", PASSWORD).await;
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     let admin = str_of(&app.login_ok("root@example.com").await, "access_token");
-    let r = app
-        .post_bearer(
-            &format!("/v1/admin/users/{}/unlock", str_of(&user, "id")),
-            &admin,
-            None,
-        )
-        .await;
+    let r = app.post_bearer(&format!("/v1/admin/users/{}/unlock", str_of(&user, "id")), &admin, None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        app.login("hard@example.com", PASSWORD).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("hard@example.com", PASSWORD).await.status(), StatusCode::OK);
 
     // Again, cleared this time by a completed password reset.
     for _ in 1..=100 {
         fail(&app, "hard@example.com").await;
         app.clock.advance(3600);
     }
-    assert_eq!(
-        app.login("hard@example.com", PASSWORD).await.status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    app.post(
-        "/v1/auth/password/forgot",
-        json!({"email": "hard@example.com"}),
-    )
-    .await;
+    assert_eq!(app.login("hard@example.com", PASSWORD).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    app.post("/v1/auth/password/forgot", json!({"email": "hard@example.com"})).await;
     let mail = app.wait_mail("hard@example.com", "Reset").await;
     let r = app
-        .post(
-            "/v1/auth/password/reset",
-            json!({"token": link_token(&mail), "password": "a brand new passphrase"}),
-        )
+        .post("/v1/auth/password/reset", json!({"token": link_token(&mail), "password": "a brand new passphrase"}))
         .await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        app.login("hard@example.com", "a brand new passphrase")
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("hard@example.com", "a brand new passphrase").await.status(), StatusCode::OK);
 }
 
 async fn fifty_simultaneous_guesses_check_at_most_five_passwords(b: Backend) {
     let app = TestApp::spawn(b).await;
     app.verified_user("race@example.com").await;
     let guesses = (0..50).map(|_| fail(&app, "race@example.com"));
-    let statuses: Vec<StatusCode> = futures::future::join_all(guesses)
-        .await
-        .iter()
-        .map(|r| r.status())
-        .collect();
-    let checked = statuses
-        .iter()
-        .filter(|s| **s == StatusCode::UNAUTHORIZED)
-        .count();
-    let locked = statuses
-        .iter()
-        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
-        .count();
+    let statuses: Vec<StatusCode> = futures::future::join_all(guesses).await.iter().map(|r| r.status()).collect();
+    let checked = statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    let locked = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
     assert_eq!(checked, 5, "{statuses:?}");
     assert_eq!(locked, 45);
 }
@@ -183,12 +128,7 @@ async fn fifty_simultaneous_guesses_check_at_most_five_passwords(b: Backend) {
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {
     let app = TestApp::spawn_with(b, |f| f.merge(("rate_limit_per_ip", "3/60"))).await;
     for _ in 0..3 {
-        let r = app
-            .post(
-                "/v1/auth/resend-verification",
-                json!({"email": "x@example.com"}),
-            )
-            .await;
+        let r = app.post("/v1/auth/resend-verification", json!({"email": "x@example.com"})).await;
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
     let r = app.login("x@example.com", PASSWORD).await;
@@ -196,20 +136,9 @@ async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {
     assert!((1..=60).contains(&wait), "{wait}");
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     // Only the auth endpoints are limited.
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
     app.clock.advance(60);
-    assert_eq!(
-        app.login("x@example.com", PASSWORD).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(app.login("x@example.com", PASSWORD).await.status(), StatusCode::UNAUTHORIZED);
 }
 
 async fn forwarded_for_counts_only_from_trusted_proxies(b: Backend) {
@@ -221,54 +150,29 @@ async fn forwarded_for_counts_only_from_trusted_proxies(b: Backend) {
             .send()
     };
     let untrusted = TestApp::spawn_with(b, |f| f.merge(("rate_limit_per_ip", "2/60"))).await;
-    assert_eq!(
-        send(&untrusted, "1.1.1.1").await.unwrap().status(),
-        StatusCode::ACCEPTED
-    );
-    assert_eq!(
-        send(&untrusted, "2.2.2.2").await.unwrap().status(),
-        StatusCode::ACCEPTED
-    );
-    assert_eq!(
-        send(&untrusted, "3.3.3.3").await.unwrap().status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    assert_eq!(send(&untrusted, "1.1.1.1").await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(send(&untrusted, "2.2.2.2").await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(send(&untrusted, "3.3.3.3").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
 
-    let trusted = TestApp::spawn_with(b, |f| {
-        f.merge(("rate_limit_per_ip", "2/60"))
-            .merge(("trusted_proxies", "127.0.0.1"))
-    })
-    .await;
+    let trusted =
+        TestApp::spawn_with(b, |f| f.merge(("rate_limit_per_ip", "2/60")).merge(("trusted_proxies", "127.0.0.1")))
+            .await;
     for ip in ["1.1.1.1", "1.1.1.1", "2.2.2.2", "2.2.2.2"] {
-        assert_eq!(
-            send(&trusted, ip).await.unwrap().status(),
-            StatusCode::ACCEPTED,
-            "{ip}"
-        );
+        assert_eq!(send(&trusted, ip).await.unwrap().status(), StatusCode::ACCEPTED, "{ip}");
     }
-    assert_eq!(
-        send(&trusted, "1.1.1.1").await.unwrap().status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    assert_eq!(send(&trusted, "1.1.1.1").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
 async fn a_full_hashing_queue_answers_503_at_once(b: Backend) {
     let app = TestApp::spawn_with(b, |f| {
-        f.merge(("hash_workers", 1))
-            .merge(("hash_queue", 1))
-            .merge(("password_hash", "argon2id:m=65536,t=3,p=1"))
+        f.merge(("hash_workers", 1)).merge(("hash_queue", 1)).merge(("password_hash", "argon2id:m=65536,t=3,p=1"))
     })
     .await;
     let emails: Vec<String> = (0..12).map(|i| format!("flood{i}@example.com")).collect();
     let logins = emails.iter().map(|e| app.login(e, "some password"));
     let health = async {
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
+        app.client.get(app.url("/healthz")).send().await.unwrap().status()
     };
     let (results, health) = tokio::join!(futures::future::join_all(logins), health);
     assert_eq!(health, StatusCode::OK);
@@ -282,10 +186,7 @@ async fn a_full_hashing_queue_answers_503_at_once(b: Backend) {
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         }
     }
-    assert!(
-        overloaded >= 1,
-        "12 logins on 1 worker + 1 queue slot must overflow"
-    );
+    assert!(overloaded >= 1, "12 logins on 1 worker + 1 queue slot must overflow");
     // A login refused for overload is not counted as a failure.
     let r = app.login("flood0@example.com", "x").await;
     assert_ne!(r.status(), StatusCode::TOO_MANY_REQUESTS);

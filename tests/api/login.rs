@@ -44,12 +44,7 @@ fn app_now(app: &TestApp) -> i64 {
 }
 
 fn decode_part(jwt: &str, i: usize) -> Value {
-    serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(jwt.split('.').nth(i).unwrap())
-            .unwrap(),
-    )
-    .unwrap()
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').nth(i).unwrap()).unwrap()).unwrap()
 }
 
 async fn the_access_token_is_an_eddsa_at_jwt_with_the_contract_claims(b: Backend) {
@@ -59,20 +54,10 @@ async fn the_access_token_is_an_eddsa_at_jwt_with_the_contract_claims(b: Backend
     let header = decode_part(&jwt, 0);
     assert_eq!(header["alg"], "EdDSA");
     assert_eq!(header["typ"], "at+jwt");
-    let jwks: Value = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
     assert_eq!(jwks["keys"][0]["kid"], header["kid"]);
     let claims = decode_part(&jwt, 1);
-    for k in [
-        "iss", "sub", "aud", "exp", "iat", "jti", "sid", "email", "role",
-    ] {
+    for k in ["iss", "sub", "aud", "exp", "iat", "jti", "sid", "email", "role"] {
         assert!(claims.get(k).is_some(), "claim {k} missing: {claims}");
     }
     assert_eq!(claims["sub"], t["user"]["id"]);
@@ -87,12 +72,7 @@ async fn the_access_token_is_an_eddsa_at_jwt_with_the_contract_claims(b: Backend
     assert!(jsonwebtoken::decode::<Value>(&jwt, &key, &v).is_ok());
     // A token past its expiry is refused.
     app.clock.advance(3600);
-    assert_problem(
-        app.get_bearer("/v1/me", &jwt).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(app.get_bearer("/v1/me", &jwt).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
 async fn unknown_email_and_wrong_password_answer_identically(b: Backend) {
@@ -102,18 +82,10 @@ async fn unknown_email_and_wrong_password_answer_identically(b: Backend) {
     let unknown = app.login("unknown@example.com", "not the password").await;
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
-    let hw: Vec<_> = wrong
-        .headers()
-        .iter()
-        .filter(|(k, _)| *k != "date")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let hu: Vec<_> = unknown
-        .headers()
-        .iter()
-        .filter(|(k, _)| *k != "date")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let hw: Vec<_> =
+        wrong.headers().iter().filter(|(k, _)| *k != "date").map(|(k, v)| (k.clone(), v.clone())).collect();
+    let hu: Vec<_> =
+        unknown.headers().iter().filter(|(k, _)| *k != "date").map(|(k, v)| (k.clone(), v.clone())).collect();
     assert_eq!(hw, hu);
     assert_eq!(wrong.text().await.unwrap(), unknown.text().await.unwrap());
 }
@@ -121,11 +93,9 @@ async fn unknown_email_and_wrong_password_answer_identically(b: Backend) {
 async fn account_states_are_refused_only_after_the_right_password(b: Backend) {
     let app = TestApp::spawn(b).await;
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
-    for (state, code) in [
-        ("deactivated", "account_deactivated"),
-        ("suspended", "account_suspended"),
-        ("deleted", "account_deleted"),
-    ] {
+    for (state, code) in
+        [("deactivated", "account_deactivated"), ("suspended", "account_suspended"), ("deleted", "account_deleted")]
+    {
         let email = format!("{state}@example.com");
         let user = app.verified_user(&email).await;
         let r = app
@@ -137,18 +107,9 @@ async fn account_states_are_refused_only_after_the_right_password(b: Backend) {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        assert_problem(
-            app.login(&email, "wrong password").await,
-            StatusCode::UNAUTHORIZED,
-            "invalid_credentials",
-        )
-        .await;
-        assert_problem(
-            app.login(&email, PASSWORD).await,
-            StatusCode::FORBIDDEN,
-            code,
-        )
-        .await;
+        assert_problem(app.login(&email, "wrong password").await, StatusCode::UNAUTHORIZED, "invalid_credentials")
+            .await;
+        assert_problem(app.login(&email, PASSWORD).await, StatusCode::FORBIDDEN, code).await;
     }
 }
 
@@ -183,37 +144,17 @@ async fn me_needs_a_valid_bearer_token(b: Backend) {
     let r = app.client.get(app.url("/v1/me")).send().await.unwrap();
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    assert_problem(
-        app.get_bearer("/v1/me", "garbage").await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(app.get_bearer("/v1/me", "garbage").await, StatusCode::UNAUTHORIZED, "unauthorized").await;
     // Flip a character inside the signature (the last one may only carry padding bits).
     let i = jwt.len() - 10;
     let flipped = if &jwt[i..=i] == "A" { "B" } else { "A" };
     let tampered = format!("{}{}{}", &jwt[..i], flipped, &jwt[i + 1..]);
-    assert_problem(
-        app.get_bearer("/v1/me", &tampered).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(app.get_bearer("/v1/me", &tampered).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
     // Tokens are never taken from the query string.
-    let r = app
-        .client
-        .get(app.url(&format!("/v1/me?access_token={jwt}")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.get(app.url(&format!("/v1/me?access_token={jwt}"))).send().await.unwrap();
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
     // A token of another Gatehouse (another key) is foreign.
     let other = TestApp::spawn(b).await;
     let foreign = str_of(&other.logged_in("me@example.com").await, "access_token");
-    assert_problem(
-        app.get_bearer("/v1/me", &foreign).await,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-    )
-    .await;
+    assert_problem(app.get_bearer("/v1/me", &foreign).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }

@@ -9,6 +9,7 @@ mod admin;
 mod api_keys;
 mod errors_and_ops;
 mod geolocation;
+mod hardening;
 mod lockout;
 mod login;
 mod registration;

@@ -21,8 +21,7 @@ both_backends!(
 );
 
 async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
-    app.post("/v1/auth/refresh", json!({"refresh_token": token}))
-        .await
+    app.post("/v1/auth/refresh", json!({"refresh_token": token})).await
 }
 
 async fn refresh_rotates_and_rereads_the_user(b: Backend) {
@@ -31,10 +30,7 @@ async fn refresh_rotates_and_rereads_the_user(b: Backend) {
     let t = app.logged_in("rot@example.com").await;
     let r = app
         .client
-        .patch(app.url(&format!(
-            "/v1/admin/users/{}",
-            t["user"]["id"].as_str().unwrap()
-        )))
+        .patch(app.url(&format!("/v1/admin/users/{}", t["user"]["id"].as_str().unwrap())))
         .bearer_auth(&admin)
         .json(&json!({"role": "admin"}))
         .send()
@@ -49,15 +45,10 @@ async fn refresh_rotates_and_rereads_the_user(b: Backend) {
     assert_ne!(n["refresh_token"], t["refresh_token"]);
     assert_eq!(n["session_id"], t["session_id"]);
     assert_eq!(n["user"]["role"], "admin", "role is read afresh");
-    let me = app
-        .get_bearer("/v1/admin/users", &str_of(&n, "access_token"))
-        .await;
+    let me = app.get_bearer("/v1/admin/users", &str_of(&n, "access_token")).await;
     assert_eq!(me.status(), StatusCode::OK);
     // The successor rotates in turn.
-    assert_eq!(
-        refresh(&app, &str_of(&n, "refresh_token")).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(refresh(&app, &str_of(&n, "refresh_token")).await.status(), StatusCode::OK);
 }
 
 async fn parallel_refreshes_of_one_token_yield_one_successor(b: Backend) {
@@ -90,9 +81,7 @@ async fn reuse_after_the_grace_window_ends_the_session_for_both_holders(b: Backe
     assert_problem(r, StatusCode::UNAUTHORIZED, "refresh_token_reused").await;
     let r = refresh(&app, &str_of(&honest, "refresh_token")).await;
     assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
-    let r = app
-        .get_bearer("/v1/me", &str_of(&honest, "access_token"))
-        .await;
+    let r = app.get_bearer("/v1/me", &str_of(&honest, "access_token")).await;
     assert_problem(r, StatusCode::UNAUTHORIZED, "session_ended").await;
     let r = app.get_bearer("/v1/me", &str_of(&t, "access_token")).await;
     assert_problem(r, StatusCode::UNAUTHORIZED, "session_ended").await;
@@ -102,27 +91,12 @@ async fn expired_unknown_or_ended_refresh_tokens_are_invalid(b: Backend) {
     let app = TestApp::spawn_with(b, |f| f.merge(("refresh_token_ttl", 100))).await;
     let t = app.logged_in("exp@example.com").await;
     assert_eq!(t["refresh_expires_in"], 100);
-    assert_problem(
-        refresh(&app, "nonsense").await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_token",
-    )
-    .await;
-    assert_problem(
-        refresh(&app, "").await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_token",
-    )
-    .await;
+    assert_problem(refresh(&app, "nonsense").await, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    assert_problem(refresh(&app, "").await, StatusCode::UNAUTHORIZED, "invalid_token").await;
     let r = app.post("/v1/auth/refresh", json!({})).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
     app.clock.advance(100);
-    assert_problem(
-        refresh(&app, &str_of(&t, "refresh_token")).await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_token",
-    )
-    .await;
+    assert_problem(refresh(&app, &str_of(&t, "refresh_token")).await, StatusCode::UNAUTHORIZED, "invalid_token").await;
 }
 
 async fn the_login_beyond_the_device_limit_ends_the_oldest_session(b: Backend) {
@@ -130,30 +104,15 @@ async fn the_login_beyond_the_device_limit_ends_the_oldest_session(b: Backend) {
     let first = app.logged_in("dev@example.com").await;
     let second = app.login_ok("dev@example.com").await;
     let third = app.login_ok("dev@example.com").await;
-    let r = app
-        .get_bearer("/v1/me", &str_of(&first, "access_token"))
-        .await;
+    let r = app.get_bearer("/v1/me", &str_of(&first, "access_token")).await;
     assert_problem(r, StatusCode::UNAUTHORIZED, "session_ended").await;
-    assert_problem(
-        refresh(&app, &str_of(&first, "refresh_token")).await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_token",
-    )
-    .await;
+    assert_problem(refresh(&app, &str_of(&first, "refresh_token")).await, StatusCode::UNAUTHORIZED, "invalid_token")
+        .await;
     for t in [&second, &third] {
-        assert_eq!(
-            app.get_bearer("/v1/me", &str_of(t, "access_token"))
-                .await
-                .status(),
-            StatusCode::OK
-        );
+        assert_eq!(app.get_bearer("/v1/me", &str_of(t, "access_token")).await.status(), StatusCode::OK);
     }
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/sessions", &str_of(&third, "access_token"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> =
+        app.get_bearer("/v1/me/sessions", &str_of(&third, "access_token")).await.json().await.unwrap();
     assert_eq!(list.len(), 2);
 }
 
@@ -162,8 +121,7 @@ async fn parallel_logins_never_leave_more_than_the_device_limit(b: Backend) {
     // in flight (see domain::lockout), so the tier is raised for this race.
     let app = TestApp::spawn_with(b, |f| f.merge(("lockout_tiers", "20:60"))).await;
     app.verified_user("many@example.com").await;
-    let all =
-        futures::future::join_all((0..8).map(|_| app.login("many@example.com", PASSWORD))).await;
+    let all = futures::future::join_all((0..8).map(|_| app.login("many@example.com", PASSWORD))).await;
     let mut tokens = Vec::new();
     for r in all {
         assert_eq!(r.status(), StatusCode::OK);
@@ -184,24 +142,9 @@ async fn logout_stops_access_and_refresh_tokens_at_once(b: Backend) {
     let at = str_of(&t, "access_token");
     let r = app.post_bearer("/v1/auth/logout", &at, None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_problem(
-        app.get_bearer("/v1/me", &at).await,
-        StatusCode::UNAUTHORIZED,
-        "session_ended",
-    )
-    .await;
-    assert_problem(
-        refresh(&app, &str_of(&t, "refresh_token")).await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_token",
-    )
-    .await;
-    let r = app
-        .client
-        .post(app.url("/v1/auth/logout"))
-        .send()
-        .await
-        .unwrap();
+    assert_problem(app.get_bearer("/v1/me", &at).await, StatusCode::UNAUTHORIZED, "session_ended").await;
+    assert_problem(refresh(&app, &str_of(&t, "refresh_token")).await, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    let r = app.client.post(app.url("/v1/auth/logout")).send().await.unwrap();
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
@@ -221,12 +164,7 @@ async fn sessions_are_listed_with_current_and_ended_one_by_one_or_all_others(b: 
         .await
         .unwrap();
     let at = str_of(&c, "access_token");
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/sessions", &at)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_bearer("/v1/me/sessions", &at).await.json().await.unwrap();
     assert_eq!(list.len(), 3);
     let current: Vec<&Value> = list.iter().filter(|s| s["current"] == true).collect();
     assert_eq!(current.len(), 1);
@@ -236,12 +174,7 @@ async fn sessions_are_listed_with_current_and_ended_one_by_one_or_all_others(b: 
     for k in ["created_at", "last_used_at"] {
         assert!(current[0][k].is_string());
     }
-    let r = app
-        .delete_bearer(
-            &format!("/v1/me/sessions/{}", str_of(&a, "session_id")),
-            &at,
-        )
-        .await;
+    let r = app.delete_bearer(&format!("/v1/me/sessions/{}", str_of(&a, "session_id")), &at).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_problem(
         app.get_bearer("/v1/me", &str_of(&a, "access_token")).await,
@@ -251,42 +184,19 @@ async fn sessions_are_listed_with_current_and_ended_one_by_one_or_all_others(b: 
     .await;
     // Someone else's session, or nonsense, is not found.
     let other = app.logged_in("other@example.com").await;
-    let r = app
-        .delete_bearer(
-            &format!("/v1/me/sessions/{}", str_of(&other, "session_id")),
-            &at,
-        )
-        .await;
+    let r = app.delete_bearer(&format!("/v1/me/sessions/{}", str_of(&other, "session_id")), &at).await;
     assert_problem(r, StatusCode::NOT_FOUND, "not_found").await;
-    assert_eq!(
-        app.get_bearer("/v1/me", &str_of(&other, "access_token"))
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    assert_problem(
-        app.delete_bearer("/v1/me/sessions/xyz", &at).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
+    assert_eq!(app.get_bearer("/v1/me", &str_of(&other, "access_token")).await.status(), StatusCode::OK);
+    assert_problem(app.delete_bearer("/v1/me/sessions/xyz", &at).await, StatusCode::NOT_FOUND, "not_found").await;
     // Ending all others keeps only the current one.
-    assert_eq!(
-        app.delete_bearer("/v1/me/sessions", &at).await.status(),
-        StatusCode::NO_CONTENT
-    );
+    assert_eq!(app.delete_bearer("/v1/me/sessions", &at).await.status(), StatusCode::NO_CONTENT);
     assert_problem(
         app.get_bearer("/v1/me", &str_of(&b2, "access_token")).await,
         StatusCode::UNAUTHORIZED,
         "session_ended",
     )
     .await;
-    let list: Vec<Value> = app
-        .get_bearer("/v1/me/sessions", &at)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_bearer("/v1/me/sessions", &at).await.json().await.unwrap();
     assert_eq!(list.len(), 1);
 }
 
@@ -299,18 +209,12 @@ async fn changing_the_password_needs_the_current_one_and_ends_other_sessions(b: 
         .post_bearer(
             "/v1/me/password",
             &at,
-            Some(
-                json!({"current_password": "nope nope", "new_password": "another fine passphrase"}),
-            ),
+            Some(json!({"current_password": "nope nope", "new_password": "another fine passphrase"})),
         )
         .await;
     assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
     let r = app
-        .post_bearer(
-            "/v1/me/password",
-            &at,
-            Some(json!({"current_password": PASSWORD, "new_password": "short"})),
-        )
+        .post_bearer("/v1/me/password", &at, Some(json!({"current_password": PASSWORD, "new_password": "short"})))
         .await;
     assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
     let r = app
@@ -321,72 +225,32 @@ async fn changing_the_password_needs_the_current_one_and_ends_other_sessions(b: 
         )
         .await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        app.get_bearer("/v1/me", &at).await.status(),
-        StatusCode::OK,
-        "the current session stays"
-    );
+    assert_eq!(app.get_bearer("/v1/me", &at).await.status(), StatusCode::OK, "the current session stays");
     assert_problem(
         app.get_bearer("/v1/me", &str_of(&a, "access_token")).await,
         StatusCode::UNAUTHORIZED,
         "session_ended",
     )
     .await;
-    assert_problem(
-        app.login("pw@example.com", PASSWORD).await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_credentials",
-    )
-    .await;
-    assert_eq!(
-        app.login("pw@example.com", "another fine passphrase")
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    app.wait_mail("pw@example.com", "password was changed")
-        .await;
+    assert_problem(app.login("pw@example.com", PASSWORD).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    assert_eq!(app.login("pw@example.com", "another fine passphrase").await.status(), StatusCode::OK);
+    app.wait_mail("pw@example.com", "password was changed").await;
 }
 
 async fn a_password_reset_ends_every_session(b: Backend) {
     let app = TestApp::spawn(b).await;
     let t = app.logged_in("forgot@example.com").await;
-    let known = app
-        .post(
-            "/v1/auth/password/forgot",
-            json!({"email": "forgot@example.com"}),
-        )
-        .await;
-    let unknown = app
-        .post(
-            "/v1/auth/password/forgot",
-            json!({"email": "ghost@example.com"}),
-        )
-        .await;
+    let known = app.post("/v1/auth/password/forgot", json!({"email": "forgot@example.com"})).await;
+    let unknown = app.post("/v1/auth/password/forgot", json!({"email": "ghost@example.com"})).await;
     assert_eq!(known.status(), StatusCode::ACCEPTED);
     assert_eq!(known.text().await.unwrap(), unknown.text().await.unwrap());
     let mail = app.wait_mail("forgot@example.com", "Reset").await;
     let token = link_token(&mail);
-    let r = app
-        .post(
-            "/v1/auth/password/reset",
-            json!({"token": token, "password": "short"}),
-        )
-        .await;
+    let r = app.post("/v1/auth/password/reset", json!({"token": token, "password": "short"})).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
-    let r = app
-        .post(
-            "/v1/auth/password/reset",
-            json!({"token": "wrong", "password": "the new passphrase"}),
-        )
-        .await;
+    let r = app.post("/v1/auth/password/reset", json!({"token": "wrong", "password": "the new passphrase"})).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "invalid_token").await;
-    let r = app
-        .post(
-            "/v1/auth/password/reset",
-            json!({"token": token, "password": "the new passphrase"}),
-        )
-        .await;
+    let r = app.post("/v1/auth/password/reset", json!({"token": token, "password": "the new passphrase"})).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_problem(
         app.get_bearer("/v1/me", &str_of(&t, "access_token")).await,
@@ -394,18 +258,8 @@ async fn a_password_reset_ends_every_session(b: Backend) {
         "session_ended",
     )
     .await;
-    let r = app
-        .post(
-            "/v1/auth/password/reset",
-            json!({"token": token, "password": "yet another passphrase"}),
-        )
-        .await;
+    let r = app.post("/v1/auth/password/reset", json!({"token": token, "password": "yet another passphrase"})).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "invalid_token").await;
-    assert_eq!(
-        app.login("forgot@example.com", "the new passphrase")
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.login("forgot@example.com", "the new passphrase").await.status(), StatusCode::OK);
     app.assert_no_mail_with("ghost@example.com", "Reset").await;
 }

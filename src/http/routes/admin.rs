@@ -23,24 +23,16 @@ pub async fn users(
     _admin: AdminCaller,
     q: Result<Query<UserQuery>, QueryRejection>,
 ) -> Res<Json<UserPage>> {
-    let Query(q) =
-        q.map_err(|e| Error::Validation(vec![FieldError::new("query", "invalid", e.body_text())]))?;
+    let Query(q) = q.map_err(|e| Error::Validation(vec![FieldError::new("query", "invalid", e.body_text())]))?;
     let (users, next_cursor) = s.services.admin_list_users(q).await?;
-    Ok(Json(UserPage {
-        users: users.into_iter().map(Into::into).collect(),
-        next_cursor,
-    }))
+    Ok(Json(UserPage { users: users.into_iter().map(Into::into).collect(), next_cursor }))
 }
 
 /// One user.
 #[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")),
     responses((status = 200, body = UserView), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn user(
-    State(s): State<AppState>,
-    _admin: AdminCaller,
-    PathId(id): PathId,
-) -> Res<Json<UserView>> {
+pub async fn user(State(s): State<AppState>, _admin: AdminCaller, PathId(id): PathId) -> Res<Json<UserView>> {
     Ok(Json(s.services.admin_user(id).await?.into()))
 }
 
@@ -55,12 +47,7 @@ pub async fn patch_user(
     PathId(id): PathId,
     AppJson(input): AppJson<UserPatchInput>,
 ) -> Res<Json<UserView>> {
-    Ok(Json(
-        s.services
-            .admin_patch_user(&admin, id, input, &meta)
-            .await?
-            .into(),
-    ))
+    Ok(Json(s.services.admin_patch_user(&admin, id, input, &meta).await?.into()))
 }
 
 /// Clear the lockout of the user's email, the hard lock too.
@@ -81,13 +68,7 @@ pub async fn unlock(
 #[utoipa::path(get, path = "/v1/admin/users/{id}/events", tag = "admin", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")),
     responses((status = 200, body = EventPage), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn events(
-    State(s): State<AppState>,
-    _admin: AdminCaller,
-    PathId(id): PathId,
-) -> Res<Json<EventPage>> {
+pub async fn events(State(s): State<AppState>, _admin: AdminCaller, PathId(id): PathId) -> Res<Json<EventPage>> {
     let events = s.services.admin_events(id).await?;
-    Ok(Json(EventPage {
-        events: events.into_iter().map(Into::into).collect(),
-    }))
+    Ok(Json(EventPage { events: events.into_iter().map(Into::into).collect() }))
 }

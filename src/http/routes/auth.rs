@@ -8,9 +8,7 @@ use super::{StatusBody, TokenResponse, UserView};
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{AppJson, Client, SessionCaller};
 use crate::http::AppState;
-use crate::service::accounts::{
-    EmailInput, LoginInput, RegisterInput, ResetInput, VerifyEmailInput,
-};
+use crate::service::accounts::{EmailInput, LoginInput, RegisterInput, ResetInput, VerifyEmailInput};
 use crate::service::sessions::RefreshInput;
 
 type Res<T> = Result<T, ApiError>;
@@ -20,15 +18,11 @@ type Res<T> = Result<T, ApiError>;
     responses((status = 202, body = StatusBody), (status = 400, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
 pub async fn register(
     State(s): State<AppState>,
+    Client(meta): Client,
     AppJson(input): AppJson<RegisterInput>,
 ) -> Res<(StatusCode, Json<StatusBody>)> {
-    s.services.register(input).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(StatusBody {
-            status: "verification_sent",
-        }),
-    ))
+    s.services.register(input, &meta).await?;
+    Ok((StatusCode::ACCEPTED, Json(StatusBody { status: "verification_sent" })))
 }
 
 /// Verify an email with the link token or the 6-digit code.
@@ -50,12 +44,7 @@ pub async fn resend_verification(
     AppJson(input): AppJson<EmailInput>,
 ) -> Res<(StatusCode, Json<StatusBody>)> {
     s.services.resend_verification(input).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(StatusBody {
-            status: "verification_sent",
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(StatusBody { status: "verification_sent" })))
 }
 
 /// Log in: rate limit, lockout, password, account state, in that order.
@@ -103,12 +92,7 @@ pub async fn forgot_password(
     AppJson(input): AppJson<EmailInput>,
 ) -> Res<(StatusCode, Json<StatusBody>)> {
     s.services.forgot_password(input).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(StatusBody {
-            status: "reset_sent",
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(StatusBody { status: "reset_sent" })))
 }
 
 /// Set a new password with a reset token; ends every session.

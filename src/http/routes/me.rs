@@ -32,25 +32,16 @@ pub async fn change_password(
     AppJson(input): AppJson<ChangePasswordInput>,
 ) -> Res<StatusCode> {
     let sid = caller.session_id.ok_or(Error::Unauthorized)?;
-    s.services
-        .change_password(&caller.user, sid, input, &meta)
-        .await?;
+    s.services.change_password(&caller.user, sid, input, &meta).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// The caller's live sessions.
 #[utoipa::path(get, path = "/v1/me/sessions", tag = "me", security(("bearer" = [])),
     responses((status = 200, body = Vec<SessionView>), (status = 401, body = Problem)))]
-pub async fn sessions(
-    State(s): State<AppState>,
-    SessionCaller(caller): SessionCaller,
-) -> Res<Json<Vec<SessionView>>> {
+pub async fn sessions(State(s): State<AppState>, SessionCaller(caller): SessionCaller) -> Res<Json<Vec<SessionView>>> {
     let list = s.services.sessions(&caller).await?;
-    Ok(Json(
-        list.into_iter()
-            .map(|x| SessionView::new(x, caller.session_id))
-            .collect(),
-    ))
+    Ok(Json(list.into_iter().map(|x| SessionView::new(x, caller.session_id)).collect()))
 }
 
 /// End every session of the caller but the current one.
@@ -103,18 +94,8 @@ pub async fn create_api_key(
 /// The caller's API keys, without the keys.
 #[utoipa::path(get, path = "/v1/me/api-keys", tag = "me", security(("bearer" = [])),
     responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = Problem)))]
-pub async fn api_keys(
-    State(s): State<AppState>,
-    SessionCaller(caller): SessionCaller,
-) -> Res<Json<Vec<ApiKeyView>>> {
-    Ok(Json(
-        s.services
-            .api_keys(&caller)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    ))
+pub async fn api_keys(State(s): State<AppState>, SessionCaller(caller): SessionCaller) -> Res<Json<Vec<ApiKeyView>>> {
+    Ok(Json(s.services.api_keys(&caller).await?.into_iter().map(Into::into).collect()))
 }
 
 /// Revoke an API key; it stops working at once.

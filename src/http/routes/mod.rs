@@ -181,13 +181,7 @@ pub struct EventView {
 
 impl From<Event> for EventView {
     fn from(e: Event) -> Self {
-        Self {
-            kind: e.kind,
-            at: rfc3339(e.at),
-            ip: e.ip,
-            user_agent: e.user_agent,
-            detail: e.detail,
-        }
+        Self { kind: e.kind, at: rfc3339(e.at), ip: e.ip, user_agent: e.user_agent, detail: e.detail }
     }
 }
 

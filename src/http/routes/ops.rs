@@ -17,19 +17,12 @@ pub async fn healthz() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Ready"), (status = 503, description = "Database unreachable")))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
     match s.services.store.ping().await {
-        Ok(()) => {
-            Json(serde_json::json!({"status": "ready", "database": s.services.store.backend()}))
-                .into_response()
-        }
+        Ok(()) => Json(serde_json::json!({"status": "ready", "database": s.services.store.backend()})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            let mut res = (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"status": "unavailable"})),
-            )
-                .into_response();
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(5));
+            let mut res =
+                (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "unavailable"}))).into_response();
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5));
             res
         }
     }
@@ -38,27 +31,14 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text")))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
-    let text = s
-        .metrics
-        .render(s.services.hasher.in_flight(), s.services.hasher.workers());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    let text = s.metrics.render(s.services.hasher.in_flight(), s.services.hasher.workers());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "OpenAPI 3.1")))]
 pub async fn openapi(State(s): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        s.openapi_json.clone(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], s.openapi_json.clone()).into_response()
 }
 
 /// A page that renders the OpenAPI document (Redoc, loaded from its CDN).

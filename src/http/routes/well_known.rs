@@ -9,10 +9,7 @@ use crate::http::AppState;
 
 fn cacheable(body: serde_json::Value) -> Response {
     let mut res = Json(body).into_response();
-    res.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
     res
 }
 

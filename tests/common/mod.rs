@@ -11,9 +11,8 @@ pub enum Backend {
 
 /// The PostgreSQL server URL for tests; panics (fails the test) when it is not set.
 pub fn postgres_url() -> String {
-    std::env::var("GATEHOUSE_TEST_POSTGRES_URL").expect(
-        "GATEHOUSE_TEST_POSTGRES_URL must point at a PostgreSQL database for the postgres tests",
-    )
+    std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+        .expect("GATEHOUSE_TEST_POSTGRES_URL must point at a PostgreSQL database for the postgres tests")
 }
 
 /// A fresh database URL: a SQLite file in `dir`, or a new schema on the test server.
@@ -23,13 +22,8 @@ pub async fn fresh_database(backend: Backend, dir: &Path) -> String {
         Backend::Postgres => {
             let base = postgres_url();
             let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-            let pool = sqlx::PgPool::connect(&base)
-                .await
-                .expect("connect to the test PostgreSQL");
-            sqlx::query(&format!("CREATE SCHEMA {schema}"))
-                .execute(&pool)
-                .await
-                .expect("create schema");
+            let pool = sqlx::PgPool::connect(&base).await.expect("connect to the test PostgreSQL");
+            sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
             pool.close().await;
             let sep = if base.contains('?') { '&' } else { '?' };
             format!("{base}{sep}options=-c%20search_path%3D{schema}")

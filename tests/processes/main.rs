@@ -31,11 +31,7 @@ impl Drop for Instance {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn command(db: &str, data: &Path, extra: &[(&str, &str)]) -> Command {
@@ -57,14 +53,8 @@ async fn start(db: &str, data: &Path, extra: &[(&str, &str)]) -> Instance {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut c = command(db, data, extra);
-    c.env("GATEHOUSE_LISTEN", &listen)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let instance = Instance {
-        child: c.spawn().unwrap(),
-        base: format!("http://{listen}"),
-    };
+    c.env("GATEHOUSE_LISTEN", &listen).arg("serve").stdout(Stdio::null()).stderr(Stdio::inherit());
+    let instance = Instance { child: c.spawn().unwrap(), base: format!("http://{listen}") };
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -73,50 +63,23 @@ async fn start(db: &str, data: &Path, extra: &[(&str, &str)]) -> Instance {
                 return instance;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "gatehouse did not become ready on {listen}"
-        );
+        assert!(Instant::now() < deadline, "gatehouse did not become ready on {listen}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn create_user(db: &str, data: &Path, email: &str, admin: bool) {
     let mut c = command(db, data, &[]);
-    c.args([
-        "user",
-        "create",
-        "--email",
-        email,
-        "--password-stdin",
-        "--verified",
-    ]);
+    c.args(["user", "create", "--email", email, "--password-stdin", "--verified"]);
     if admin {
         c.args(["--role", "admin"]);
     }
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "user create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "user create: {}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        uuid::Uuid::parse_str(id.trim()).is_ok(),
-        "prints the new id: {id}"
-    );
+    assert!(uuid::Uuid::parse_str(id.trim()).is_ok(), "prints the new id: {id}");
 }
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
@@ -124,21 +87,11 @@ async fn post(c: &reqwest::Client, url: String, body: Value) -> reqwest::Respons
 }
 
 async fn login(c: &reqwest::Client, base: &str, email: &str, pw: &str) -> reqwest::Response {
-    post(
-        c,
-        format!("{base}/v1/auth/login"),
-        json!({"email": email, "password": pw}),
-    )
-    .await
+    post(c, format!("{base}/v1/auth/login"), json!({"email": email, "password": pw})).await
 }
 
 async fn me(c: &reqwest::Client, base: &str, token: &str) -> StatusCode {
-    c.get(format!("{base}/v1/me"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .status()
+    c.get(format!("{base}/v1/me")).bearer_auth(token).send().await.unwrap().status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,10 +105,7 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     let (a, b) = tokio::join!(start(&db, &da, &extra), start(&db, &db_dir, &extra));
     let c = reqwest::Client::new();
     let jwks = |i: &Instance| c.get(format!("{}/.well-known/jwks.json", i.base)).send();
-    let (ja, jb) = (
-        jwks(&a).await.unwrap().text().await.unwrap(),
-        jwks(&b).await.unwrap().text().await.unwrap(),
-    );
+    let (ja, jb) = (jwks(&a).await.unwrap().text().await.unwrap(), jwks(&b).await.unwrap().text().await.unwrap());
     assert_eq!(ja, jb, "both instances publish the same key");
 
     for e in ["ann@example.com", "guess@example.com", "dev@example.com"] {
@@ -163,19 +113,10 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     }
 
     // A token signed by one verifies on the other; an ended session stops on both at once.
-    let t: Value = login(&c, &a.base, "ann@example.com", PASSWORD)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let t: Value = login(&c, &a.base, "ann@example.com", PASSWORD).await.json().await.unwrap();
     let at = t["access_token"].as_str().unwrap();
     assert_eq!(me(&c, &b.base, at).await, StatusCode::OK);
-    let r = c
-        .post(format!("{}/v1/auth/logout", a.base))
-        .bearer_auth(at)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v1/auth/logout", a.base)).bearer_auth(at).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(me(&c, &b.base, at).await, StatusCode::UNAUTHORIZED);
 
@@ -184,19 +125,8 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
         let base = if i % 2 == 0 { &a.base } else { &b.base };
         login(&c, base, "guess@example.com", "wrong password")
     });
-    let statuses: Vec<StatusCode> = futures::future::join_all(guesses)
-        .await
-        .iter()
-        .map(|r| r.status())
-        .collect();
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::UNAUTHORIZED)
-            .count(),
-        5,
-        "{statuses:?}"
-    );
+    let statuses: Vec<StatusCode> = futures::future::join_all(guesses).await.iter().map(|r| r.status()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 5, "{statuses:?}");
     // The rest were refused unchecked: locked (429), or overloaded (503) when more
     // arrived at once than an instance's hashing queue admits.
     assert!(statuses.iter().all(|s| [
@@ -206,29 +136,12 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     ]
     .contains(s)));
     // The lock is visible from both.
-    assert_eq!(
-        login(&c, &a.base, "guess@example.com", PASSWORD)
-            .await
-            .status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    assert_eq!(
-        login(&c, &b.base, "guess@example.com", PASSWORD)
-            .await
-            .status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    assert_eq!(login(&c, &a.base, "guess@example.com", PASSWORD).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(login(&c, &b.base, "guess@example.com", PASSWORD).await.status(), StatusCode::TOO_MANY_REQUESTS);
 
     // Parallel logins over both respect the device limit (2); four at once stay under
     // the first lockout tier, so none is refused while in flight.
-    let logins = (0..4).map(|i| {
-        login(
-            &c,
-            if i % 2 == 0 { &a.base } else { &b.base },
-            "dev@example.com",
-            PASSWORD,
-        )
-    });
+    let logins = (0..4).map(|i| login(&c, if i % 2 == 0 { &a.base } else { &b.base }, "dev@example.com", PASSWORD));
     let mut tokens = Vec::new();
     for r in futures::future::join_all(logins).await {
         assert_eq!(r.status(), StatusCode::OK);
@@ -253,21 +166,12 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     let old = survivor["refresh_token"].as_str().unwrap().to_owned();
     let refreshes = (0..10).map(|i| {
         let base = if i % 2 == 0 { &a.base } else { &b.base };
-        post(
-            &c,
-            format!("{base}/v1/auth/refresh"),
-            json!({"refresh_token": old}),
-        )
+        post(&c, format!("{base}/v1/auth/refresh"), json!({"refresh_token": old}))
     });
     let mut successors = Vec::new();
     for r in futures::future::join_all(refreshes).await {
         assert_eq!(r.status(), StatusCode::OK);
-        successors.push(
-            r.json::<Value>().await.unwrap()["refresh_token"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        successors.push(r.json::<Value>().await.unwrap()["refresh_token"].as_str().unwrap().to_owned());
     }
     successors.dedup();
     assert_eq!(successors.len(), 1, "one successor across instances");
@@ -298,11 +202,7 @@ async fn kill_9_loses_nothing_that_was_acknowledged() {
     }
     let b = start(&db, &data, &[]).await;
     for s in &sessions {
-        assert_eq!(
-            me(&c, &b.base, s["access_token"].as_str().unwrap()).await,
-            StatusCode::OK,
-            "session survived"
-        );
+        assert_eq!(me(&c, &b.base, s["access_token"].as_str().unwrap()).await, StatusCode::OK, "session survived");
     }
     // The five acknowledged failures survived too: the account is locked.
     let r = login(&c, &b.base, "durable@example.com", PASSWORD).await;
@@ -313,19 +213,13 @@ async fn kill_9_loses_nothing_that_was_acknowledged() {
 async fn a_bad_setting_stops_start_up_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_database(Backend::Sqlite, dir.path()).await;
-    let out = command(&db, dir.path(), &[("GATEHOUSE_DEVICE_LIMIT", "lots")])
-        .arg("serve")
-        .output()
-        .unwrap();
+    let out = command(&db, dir.path(), &[("GATEHOUSE_DEVICE_LIMIT", "lots")]).arg("serve").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("GATEHOUSE_DEVICE_LIMIT"), "{err}");
     let toml = dir.path().join("gatehouse.toml");
     std::fs::write(&toml, "lockout_tiers = \"oops\"\n").unwrap();
-    let out = command(&db, dir.path(), &[])
-        .args(["--config", toml.to_str().unwrap(), "migrate"])
-        .output()
-        .unwrap();
+    let out = command(&db, dir.path(), &[]).args(["--config", toml.to_str().unwrap(), "migrate"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lockout_tiers"));
     // The environment wins over the file.
@@ -333,9 +227,5 @@ async fn a_bad_setting_stops_start_up_naming_it() {
         .args(["--config", toml.to_str().unwrap(), "migrate"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

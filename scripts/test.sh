@@ -29,4 +29,4 @@ done
 trap 'psql "$server/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
 
 export GATEHOUSE_TEST_POSTGRES_URL="$server/$db"
-cargo test --all-targets -- --include-ignored "$@"
+cargo test --lib --bins --tests -- --include-ignored "$@"

@@ -7,6 +7,7 @@
 //! with the JWKS and choose their own leeway).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -95,7 +96,11 @@ pub struct AccessTokens {
     issuer: String,
     audience: String,
     ttl: i64,
+    verified: Mutex<HashMap<[u8; 32], AccessClaims>>,
 }
+
+/// Tokens remembered as verified; beyond this the memory is simply cleared.
+const VERIFIED_CACHE_MAX: usize = 100_000;
 
 impl AccessTokens {
     /// Signs with `active`; accepts tokens of every key in `all`.
@@ -134,6 +139,7 @@ impl AccessTokens {
             issuer,
             audience,
             ttl,
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -173,16 +179,43 @@ impl AccessTokens {
     }
 
     /// Checks signature, algorithm, key, type, issuer, audience and expiry.
+    ///
+    /// A client sends the same token for its whole life, so a token that passed the
+    /// signature check is remembered by its SHA-256 and only its expiry is checked
+    /// again: the signature check is the most expensive step of an authenticated
+    /// request. Only exact byte-for-byte repeats of verified tokens hit this memory.
     pub fn verify(&self, token: &str, now: UnixTime) -> Result<AccessClaims, InvalidToken> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let remembered = self.verified.lock().ok().and_then(|m| m.get(&digest).cloned());
+        let claims = match remembered {
+            Some(c) => c,
+            None => {
+                let c = self.verify_signature(token)?;
+                if let Ok(mut m) = self.verified.lock() {
+                    if m.len() >= VERIFIED_CACHE_MAX {
+                        m.retain(|_, v| v.exp > now);
+                        if m.len() >= VERIFIED_CACHE_MAX {
+                            m.clear();
+                        }
+                    }
+                    m.insert(digest, c.clone());
+                }
+                c
+            }
+        };
+        if claims.exp + LEEWAY <= now {
+            return Err(InvalidToken);
+        }
+        Ok(claims)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<AccessClaims, InvalidToken> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| InvalidToken)?;
         if header.alg != Algorithm::EdDSA || header.typ.as_deref() != Some(TYP) {
             return Err(InvalidToken);
         }
         let key = header.kid.as_ref().and_then(|k| self.decoding.get(k)).ok_or(InvalidToken)?;
         let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).map_err(|_| InvalidToken)?;
-        if data.claims.exp + LEEWAY <= now {
-            return Err(InvalidToken);
-        }
         Ok(data.claims)
     }
 }
@@ -225,6 +258,7 @@ mod tests {
         assert_eq!(claims.role, "user");
         assert!(t.verify(&jwt, 4599).is_ok());
         assert!(t.verify(&jwt, 4600).is_err());
+        assert!(t.verify(&jwt, 4601).is_err(), "a remembered token still expires");
         let header = jsonwebtoken::decode_header(&jwt).unwrap();
         assert_eq!(header.typ.as_deref(), Some("at+jwt"));
         assert_eq!(header.kid.as_deref(), Some(key.kid.as_str()));
@@ -252,6 +286,7 @@ mod tests {
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"at+jwt"}"#);
         parts[0] = &none_header;
         assert!(t.verify(&parts.join("."), 1).is_err());
+        assert!(t.verify(&jwt, 1).is_ok(), "verified once, remembered");
         let tampered = format!("{}x", jwt);
         assert!(t.verify(&tampered, 1).is_err());
         assert!(t.verify("garbage", 1).is_err());

@@ -296,7 +296,7 @@ impl Services {
         };
         self.store.clear_login_failures(email.as_str(), self.now()).await?;
         if verified.needs_rehash {
-            self.rehash_later(user.id, pw);
+            self.rehash_later(user.id, user.password_hash.clone().unwrap_or_default(), pw);
         }
         match user.status {
             Status::Active => {}
@@ -313,12 +313,12 @@ impl Services {
         self.open_session(&user, meta).await
     }
 
-    fn rehash_later(&self, user_id: Uuid, pw: SecretString) {
+    fn rehash_later(&self, user_id: Uuid, old: String, pw: SecretString) {
         let (hasher, store) = (self.hasher.clone(), self.store.clone());
         tokio::spawn(async move {
             let Ok(permit) = hasher.admit() else { return };
             if let Ok(hash) = hasher.hash(permit, &pw).await {
-                if let Err(e) = store.rehash_password(user_id, &hash).await {
+                if let Err(e) = store.rehash_password(user_id, &old, &hash).await {
                     tracing::warn!(error = %e, "could not store a rehashed password");
                 }
             }
@@ -341,9 +341,12 @@ impl Services {
             ip: Some(meta.ip.to_string()),
             user_agent: meta.user_agent.clone(),
             geolocation: self.geo.as_ref().and_then(|g| g.locate(meta.ip)),
+            verified_hash: user.password_hash.clone(),
             now,
         };
-        let (user, evicted) = self.store.open_session(&s, self.policy.device_limit).await?;
+        // None: the password changed or the account stopped being active since the check.
+        let (user, evicted) =
+            self.store.open_session(&s, self.policy.device_limit).await?.ok_or(Error::InvalidCredentials)?;
         self.audit(Some(&user), None, "login", Some(meta), serde_json::json!({"session_id": sid})).await;
         self.audit_ended(&user, &evicted, "evicted", Some(meta)).await;
         let (access_token, access_expires_at) = self.tokens.issue(&user, sid, now)?;
@@ -402,11 +405,8 @@ impl Services {
             return Err(Error::InvalidToken);
         }
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
-        let (user, ended) = self
-            .store
-            .reset_password(&token_hash, &hash, self.now())
-            .await?
-            .ok_or(Error::InvalidToken)?;
+        let (user, ended) =
+            self.store.reset_password(&token_hash, &hash, self.now()).await?.ok_or(Error::InvalidToken)?;
         self.audit(Some(&user), None, "password_reset", Some(meta), serde_json::json!({})).await;
         self.audit_ended(&user, &ended, "password_reset", Some(meta)).await;
         self.mail.send(templates::password_changed(&user.email));

@@ -166,6 +166,8 @@ pub struct NewSession {
     pub user_agent: Option<String>,
     /// Where the login came from, for the user record.
     pub geolocation: Option<serde_json::Value>,
+    /// The password hash the login was checked against, if any.
+    pub verified_hash: Option<String>,
     /// Now.
     pub now: UnixTime,
 }
@@ -311,7 +313,9 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the user and the sessions ended.
     async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>>;
     /// Replaces the hash of the same password (new parameters).
-    async fn rehash_password(&self, user_id: Uuid, hash: &str) -> StoreResult<()>;
+    /// Only while the stored hash is still `old`: a change or reset that happened
+    /// meanwhile must not be undone by a late rehash of the old password.
+    async fn rehash_password(&self, user_id: Uuid, old: &str, new: &str) -> StoreResult<()>;
     /// Sets a new password and ends every session but `keep`; returns those ended.
     async fn change_password(
         &self,
@@ -371,7 +375,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Opens a session, records the login on the user and ends the oldest sessions
     /// beyond `device_limit` (0: unlimited). Returns the user and the evicted ids.
-    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<(User, Vec<Uuid>)>;
+    /// `None` when the user is no longer active or their password hash is no longer
+    /// `s.verified_hash`: a reset or change that won the race ends every session, and
+    /// a login checked against the old password must not open a new one after it.
+    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>>;
     /// Rotates a refresh token (see [`Rotation`]).
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation>;
     /// A session and its user, for the Bearer check.

@@ -248,7 +248,12 @@ impl SqlStore {
         } else {
             sqlx::migrate!("migrations/postgres")
         };
-        migrator.run(&writer).await.map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
+        // sqlx has no migration lock for SQLite: an instance that lost the race to a
+        // simultaneous start finds the migration applied when it tries again.
+        if migrator.run(&writer).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            migrator.run(&writer).await.map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
+        }
         Ok(Self { pool, writer, backend })
     }
 
@@ -405,10 +410,11 @@ impl Store for SqlStore {
         Ok(user.map(|u| (u, ended)))
     }
 
-    async fn rehash_password(&self, user_id: Uuid, hash: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-            .bind(hash)
+    async fn rehash_password(&self, user_id: Uuid, old: &str, new: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
+            .bind(new)
             .bind(user_id.to_string())
+            .bind(old)
             .execute(&self.writer)
             .await?;
         Ok(())
@@ -442,6 +448,12 @@ impl Store for SqlStore {
         now: UnixTime,
     ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
+        // Writing the user row first serialises issues for one user, so the supersede
+        // below sees every earlier code (PostgreSQL, READ COMMITTED).
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         supersede(&mut tx, user_id, &[TokenKind::VerifyLink, TokenKind::VerifyCode], now).await?;
         insert_token(&mut tx, user_id, TokenKind::VerifyLink, link, now).await?;
         insert_token(&mut tx, user_id, TokenKind::VerifyCode, code, now).await?;
@@ -561,7 +573,7 @@ impl Store for SqlStore {
         };
         let email: String = row.try_get("email")?;
         let ended = end_sessions_in(&mut tx, user_id, None, "password_reset", now).await?;
-        sqlx::query("DELETE FROM login_throttle WHERE email = $1").bind(&email).execute(&mut *tx).await?;
+        zero_throttle(&mut tx, &email, now).await?;
         supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
         // Whoever may have had the account kept no way back in through a key.
         sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
@@ -576,18 +588,14 @@ impl Store for SqlStore {
 
     async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
-             VALUES ($1, 0, 0, 0, $2) ON CONFLICT (email) DO NOTHING",
-        )
-        .bind(email)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        // Counting first, under the row lock, is what keeps concurrent guesses exact.
+        // One upsert counts the attempt under the row lock unless a lock is active: this
+        // is what keeps concurrent guesses exact, on every instance.
         let counted = sqlx::query(
-            "UPDATE login_throttle SET failures = failures + 1, updated_at = $2 \
-             WHERE email = $1 AND hard_locked = 0 AND locked_until <= $2 RETURNING failures",
+            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
+             VALUES ($1, 1, 0, 0, $2) \
+             ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2 \
+             WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
+             RETURNING failures",
         )
         .bind(email)
         .bind(now)
@@ -614,10 +622,13 @@ impl Store for SqlStore {
             None => {
                 let row = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
                     .bind(email)
-                    .fetch_one(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await?;
-                let hard: i64 = row.try_get("hard_locked")?;
-                let until: i64 = row.try_get("locked_until")?;
+                // The row always exists after the upsert; unlocks zero it, never delete.
+                let (hard, until): (i64, i64) = match &row {
+                    Some(r) => (r.try_get("hard_locked")?, r.try_get("locked_until")?),
+                    None => (0, now + 1),
+                };
                 let retry_after = if hard != 0 {
                     policy.hard_retry_after()
                 } else {
@@ -657,8 +668,10 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn unlock_login(&self, email: &str, _now: UnixTime) -> StoreResult<()> {
-        sqlx::query("DELETE FROM login_throttle WHERE email = $1").bind(email).execute(&self.writer).await?;
+    async fn unlock_login(&self, email: &str, now: UnixTime) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        zero_throttle(&mut tx, email, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -683,15 +696,23 @@ impl Store for SqlStore {
         Ok((hits > i64::from(limit.requests)).then(|| u32::try_from((window + per - now).clamp(1, per)).unwrap_or(1)))
     }
 
-    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<(User, Vec<Uuid>)> {
+    async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         let mut tx = self.begin().await?;
         // Writing the user row first serialises logins of the same user on every backend.
-        sqlx::query("UPDATE users SET last_login_at = $1, last_login_geo = $2 WHERE id = $3")
-            .bind(s.now)
-            .bind(s.geolocation.as_ref().map(|g| g.to_string()))
-            .bind(s.user_id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        let touched = sqlx::query(
+            "UPDATE users SET last_login_at = $1, last_login_geo = $2 \
+             WHERE id = $3 AND status = 'active' AND ($4 = '' OR password_hash = $4)",
+        )
+        .bind(s.now)
+        .bind(s.geolocation.as_ref().map(|g| g.to_string()))
+        .bind(s.user_id.to_string())
+        .bind(s.verified_hash.clone().unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+        if touched.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         sqlx::query(
             "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
              VALUES ($1, $2, $3, $3, $4, $5, $6)",
@@ -734,7 +755,7 @@ impl Store for SqlStore {
         }
         let user = user_in(&mut tx, s.user_id).await?.ok_or(sqlx::Error::RowNotFound)?;
         tx.commit().await?;
-        Ok((user, evicted))
+        Ok(Some((user, evicted)))
     }
 
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
@@ -752,9 +773,12 @@ impl Store for SqlStore {
             Some(row) => (uuid(&row, "session_id")?, None, None),
             None => {
                 let row = sqlx::query(
-                    "SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens WHERE token_hash = $1",
+                    // A rotated token past its own expiry is simply invalid, as after a purge.
+                    "SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens \
+                     WHERE token_hash = $1 AND expires_at > $2",
                 )
                 .bind(&r.old_hash)
+                .bind(r.now)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some(row) = row else {
@@ -1027,6 +1051,20 @@ impl Store for SqlStore {
         }
         Ok(n)
     }
+}
+
+/// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
+/// concurrent reservation always finds it (PostgreSQL does not lock a row that
+/// `ON CONFLICT` merely saw).
+async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",
+    )
+    .bind(email)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn end_sessions_by_id(tx: &mut Tx, sid: Uuid, reason: &str, now: UnixTime) -> Result<(), sqlx::Error> {

@@ -1,0 +1,219 @@
+//! Login lockout: reservations under the tiers, the hard lock, clearing and unlocking,
+//! and counts that live in the database.
+
+use gatehouse::store::Reservation;
+
+use crate::both_backends;
+use crate::support::*;
+
+both_backends!(
+    every_tier_locks_exactly_on_its_failure_count_for_exactly_its_time,
+    the_hard_lock_has_no_end_and_answers_the_longest_tier,
+    a_right_password_clears_the_count_and_a_timed_lock,
+    a_right_password_clears_even_the_hard_lock_its_own_reservation_set,
+    an_admin_unlock_clears_the_hard_lock_a_timed_lock_and_the_count,
+    the_lock_in_force_is_read_without_counting_an_attempt,
+    each_email_has_its_own_count,
+    a_policy_without_tiers_or_hard_limit_never_locks,
+    counts_and_locks_survive_reopening_the_store,
+    reservations_racing_unlocks_always_get_an_answer,
+);
+
+const E: &str = "guess@example.test";
+
+fn allowed(failures: u32) -> Reservation {
+    Reservation::Allowed { failures }
+}
+
+fn locked(retry_after: u32) -> Reservation {
+    Reservation::Locked { retry_after }
+}
+
+async fn every_tier_locks_exactly_on_its_failure_count_for_exactly_its_time(b: Backend) {
+    let db = Db::new(b).await;
+    let s = &*db.store;
+    let p = default_policy();
+    let r = |now: i64| {
+        let p = p.clone();
+        async move { s.reserve_login(E, &p, now).await.unwrap() }
+    };
+    for n in 1..=5 {
+        assert_eq!(r(T0).await, allowed(n), "failure {n}");
+    }
+    assert_eq!(r(T0).await, locked(60));
+    assert_eq!(r(T0 + 1).await, locked(59));
+    assert_eq!(r(T0 + 59).await, locked(1));
+    // Refused attempts were not counted: the count goes on from 5.
+    assert_eq!(r(T0 + 60).await, allowed(6));
+    for n in 7..=10 {
+        assert_eq!(r(T0 + 60).await, allowed(n), "failure {n}");
+    }
+    assert_eq!(r(T0 + 60).await, locked(300));
+    assert_eq!(r(T0 + 359).await, locked(1));
+    for n in 11..=20 {
+        assert_eq!(r(T0 + 360).await, allowed(n), "failure {n}");
+    }
+    assert_eq!(r(T0 + 360).await, locked(3600));
+    assert_eq!(r(T0 + 3959).await, locked(1));
+    // From the last tier on, every failure locks again for the last tier's time.
+    assert_eq!(r(T0 + 3960).await, allowed(21));
+    assert_eq!(r(T0 + 3960).await, locked(3600));
+    assert_eq!(r(T0 + 7560).await, allowed(22));
+    assert_eq!(r(T0 + 7561).await, locked(3599));
+}
+
+async fn the_hard_lock_has_no_end_and_answers_the_longest_tier(b: Backend) {
+    let db = Db::new(b).await;
+    let p = policy("1:30,2:90", 3);
+    let s = &*db.store;
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(1));
+    assert_eq!(s.reserve_login(E, &p, T0 + 30).await.unwrap(), allowed(2));
+    assert_eq!(s.reserve_login(E, &p, T0 + 60).await.unwrap(), locked(60));
+    assert_eq!(s.reserve_login(E, &p, T0 + 120).await.unwrap(), allowed(3));
+    for later in [T0 + 120, T0 + 211, T0 + 86_400, T0 + 10 * 365 * 86_400] {
+        assert_eq!(s.reserve_login(E, &p, later).await.unwrap(), locked(90), "at {later}");
+    }
+}
+
+async fn a_right_password_clears_the_count_and_a_timed_lock(b: Backend) {
+    let db = Db::new(b).await;
+    let p = default_policy();
+    let s = &*db.store;
+    for _ in 0..3 {
+        s.reserve_login(E, &p, T0).await.unwrap();
+    }
+    s.clear_login_failures(E, T0).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(1));
+    for n in 2..=5 {
+        assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(n));
+    }
+    assert_eq!(s.reserve_login(E, &p, T0 + 1).await.unwrap(), locked(59));
+    s.clear_login_failures(E, T0 + 2).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 2).await.unwrap(), allowed(1));
+    // Clearing an email never seen is harmless.
+    s.clear_login_failures("new@example.test", T0).await.unwrap();
+    assert_eq!(s.reserve_login("new@example.test", &p, T0).await.unwrap(), allowed(1));
+}
+
+async fn a_right_password_clears_even_the_hard_lock_its_own_reservation_set(b: Backend) {
+    let db = Db::new(b).await;
+    let p = policy("5:60", 2);
+    let s = &*db.store;
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(1));
+    // This reservation reaches the hard limit; its password is still checked.
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(2));
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), locked(60));
+    // It was the right one: the count and the lock it set go.
+    s.clear_login_failures(E, T0 + 1).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 1).await.unwrap(), allowed(1));
+}
+
+async fn an_admin_unlock_clears_the_hard_lock_a_timed_lock_and_the_count(b: Backend) {
+    let db = Db::new(b).await;
+    let p = policy("5:60", 2);
+    let s = &*db.store;
+    s.reserve_login(E, &p, T0).await.unwrap();
+    s.reserve_login(E, &p, T0).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 86_400).await.unwrap(), locked(60));
+    s.unlock_login(E, T0 + 86_401).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 86_401).await.unwrap(), allowed(1));
+
+    let q = default_policy();
+    let other = "timed@example.test";
+    for _ in 0..5 {
+        s.reserve_login(other, &q, T0).await.unwrap();
+    }
+    assert_eq!(s.reserve_login(other, &q, T0).await.unwrap(), locked(60));
+    s.unlock_login(other, T0 + 1).await.unwrap();
+    assert_eq!(s.reserve_login(other, &q, T0 + 1).await.unwrap(), allowed(1));
+    // Unlocking an email never seen is harmless.
+    s.unlock_login("never@example.test", T0).await.unwrap();
+}
+
+async fn the_lock_in_force_is_read_without_counting_an_attempt(b: Backend) {
+    let db = Db::new(b).await;
+    let p = default_policy();
+    let s = &*db.store;
+    assert_eq!(s.login_lock(E, &p, T0).await.unwrap(), None, "never seen");
+    for n in 1..=4 {
+        assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(n));
+        assert_eq!(s.login_lock(E, &p, T0).await.unwrap(), None);
+    }
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(5));
+    assert_eq!(s.login_lock(E, &p, T0).await.unwrap(), Some(60));
+    assert_eq!(s.login_lock(E, &p, T0 + 59).await.unwrap(), Some(1));
+    assert_eq!(s.login_lock(E, &p, T0 + 60).await.unwrap(), None);
+    // Reading counted nothing: the next failure is the sixth.
+    assert_eq!(s.reserve_login(E, &p, T0 + 60).await.unwrap(), allowed(6));
+
+    let h = policy("1:30,2:90", 2);
+    let hard = "hard@example.test";
+    s.reserve_login(hard, &h, T0).await.unwrap();
+    assert_eq!(s.login_lock(hard, &h, T0 + 1).await.unwrap(), Some(29));
+    s.reserve_login(hard, &h, T0 + 30).await.unwrap();
+    assert_eq!(
+        s.login_lock(hard, &h, T0 + 10 * 86_400).await.unwrap(),
+        Some(90),
+        "a hard lock answers the longest tier"
+    );
+}
+
+async fn each_email_has_its_own_count(b: Backend) {
+    let db = Db::new(b).await;
+    let p = default_policy();
+    let s = &*db.store;
+    for _ in 0..5 {
+        s.reserve_login("a@example.test", &p, T0).await.unwrap();
+    }
+    assert_eq!(s.reserve_login("a@example.test", &p, T0).await.unwrap(), locked(60));
+    assert_eq!(s.reserve_login("b@example.test", &p, T0).await.unwrap(), allowed(1));
+    s.clear_login_failures("b@example.test", T0).await.unwrap();
+    assert_eq!(s.reserve_login("a@example.test", &p, T0 + 1).await.unwrap(), locked(59));
+}
+
+async fn a_policy_without_tiers_or_hard_limit_never_locks(b: Backend) {
+    let db = Db::new(b).await;
+    let p = policy("", 0);
+    for n in 1..=30 {
+        assert_eq!(db.store.reserve_login(E, &p, T0).await.unwrap(), allowed(n));
+    }
+}
+
+async fn counts_and_locks_survive_reopening_the_store(b: Backend) {
+    let db = Db::new(b).await;
+    let p = default_policy();
+    for n in 1..=4 {
+        assert_eq!(db.store.reserve_login(E, &p, T0).await.unwrap(), allowed(n));
+    }
+    let Db { url, store, _dir } = db;
+    drop(store);
+
+    let reopened = open(&url).await;
+    assert_eq!(reopened.reserve_login(E, &p, T0).await.unwrap(), allowed(5));
+    drop(reopened);
+
+    let again = open(&url).await;
+    assert_eq!(again.reserve_login(E, &p, T0 + 10).await.unwrap(), locked(50));
+    assert_eq!(again.reserve_login(E, &p, T0 + 60).await.unwrap(), allowed(6));
+}
+
+async fn reservations_racing_unlocks_always_get_an_answer(b: Backend) {
+    let db = Db::new(b).await;
+    let other = db.another_instance().await;
+    let p = default_policy();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = if i % 2 == 0 { db.store.clone() } else { other.clone() };
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 5 == 0 {
+                store.unlock_login(E, T0).await.map(|_| ())
+            } else {
+                store.reserve_login(E, &p, T0).await.map(|_| ())
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every reservation and unlock answers");
+    }
+}

@@ -1,0 +1,214 @@
+//! Sessions: opening (with the device limit), listing, ending one or all.
+
+use gatehouse::domain::user::Status;
+use gatehouse::store::UserPatch;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::both_backends;
+use crate::support::*;
+
+both_backends!(
+    opening_a_session_records_the_login_on_the_user,
+    a_session_is_found_with_its_user_and_unknown_ones_are_not,
+    the_session_list_has_only_live_sessions_newest_first,
+    the_device_limit_ends_the_oldest_sessions_beyond_it,
+    a_device_limit_of_zero_keeps_every_session,
+    ending_a_session_works_only_for_its_owner_and_only_once,
+    ending_all_sessions_keeps_the_one_named_and_touches_no_other_user,
+    a_login_checked_against_a_replaced_password_or_an_inactive_account_opens_nothing,
+);
+
+fn sorted(mut v: Vec<Uuid>) -> Vec<Uuid> {
+    v.sort();
+    v
+}
+
+async fn opening_a_session_records_the_login_on_the_user(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "login@example.test").await;
+    let (opened, mut s) = new_session(u.id, T0 + 100);
+    s.geolocation = Some(json!({"country": "NZ", "city": "Wellington"}));
+    let (after, evicted) = db.store.open_session(&s, 5).await.unwrap().expect("session opened");
+    assert!(evicted.is_empty());
+    assert_eq!(after.id, u.id);
+    assert_eq!(after.last_login_at, Some(T0 + 100));
+    assert_eq!(after.last_login_geolocation, Some(json!({"country": "NZ", "city": "Wellington"})));
+    let stored = db.store.user_by_id(u.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_login_at, Some(T0 + 100));
+
+    // A later login without a location clears the old one.
+    let (_, s2) = new_session(u.id, T0 + 200);
+    let (after, _) = db.store.open_session(&s2, 5).await.unwrap().expect("session opened");
+    assert_eq!(after.last_login_at, Some(T0 + 200));
+    assert_eq!(after.last_login_geolocation, None);
+
+    let live = db.store.list_sessions(u.id, T0 + 200).await.unwrap();
+    assert_eq!(live.len(), 2);
+    assert_eq!(live[1].id, opened.id);
+}
+
+async fn a_session_is_found_with_its_user_and_unknown_ones_are_not(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "find@example.test").await;
+    let opened = login(&*db.store, u.id, T0).await;
+    let (s, owner) = db.store.session_with_user(opened.id).await.unwrap().unwrap();
+    assert_eq!(s.id, opened.id);
+    assert_eq!(s.user_id, u.id);
+    assert_eq!(s.created_at, T0);
+    assert_eq!(s.last_used_at, T0);
+    assert_eq!(s.expires_at, T0 + SESSION_TTL);
+    assert_eq!(s.ip.as_deref(), Some("192.0.2.7"));
+    assert_eq!(s.user_agent.as_deref(), Some("store-tests/1"));
+    assert_eq!(s.ended_at, None);
+    assert!(s.is_live(T0));
+    assert_eq!(owner.id, u.id);
+    assert_eq!(owner.email, "find@example.test");
+    assert!(db.store.session_with_user(Uuid::new_v4()).await.unwrap().is_none());
+
+    // Ended sessions are still found, with their end time.
+    assert!(db.store.end_session(u.id, opened.id, "logout", T0 + 5).await.unwrap());
+    let (s, _) = db.store.session_with_user(opened.id).await.unwrap().unwrap();
+    assert_eq!(s.ended_at, Some(T0 + 5));
+    assert!(!s.is_live(T0 + 5));
+}
+
+async fn the_session_list_has_only_live_sessions_newest_first(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "list@example.test").await;
+    let other = user(&*db.store, "other@example.test").await;
+    let oldest = login(&*db.store, u.id, T0).await;
+    let ended = login(&*db.store, u.id, T0 + 10).await;
+    let (short, mut s) = new_session(u.id, T0 + 20);
+    s.expires_at = T0 + 1000;
+    s.refresh_expires_at = T0 + 1000;
+    db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+    let newest = login(&*db.store, u.id, T0 + 30).await;
+    login(&*db.store, other.id, T0 + 40).await;
+    assert!(db.store.end_session(u.id, ended.id, "logout", T0 + 50).await.unwrap());
+
+    let ids = |v: Vec<gatehouse::store::Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(db.store.list_sessions(u.id, T0 + 999).await.unwrap()), vec![newest.id, short.id, oldest.id]);
+    assert_eq!(
+        ids(db.store.list_sessions(u.id, T0 + 1000).await.unwrap()),
+        vec![newest.id, oldest.id],
+        "a session is over at its absolute expiry"
+    );
+    assert!(db.store.list_sessions(Uuid::new_v4(), T0).await.unwrap().is_empty());
+}
+
+async fn the_device_limit_ends_the_oldest_sessions_beyond_it(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "devices@example.test").await;
+    let other = user(&*db.store, "other@example.test").await;
+    let theirs = login(&*db.store, other.id, T0).await;
+    let mut opened = Vec::new();
+    for i in 0..3 {
+        let (o, s) = new_session(u.id, T0 + i);
+        let (_, evicted) = db.store.open_session(&s, 3).await.unwrap().expect("session opened");
+        assert!(evicted.is_empty());
+        opened.push(o);
+    }
+    let (fourth, s) = new_session(u.id, T0 + 10);
+    let (_, evicted) = db.store.open_session(&s, 3).await.unwrap().expect("session opened");
+    assert_eq!(evicted, vec![opened[0].id]);
+    let (ev, _) = db.store.session_with_user(opened[0].id).await.unwrap().unwrap();
+    assert_eq!(ev.ended_at, Some(T0 + 10));
+
+    // A lower limit evicts every session beyond it, oldest first.
+    let (fifth, s) = new_session(u.id, T0 + 20);
+    let (_, evicted) = db.store.open_session(&s, 2).await.unwrap().expect("session opened");
+    assert_eq!(sorted(evicted), sorted(vec![opened[1].id, opened[2].id]));
+    let live: Vec<Uuid> = db.store.list_sessions(u.id, T0 + 20).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(live, vec![fifth.id, fourth.id]);
+    assert_eq!(
+        db.store.list_sessions(other.id, T0 + 20).await.unwrap()[0].id,
+        theirs.id,
+        "another user's sessions do not count"
+    );
+
+    // Ended and expired sessions do not count toward the limit.
+    let v = user(&*db.store, "expiring@example.test").await;
+    let (_, mut s) = new_session(v.id, T0);
+    s.expires_at = T0 + 50;
+    s.refresh_expires_at = T0 + 50;
+    db.store.open_session(&s, 1).await.unwrap().expect("session opened");
+    let gone = login(&*db.store, v.id, T0 + 1).await;
+    db.store.end_session(v.id, gone.id, "logout", T0 + 2).await.unwrap();
+    let (_, s) = new_session(v.id, T0 + 60);
+    let (_, evicted) = db.store.open_session(&s, 1).await.unwrap().expect("session opened");
+    assert!(evicted.is_empty());
+}
+
+async fn a_device_limit_of_zero_keeps_every_session(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "many@example.test").await;
+    for i in 0..12 {
+        let (_, s) = new_session(u.id, T0 + i);
+        let (_, evicted) = db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+        assert!(evicted.is_empty());
+    }
+    assert_eq!(db.store.list_sessions(u.id, T0 + 20).await.unwrap().len(), 12);
+}
+
+async fn ending_a_session_works_only_for_its_owner_and_only_once(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "owner@example.test").await;
+    let intruder = user(&*db.store, "intruder@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    assert!(!db.store.end_session(intruder.id, s.id, "logout", T0 + 1).await.unwrap());
+    assert_eq!(db.store.list_sessions(u.id, T0 + 1).await.unwrap().len(), 1);
+    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 2).await.unwrap());
+    assert!(!db.store.end_session(u.id, s.id, "logout", T0 + 3).await.unwrap());
+    let (ended, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
+    assert_eq!(ended.ended_at, Some(T0 + 2), "the first end time stays");
+    assert!(!db.store.end_session(u.id, Uuid::new_v4(), "logout", T0 + 3).await.unwrap());
+}
+
+async fn ending_all_sessions_keeps_the_one_named_and_touches_no_other_user(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "all@example.test").await;
+    let other = user(&*db.store, "other@example.test").await;
+    let keep = login(&*db.store, u.id, T0).await;
+    let s2 = login(&*db.store, u.id, T0 + 1).await;
+    let s3 = login(&*db.store, u.id, T0 + 2).await;
+    let already = login(&*db.store, u.id, T0 + 3).await;
+    db.store.end_session(u.id, already.id, "logout", T0 + 4).await.unwrap();
+    let theirs = login(&*db.store, other.id, T0).await;
+
+    let ended = db.store.end_sessions(u.id, Some(keep.id), "logout_others", T0 + 10).await.unwrap();
+    assert_eq!(sorted(ended), sorted(vec![s2.id, s3.id]));
+    let live: Vec<Uuid> = db.store.list_sessions(u.id, T0 + 10).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(live, vec![keep.id]);
+    let (s, _) = db.store.session_with_user(already.id).await.unwrap().unwrap();
+    assert_eq!(s.ended_at, Some(T0 + 4), "already ended stays as it was");
+
+    // Another user's session named as `keep` changes nothing for them.
+    let ended = db.store.end_sessions(u.id, Some(theirs.id), "logout_all", T0 + 20).await.unwrap();
+    assert_eq!(ended, vec![keep.id]);
+    assert!(db.store.list_sessions(u.id, T0 + 20).await.unwrap().is_empty());
+    assert_eq!(db.store.list_sessions(other.id, T0 + 20).await.unwrap()[0].id, theirs.id);
+
+    let ended = db.store.end_sessions(other.id, None, "logout_all", T0 + 30).await.unwrap();
+    assert_eq!(ended, vec![theirs.id]);
+    assert!(db.store.end_sessions(other.id, None, "logout_all", T0 + 31).await.unwrap().is_empty());
+}
+
+async fn a_login_checked_against_a_replaced_password_or_an_inactive_account_opens_nothing(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "stale@example.test").await;
+    let (_, mut s) = new_session(u.id, T0);
+    s.verified_hash = u.password_hash.clone();
+    // A reset wins the race: the password this login checked is no longer the one stored.
+    db.store.change_password(u.id, "$argon2id$v=19$m=8,t=1,p=1$bmV3$bmV3", None, T0).await.unwrap();
+    assert!(db.store.open_session(&s, 0).await.unwrap().is_none());
+    assert!(db.store.list_sessions(u.id, T0).await.unwrap().is_empty());
+    assert_eq!(db.store.user_by_id(u.id).await.unwrap().unwrap().last_login_at, None);
+
+    let v = user(&*db.store, "gone@example.test").await;
+    let patch = UserPatch { status: Some(Status::Suspended), ..UserPatch::default() };
+    db.store.patch_user(v.id, &patch, T0).await.unwrap();
+    let (_, mut s) = new_session(v.id, T0);
+    s.verified_hash = v.password_hash.clone();
+    assert!(db.store.open_session(&s, 0).await.unwrap().is_none());
+}

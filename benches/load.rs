@@ -321,55 +321,63 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
            "difference": (mu - mw).abs() / mu.max(mw)})
 }
 
-async fn backend_run(name: &str, db: &str, data: &Path, minimal_rate: f64, hash_rate: f64, d: Duration) -> Value {
+/// One backend: `instances` servers on the same database, load spread over them.
+/// With `full`, also the overload, timing and memory phases (on the first server).
+async fn backend_run(
+    name: &str,
+    db: &str,
+    data: &Path,
+    instances: usize,
+    full: bool,
+    base_rates: (f64, f64),
+    d: Duration,
+) -> Value {
+    let (minimal_rate, hash_rate) = base_rates;
     let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     for e in &emails {
         seed(db, data, e);
     }
-    let server = start(db, data).await;
+    let mut servers = Vec::new();
+    for i in 0..instances {
+        servers.push(start(db, &data.join(format!("i{i}"))).await);
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = server.rss_kib("VmRSS:");
-    let base = server.base.clone();
+    let idle_rss = servers[0].rss_kib("VmRSS:");
+    let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base.clone()).collect());
+    let base = bases[0].clone();
 
-    let b = base.clone();
-    let mut healthz = closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{b}/healthz")))).await;
+    let b = bases.clone();
+    let mut healthz = closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))).await;
 
     let tokens = login_tokens(&base, &emails, 4).await;
     let access: Arc<Vec<String>> =
         Arc::new(tokens.iter().map(|t| t["access_token"].as_str().unwrap().to_owned()).collect());
-    let b = base.clone();
-    let a = access.clone();
-    let mut me =
-        closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{b}/v1/me")).bearer_auth(&a[w % a.len()]))).await;
+    let (b, a) = (bases.clone(), access.clone());
+    let mut me = closed_loop(
+        32,
+        d,
+        Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
+    )
+    .await;
 
     // Each refresh worker follows its own chain: the next token is the last answer's.
-    let chains: Arc<Vec<std::sync::Mutex<String>>> = Arc::new(
-        login_tokens(&base, &emails, 2)
-            .await
-            .iter()
-            .map(|t| std::sync::Mutex::new(t["refresh_token"].as_str().unwrap().to_owned()))
-            .collect(),
-    );
-    let refresh = {
+    let chains: Vec<String> =
+        login_tokens(&base, &emails, 2).await.iter().map(|t| t["refresh_token"].as_str().unwrap().to_owned()).collect();
+    let mut refresh = {
         let start = Instant::now();
         let client = reqwest::Client::new();
         let mut tasks = Vec::new();
-        for w in 0..chains.len() {
-            let (client, chains, base) = (client.clone(), chains.clone(), base.clone());
+        for (w, mut token) in chains.into_iter().enumerate() {
+            let (client, bases) = (client.clone(), bases.clone());
             tasks.push(tokio::spawn(async move {
                 let mut s = Sample::default();
                 while start.elapsed() < d {
-                    let token = chains[w].lock().unwrap().clone();
                     let t = Instant::now();
-                    let r = client
-                        .post(format!("{base}/v1/auth/refresh"))
-                        .json(&json!({"refresh_token": token}))
-                        .send()
-                        .await
-                        .unwrap();
+                    let url = format!("{}/v1/auth/refresh", bases[w % bases.len()]);
+                    let r = client.post(url).json(&json!({"refresh_token": token})).send().await.unwrap();
                     if r.status().is_success() {
                         let v: Value = r.json().await.unwrap();
-                        *chains[w].lock().unwrap() = v["refresh_token"].as_str().unwrap().to_owned();
+                        token = v["refresh_token"].as_str().unwrap().to_owned();
                         s.ok += 1;
                         s.lat.push(t.elapsed().as_micros() as u64);
                     } else {
@@ -386,24 +394,21 @@ async fn backend_run(name: &str, db: &str, data: &Path, minimal_rate: f64, hash_
         all.elapsed = start.elapsed().as_secs_f64();
         all
     };
-    let mut refresh = refresh;
 
-    let b = base.clone();
-    let es = Arc::new(emails.clone());
+    let (b, es) = (bases.clone(), Arc::new(emails.clone()));
     let mut login = closed_loop(
         16,
         d * 2,
         Arc::new(move |c, w| {
-            c.post(format!("{b}/v1/auth/login")).json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
+            c.post(format!("{}/v1/auth/login", b[w % b.len()]))
+                .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
         }),
     )
     .await;
     let capacity = login.rate();
-    let over = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0]).await;
-    let timing = timing(&base, &emails[1], 200).await;
-    let peak_rss = server.rss_kib("VmHWM:");
-    json!({
+    let mut out = json!({
         "backend": name,
+        "instances": instances,
         "login": login.summary(),
         "login_vs_raw_hash": capacity / hash_rate,
         "me": me.summary(),
@@ -412,11 +417,14 @@ async fn backend_run(name: &str, db: &str, data: &Path, minimal_rate: f64, hash_
         "me_vs_healthz": me.rate() / healthz.rate(),
         "refresh": refresh.summary(),
         "refresh_vs_minimal": refresh.rate() / minimal_rate,
-        "overload_4x": over,
-        "timing": timing,
-        "rss_idle_mib": idle_rss as f64 / 1024.0,
-        "rss_peak_mib": peak_rss as f64 / 1024.0,
-    })
+    });
+    if full {
+        out["overload_4x"] = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0]).await;
+        out["timing"] = timing(&base, &emails[1], 200).await;
+        out["rss_idle_mib"] = json!(idle_rss as f64 / 1024.0);
+        out["rss_peak_mib"] = json!(servers[0].rss_kib("VmHWM:") as f64 / 1024.0);
+    }
+    out
 }
 
 fn row(t: &mut String, k: &str, v: String) {
@@ -431,7 +439,7 @@ fn table(results: &Value) -> String {
     row(&mut t, "minimal axum handler req/s", f(&results["minimal"]["per_second"]));
     for b in results["backends"].as_array().unwrap() {
         let n = b["backend"].as_str().unwrap();
-        t.push_str(&format!("{n}\n"));
+        t.push_str(&format!("{n}, {} instance(s)\n", b["instances"]));
         for (k, path) in [("login", "login"), ("GET /v1/me", "me"), ("refresh", "refresh"), ("/healthz", "healthz")] {
             let s = &b[path];
             row(
@@ -444,6 +452,9 @@ fn table(results: &Value) -> String {
         row(&mut t, "me / minimal handler", f(&b["me_vs_minimal"]));
         row(&mut t, "me / healthz", f(&b["me_vs_healthz"]));
         row(&mut t, "refresh / minimal handler", f(&b["refresh_vs_minimal"]));
+        if b.get("overload_4x").is_none() {
+            continue;
+        }
         let o = &b["overload_4x"];
         row(&mut t, "4x overload: share 503", f(&o["share_503"]));
         row(&mut t, "4x overload: 503 answered p99 ms", f(&o["rejected_p99_ms"]));
@@ -465,7 +476,7 @@ fn plot(results: &Value, path: &Path) {
     use plotters::prelude::*;
     let mut bars: Vec<(String, f64)> = Vec::new();
     for b in results["backends"].as_array().unwrap() {
-        let n = b["backend"].as_str().unwrap();
+        let n = format!("{} x{}", b["backend"].as_str().unwrap(), b["instances"]);
         for (label, key) in [
             ("login/hash", "login_vs_raw_hash"),
             ("me/minimal", "me_vs_minimal"),
@@ -521,12 +532,17 @@ fn main() {
         let minimal_rate = min.rate();
         let mut backends = Vec::new();
         let dir = tempfile::tempdir().unwrap();
+        let rates = (minimal_rate, hash_rate);
         let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display());
         eprintln!("sqlite ...");
-        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), minimal_rate, hash_rate, d).await);
+        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), 1, true, rates, d).await);
         if let Ok(pg) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL") {
-            eprintln!("postgres ...");
-            backends.push(backend_run("postgres", &pg, &dir.path().join("pg"), minimal_rate, hash_rate, d).await);
+            eprintln!("postgres, one instance ...");
+            backends.push(backend_run("postgres", &pg, &dir.path().join("pg1"), 1, true, rates, d).await);
+            if let Ok(pg2) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL_2") {
+                eprintln!("postgres, two instances ...");
+                backends.push(backend_run("postgres", &pg2, &dir.path().join("pg2"), 2, false, rates, d).await);
+            }
         }
         let results = json!({
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

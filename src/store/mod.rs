@@ -8,6 +8,7 @@
 //! that could fail under concurrency) and PostgreSQL locks the rows it then reads.
 
 pub mod sql;
+mod sqlite_reads;
 
 use async_trait::async_trait;
 use uuid::Uuid;

@@ -22,6 +22,8 @@ pub struct SqlStore {
     /// anyway, and queueing for it here (in order, asynchronously) avoids its busy
     /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
     writer: AnyPool,
+    /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
+    sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     backend: &'static str,
 }
 
@@ -254,7 +256,9 @@ impl SqlStore {
             tokio::time::sleep(Duration::from_millis(200)).await;
             migrator.run(&writer).await.map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
         }
-        Ok(Self { pool, writer, backend })
+        let sqlite_reads =
+            if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
+        Ok(Self { pool, writer, sqlite_reads, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
@@ -846,12 +850,13 @@ impl Store for SqlStore {
     }
 
     async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>> {
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {SESSION_COLS}, {USER_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
-        ))
-        .bind(sid.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        if let Some(reads) = &self.sqlite_reads {
+            return Ok(reads.session_with_user(&sql, sid)?);
+        }
+        let row = sqlx::query(&sql).bind(sid.to_string()).fetch_optional(&self.pool).await?;
         Ok(match row {
             Some(r) => Some((session_from(&r)?, user_from(&r)?)),
             None => None,

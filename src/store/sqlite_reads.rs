@@ -1,0 +1,114 @@
+//! The hot read of every authenticated request (a session and its user) on SQLite,
+//! done with a read-only rusqlite connection owned by the calling thread.
+//!
+//! sqlx hands every SQLite query to a worker thread and back, which costs more than
+//! the query itself (a point select by primary key takes microseconds). Here each
+//! runtime thread keeps its own read-only connection and runs the select inline. WAL
+//! readers never wait for the writer, so this does not block the runtime; and since it
+//! reads the database itself, an ended session is refused at once, as before.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
+use uuid::Uuid;
+
+use super::Session;
+use crate::domain::user::User;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static CONNECTIONS: RefCell<HashMap<u64, Connection>> = RefCell::new(HashMap::new());
+}
+
+/// Reads of one SQLite database file.
+pub struct SqliteReads {
+    id: u64,
+    path: PathBuf,
+}
+
+fn err(e: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("sqlite read: {e}"))
+}
+
+fn uuid(row: &Row<'_>, col: &str) -> rusqlite::Result<Uuid> {
+    let s: String = row.get(col)?;
+    Uuid::parse_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn parsed<T: FromStr<Err = String>>(row: &Row<'_>, col: &str) -> rusqlite::Result<T> {
+    let s: String = row.get(col)?;
+    s.parse().map_err(|e: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+}
+
+fn json(text: Option<String>) -> Option<serde_json::Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+impl SqliteReads {
+    /// Reads of the database file at `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), path }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, sqlx::Error> {
+        CONNECTIONS.with(|cell| {
+            let mut conns = cell.borrow_mut();
+            if !conns.contains_key(&self.id) {
+                // Stores come and go in tests; a thread keeps a bounded number.
+                if conns.len() >= 16 {
+                    conns.clear();
+                }
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(err)?;
+                c.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+                conns.insert(self.id, c);
+            }
+            let c = conns.get(&self.id).ok_or_else(|| err("connection vanished"))?;
+            f(c).map_err(err)
+        })
+    }
+
+    /// A session and its user, by session id.
+    pub fn session_with_user(&self, sql: &str, sid: Uuid) -> Result<Option<(Session, User)>, sqlx::Error> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(sql)?;
+            stmt.query_row([sid.to_string()], |r| {
+                let session = Session {
+                    id: uuid(r, "s_id")?,
+                    user_id: uuid(r, "s_user_id")?,
+                    created_at: r.get("s_created_at")?,
+                    last_used_at: r.get("s_last_used_at")?,
+                    expires_at: r.get("s_expires_at")?,
+                    ip: r.get("s_ip")?,
+                    user_agent: r.get("s_user_agent")?,
+                    ended_at: r.get("s_ended_at")?,
+                };
+                let user = User {
+                    id: uuid(r, "id")?,
+                    email: r.get("email")?,
+                    name: r.get("name")?,
+                    password_hash: r.get("password_hash")?,
+                    role: parsed(r, "role")?,
+                    status: parsed(r, "status")?,
+                    email_verified_at: r.get("email_verified_at")?,
+                    created_at: r.get("created_at")?,
+                    updated_at: r.get("updated_at")?,
+                    last_login_at: r.get("last_login_at")?,
+                    last_login_geolocation: json(r.get("last_login_geo")?),
+                    metadata: json(r.get("metadata")?).unwrap_or_else(|| serde_json::json!({})),
+                };
+                Ok((session, user))
+            })
+            .optional()
+        })
+    }
+}

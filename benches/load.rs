@@ -321,6 +321,41 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
            "difference": (mu - mw).abs() / mu.max(mw)})
 }
 
+/// Where profiles go: set when this run profiles (GATEHOUSE_BENCH_PROFILE=1 and perf).
+fn profile_dir() -> Option<PathBuf> {
+    let wanted = std::env::var("GATEHOUSE_BENCH_PROFILE").is_ok_and(|v| v == "1");
+    let has_perf = Command::new("perf").arg("--version").output().is_ok_and(|o| o.status.success());
+    wanted.then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/profiles")).filter(|_| has_perf)
+}
+
+/// Samples the server's stacks with perf while `phase` runs, then keeps a text report
+/// of where the time went (`<name>.txt`, functions by share of samples).
+async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std::future::Future<Output = T>) -> T {
+    let (Some(pid), Some(dir)) = (pid, profile_dir()) else { return phase.await };
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join(format!("{name}.data"));
+    let rec = Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-q", "-p", &pid.to_string(), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &d.as_secs().max(1).to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let out = phase.await;
+    if let Ok(mut rec) = rec {
+        let _ = rec.wait();
+        if let Ok(report) = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none", "--percent-limit", "0.5", "-i"])
+            .arg(&data)
+            .output()
+        {
+            std::fs::write(dir.join(format!("{name}.txt")), report.stdout).unwrap();
+        }
+        let _ = std::fs::remove_file(&data);
+    }
+    out
+}
+
 /// One backend: `instances` servers on the same database, load spread over them.
 /// With `full`, also the overload, timing and memory phases (on the first server).
 async fn backend_run(
@@ -346,24 +381,36 @@ async fn backend_run(
     let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base.clone()).collect());
     let base = bases[0].clone();
 
+    let pid = full.then(|| servers[0].child.id()).filter(|_| name == "sqlite");
     let b = bases.clone();
-    let mut healthz = closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))).await;
+    let mut healthz = profiled(
+        pid,
+        "healthz",
+        d,
+        closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))),
+    )
+    .await;
 
     let tokens = login_tokens(&base, &emails, 4).await;
     let access: Arc<Vec<String>> =
         Arc::new(tokens.iter().map(|t| t["access_token"].as_str().unwrap().to_owned()).collect());
     let (b, a) = (bases.clone(), access.clone());
-    let mut me = closed_loop(
-        32,
+    let mut me = profiled(
+        pid,
+        "me",
         d,
-        Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
+        closed_loop(
+            32,
+            d,
+            Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
+        ),
     )
     .await;
 
     // Each refresh worker follows its own chain: the next token is the last answer's.
     let chains: Vec<String> =
         login_tokens(&base, &emails, 2).await.iter().map(|t| t["refresh_token"].as_str().unwrap().to_owned()).collect();
-    let mut refresh = {
+    let mut refresh = profiled(pid, "refresh", d, async {
         let start = Instant::now();
         let client = reqwest::Client::new();
         let mut tasks = Vec::new();
@@ -393,16 +440,22 @@ async fn backend_run(
         }
         all.elapsed = start.elapsed().as_secs_f64();
         all
-    };
+    })
+    .await;
 
     let (b, es) = (bases.clone(), Arc::new(emails.clone()));
-    let mut login = closed_loop(
-        16,
+    let mut login = profiled(
+        pid,
+        "login",
         d * 2,
-        Arc::new(move |c, w| {
-            c.post(format!("{}/v1/auth/login", b[w % b.len()]))
-                .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
-        }),
+        closed_loop(
+            16,
+            d * 2,
+            Arc::new(move |c, w| {
+                c.post(format!("{}/v1/auth/login", b[w % b.len()]))
+                    .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
+            }),
+        ),
     )
     .await;
     let capacity = login.rate();

@@ -12,5 +12,5 @@ if pg_isready -q -h 127.0.0.1 2>/dev/null || { pg_ctlcluster --skip-systemctl-re
   trap 'psql "$server/postgres" -qc "DROP DATABASE IF EXISTS $one WITH (FORCE)" -c "DROP DATABASE IF EXISTS $two WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
   export GATEHOUSE_BENCH_POSTGRES_URL="$server/$one" GATEHOUSE_BENCH_POSTGRES_URL_2="$server/$two"
 fi
-cargo bench --bench load
+GATEHOUSE_BENCH_PROFILE="${GATEHOUSE_BENCH_PROFILE:-1}" cargo bench --bench load
 cargo bench --bench hot -- --warm-up-time 1 --measurement-time 3

@@ -129,7 +129,7 @@ pub struct Session {
     pub user_id: Uuid,
     /// Opened.
     pub created_at: UnixTime,
-    /// Last login or refresh.
+    /// Last login or refresh, to the minute.
     pub last_used_at: UnixTime,
     /// Absolute expiry.
     pub expires_at: UnixTime,

@@ -103,6 +103,9 @@ fn ids(rows: &[AnyRow]) -> Result<Vec<Uuid>, sqlx::Error> {
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
+/// Seconds within which a session's `last_used_at` is not rewritten on refresh.
+const LAST_USED_RESOLUTION: i64 = 60;
+
 async fn user_in(tx: &mut Tx, id: Uuid) -> Result<Option<User>, sqlx::Error> {
     let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.id = $1"))
         .bind(id.to_string())
@@ -817,12 +820,18 @@ impl Store for SqlStore {
                     .bind(refresh_expires_at)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
-                    .bind(r.now)
-                    .bind(sid.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                Rotation::Rotated { session: Session { last_used_at: r.now, ..session }, user, refresh_expires_at }
+                // `last_used_at` is kept to the minute: a statement saved on most refreshes.
+                let last_used_at = if r.now - session.last_used_at >= LAST_USED_RESOLUTION {
+                    sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
+                        .bind(r.now)
+                        .bind(sid.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                    r.now
+                } else {
+                    session.last_used_at
+                };
+                Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }
             }
             (None, _) => {
                 tx.rollback().await?;

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, ConnectOptions, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::*;
@@ -22,6 +23,8 @@ pub struct SqlStore {
     /// anyway, and queueing for it here (in order, asynchronously) avoids its busy
     /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
     writer: AnyPool,
+    /// SQLite only: refresh rotations go through a group-commit batcher.
+    rotations: Option<mpsc::Sender<RotateJob>>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     backend: &'static str,
@@ -261,7 +264,8 @@ impl SqlStore {
         }
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
-        Ok(Self { pool, writer, sqlite_reads, backend })
+        let rotations = (backend == "sqlite").then(|| spawn_rotation_batcher(writer.clone()));
+        Ok(Self { pool, writer, rotations, sqlite_reads, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
@@ -766,95 +770,18 @@ impl Store for SqlStore {
     }
 
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
+        if let Some(batcher) = &self.rotations {
+            let (reply, rx) = oneshot::channel();
+            batcher.send((r.clone(), reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
+            return Ok(rx.await.map_err(|_| sqlx::Error::PoolClosed)??);
+        }
         let mut tx = self.begin().await?;
-        let rotated = sqlx::query(
-            "UPDATE refresh_tokens SET rotated_at = $2, successor_sealed = $3 \
-             WHERE token_hash = $1 AND rotated_at IS NULL AND expires_at > $2 RETURNING session_id",
-        )
-        .bind(&r.old_hash)
-        .bind(r.now)
-        .bind(&r.sealed)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (sid, rotated_at, sealed) = match rotated {
-            Some(row) => (uuid(&row, "session_id")?, None, None),
-            None => {
-                let row = sqlx::query(
-                    // A rotated token past its own expiry is simply invalid, as after a purge.
-                    "SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens \
-                     WHERE token_hash = $1 AND expires_at > $2",
-                )
-                .bind(&r.old_hash)
-                .bind(r.now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(row) = row else {
-                    return Ok(Rotation::Invalid);
-                };
-                let rotated_at: Option<i64> = row.try_get("rotated_at")?;
-                let Some(rotated_at) = rotated_at else {
-                    return Ok(Rotation::Invalid);
-                };
-                let sealed: Option<String> = row.try_get("successor_sealed")?;
-                (uuid(&row, "session_id")?, Some(rotated_at), sealed)
-            }
-        };
-        let row = sqlx::query(&format!(
-            "SELECT {SESSION_COLS}, {USER_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
-        ))
-        .bind(sid.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Rotation::Invalid);
-        };
-        let (session, user) = (session_from(&row)?, user_from(&row)?);
-        let live = session.is_live(r.now) && user.status == Status::Active;
-        let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
-        let out = match (rotated_at, sealed) {
-            (None, _) if live => {
-                sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&r.new_hash)
-                    .bind(sid.to_string())
-                    .bind(r.now)
-                    .bind(refresh_expires_at)
-                    .execute(&mut *tx)
-                    .await?;
-                // `last_used_at` is kept to the minute: a statement saved on most refreshes.
-                let last_used_at = if r.now - session.last_used_at >= LAST_USED_RESOLUTION {
-                    sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
-                        .bind(r.now)
-                        .bind(sid.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                    r.now
-                } else {
-                    session.last_used_at
-                };
-                Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }
-            }
-            (None, _) => {
-                tx.rollback().await?;
-                return Ok(Rotation::Invalid);
-            }
-            (Some(at), Some(sealed)) if live && r.grace > 0 && r.now - at <= r.grace => {
-                let row = sqlx::query("SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL ORDER BY created_at DESC LIMIT 1")
-                    .bind(sid.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let exp = match row {
-                    Some(row) => row.try_get("expires_at")?,
-                    None => refresh_expires_at,
-                };
-                Rotation::Grace { sealed, session, user, refresh_expires_at: exp }
-            }
-            (Some(_), _) if session.ended_at.is_none() => {
-                end_sessions_by_id(&mut tx, sid, "refresh_token_reused", r.now).await?;
-                Rotation::Reused { session_id: sid, user_id: session.user_id }
-            }
-            (Some(_), _) => Rotation::Invalid,
-        };
-        tx.commit().await?;
+        let out = rotate_in(&mut tx, r).await?;
+        if matches!(out, Rotation::Invalid) {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
         Ok(out)
     }
 
@@ -1067,6 +994,160 @@ impl Store for SqlStore {
     }
 }
 
+/// One rotation inside the caller's transaction. `Invalid` means nothing may be kept:
+/// the caller rolls back; every other outcome is committed.
+async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sqlx::Error> {
+    let rotated = sqlx::query(
+        "UPDATE refresh_tokens SET rotated_at = $2, successor_sealed = $3 \
+         WHERE token_hash = $1 AND rotated_at IS NULL AND expires_at > $2 RETURNING session_id",
+    )
+    .bind(&r.old_hash)
+    .bind(r.now)
+    .bind(&r.sealed)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (sid, rotated_at, sealed) = match rotated {
+        Some(row) => (uuid(&row, "session_id")?, None, None),
+        None => {
+            let row = sqlx::query(
+                // A rotated token past its own expiry is simply invalid, as after a purge.
+                "SELECT session_id, rotated_at, successor_sealed FROM refresh_tokens \
+                 WHERE token_hash = $1 AND expires_at > $2",
+            )
+            .bind(&r.old_hash)
+            .bind(r.now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else {
+                return Ok(Rotation::Invalid);
+            };
+            let rotated_at: Option<i64> = row.try_get("rotated_at")?;
+            let Some(rotated_at) = rotated_at else {
+                return Ok(Rotation::Invalid);
+            };
+            let sealed: Option<String> = row.try_get("successor_sealed")?;
+            (uuid(&row, "session_id")?, Some(rotated_at), sealed)
+        }
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {SESSION_COLS}, {USER_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
+    ))
+    .bind(sid.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Rotation::Invalid);
+    };
+    let (session, user) = (session_from(&row)?, user_from(&row)?);
+    let live = session.is_live(r.now) && user.status == Status::Active;
+    let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
+    let out = match (rotated_at, sealed) {
+        (None, _) if live => {
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&r.new_hash)
+            .bind(sid.to_string())
+            .bind(r.now)
+            .bind(refresh_expires_at)
+            .execute(&mut *conn)
+            .await?;
+            // `last_used_at` is kept to the minute: a statement saved on most refreshes.
+            let last_used_at = if r.now - session.last_used_at >= LAST_USED_RESOLUTION {
+                sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
+                    .bind(r.now)
+                    .bind(sid.to_string())
+                    .execute(&mut *conn)
+                    .await?;
+                r.now
+            } else {
+                session.last_used_at
+            };
+            Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }
+        }
+        (None, _) => Rotation::Invalid,
+        (Some(at), Some(sealed)) if live && r.grace > 0 && r.now - at <= r.grace => {
+            let row = sqlx::query("SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL ORDER BY created_at DESC LIMIT 1")
+                .bind(sid.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+            let exp = match row {
+                Some(row) => row.try_get("expires_at")?,
+                None => refresh_expires_at,
+            };
+            Rotation::Grace { sealed, session, user, refresh_expires_at: exp }
+        }
+        (Some(_), _) if session.ended_at.is_none() => {
+            end_sessions_by_id(conn, sid, "refresh_token_reused", r.now).await?;
+            Rotation::Reused { session_id: sid, user_id: session.user_id }
+        }
+        (Some(_), _) => Rotation::Invalid,
+    };
+    Ok(out)
+}
+
+type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
+
+/// Group commit of refresh rotations on SQLite: the single writer takes every rotation
+/// waiting at that moment (up to 64), runs each in a savepoint of one transaction, and
+/// answers them all after one durable commit. A rotation is never answered before its
+/// commit; one that fails is rolled back alone.
+fn spawn_rotation_batcher(writer: AnyPool) -> mpsc::Sender<RotateJob> {
+    let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < 64 {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            run_rotation_batch(&writer, jobs).await;
+        }
+    });
+    tx
+}
+
+async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
+    let mut results: Vec<Result<Rotation, sqlx::Error>> = Vec::with_capacity(jobs.len());
+    let committed: Result<(), sqlx::Error> = async {
+        let mut tx = writer.begin().await?;
+        for (r, _) in &jobs {
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match rotate_in(&mut sp, r).await {
+                Ok(Rotation::Invalid) => {
+                    sp.rollback().await?;
+                    results.push(Ok(Rotation::Invalid));
+                }
+                Ok(out) => {
+                    sp.commit().await?;
+                    results.push(Ok(out));
+                }
+                Err(e) => {
+                    sp.rollback().await?;
+                    results.push(Err(e));
+                }
+            }
+        }
+        tx.commit().await
+    }
+    .await;
+    match committed {
+        Ok(()) => {
+            for ((_, reply), result) in jobs.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for (_, reply) in jobs {
+                let _ = reply.send(Err(sqlx::Error::Protocol(format!("rotation batch failed: {msg}"))));
+            }
+        }
+    }
+}
+
 /// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
 /// concurrent reservation always finds it (PostgreSQL does not lock a row that
 /// `ON CONFLICT` merely saw).
@@ -1081,12 +1162,17 @@ async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sq
     Ok(())
 }
 
-async fn end_sessions_by_id(tx: &mut Tx, sid: Uuid, reason: &str, now: UnixTime) -> Result<(), sqlx::Error> {
+async fn end_sessions_by_id(
+    conn: &mut AnyConnection,
+    sid: Uuid,
+    reason: &str,
+    now: UnixTime,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
         .bind(now)
         .bind(reason)
         .bind(sid.to_string())
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await?;
     Ok(())
 }

@@ -587,7 +587,7 @@ fn main() {
         }
         drop(minimal);
         runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-        let rates: Vec<f64> = runs.iter().map(Sample::rate).collect();
+        let minimal_runs: Vec<f64> = runs.iter().map(Sample::rate).collect();
         let mut min = runs.swap_remove(1);
         let minimal_rate = min.rate();
         let mut backends = Vec::new();
@@ -610,7 +610,7 @@ fn main() {
             "password_hash": HASH,
             "raw_hash_per_second": hash_rate,
             "minimal": min.summary(),
-            "minimal_runs_per_second": rates,
+            "minimal_runs_per_second": minimal_runs,
             "backends": backends,
         });
         std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();

@@ -381,83 +381,14 @@ async fn backend_run(
     let bases: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.base.clone()).collect());
     let base = bases[0].clone();
 
-    let pid = full.then(|| servers[0].child.id()).filter(|_| name == "sqlite");
-    let b = bases.clone();
-    let mut healthz = profiled(
-        pid,
-        "healthz",
-        d,
-        closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))),
-    )
-    .await;
-
     let tokens = login_tokens(&base, &emails, 4).await;
     let access: Arc<Vec<String>> =
         Arc::new(tokens.iter().map(|t| t["access_token"].as_str().unwrap().to_owned()).collect());
-    let (b, a) = (bases.clone(), access.clone());
-    let mut me = profiled(
-        pid,
-        "me",
-        d,
-        closed_loop(
-            32,
-            d,
-            Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
-        ),
-    )
-    .await;
-
-    // Each refresh worker follows its own chain: the next token is the last answer's.
-    let chains: Vec<String> =
-        login_tokens(&base, &emails, 2).await.iter().map(|t| t["refresh_token"].as_str().unwrap().to_owned()).collect();
-    let mut refresh = profiled(pid, "refresh", d, async {
-        let start = Instant::now();
-        let client = reqwest::Client::new();
-        let mut tasks = Vec::new();
-        for (w, mut token) in chains.into_iter().enumerate() {
-            let (client, bases) = (client.clone(), bases.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut s = Sample::default();
-                while start.elapsed() < d {
-                    let t = Instant::now();
-                    let url = format!("{}/v1/auth/refresh", bases[w % bases.len()]);
-                    let r = client.post(url).json(&json!({"refresh_token": token})).send().await.unwrap();
-                    if r.status().is_success() {
-                        let v: Value = r.json().await.unwrap();
-                        token = v["refresh_token"].as_str().unwrap().to_owned();
-                        s.ok += 1;
-                        s.lat.push(t.elapsed().as_micros() as u64);
-                    } else {
-                        s.other += 1;
-                    }
-                }
-                s
-            }));
-        }
-        let mut all = Sample::default();
-        for t in tasks {
-            all.merge(t.await.unwrap());
-        }
-        all.elapsed = start.elapsed().as_secs_f64();
-        all
-    })
-    .await;
-
-    let (b, es) = (bases.clone(), Arc::new(emails.clone()));
-    let mut login = profiled(
-        pid,
-        "login",
-        d * 2,
-        closed_loop(
-            16,
-            d * 2,
-            Arc::new(move |c, w| {
-                c.post(format!("{}/v1/auth/login", b[w % b.len()]))
-                    .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
-            }),
-        ),
-    )
-    .await;
+    let ctx = PhaseCtx { bases: bases.clone(), emails: Arc::new(emails.clone()), access: access.clone() };
+    let mut healthz = run_phase(Phase::Healthz, &ctx, d).await;
+    let mut me = run_phase(Phase::Me, &ctx, d).await;
+    let mut refresh = run_phase(Phase::Refresh, &ctx, d).await;
+    let mut login = run_phase(Phase::Login, &ctx, d * 2).await;
     let capacity = login.rate();
     let mut out = json!({
         "backend": name,
@@ -476,8 +407,99 @@ async fn backend_run(
         out["timing"] = timing(&base, &emails[1], 200).await;
         out["rss_idle_mib"] = json!(idle_rss as f64 / 1024.0);
         out["rss_peak_mib"] = json!(servers[0].rss_kib("VmHWM:") as f64 / 1024.0);
+        // Profiles come from separate, shorter runs: sampling slows the server down,
+        // so no figure above was measured under it.
+        if name == "sqlite" {
+            let pid = Some(servers[0].child.id());
+            let short = d.min(Duration::from_secs(3));
+            for (phase, label) in
+                [(Phase::Healthz, "healthz"), (Phase::Me, "me"), (Phase::Refresh, "refresh"), (Phase::Login, "login")]
+            {
+                profiled(pid, label, short, run_phase(phase, &ctx, short)).await;
+            }
+        }
     }
     out
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Healthz,
+    Me,
+    Refresh,
+    Login,
+}
+
+struct PhaseCtx {
+    bases: Arc<Vec<String>>,
+    emails: Arc<Vec<String>>,
+    access: Arc<Vec<String>>,
+}
+
+/// One closed-loop phase against every instance in turn.
+async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Duration) -> Sample {
+    let b = ctx.bases.clone();
+    match phase {
+        Phase::Healthz => closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))).await,
+        Phase::Me => {
+            let a = ctx.access.clone();
+            closed_loop(
+                32,
+                d,
+                Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
+            )
+            .await
+        }
+        Phase::Login => {
+            let es = ctx.emails.clone();
+            closed_loop(
+                16,
+                d,
+                Arc::new(move |c, w| {
+                    c.post(format!("{}/v1/auth/login", b[w % b.len()]))
+                        .json(&json!({"email": es[w % es.len()], "password": PASSWORD}))
+                }),
+            )
+            .await
+        }
+        Phase::Refresh => {
+            // Each worker follows its own chain: the next token is the last answer's.
+            let chains: Vec<String> = login_tokens(&b[0], &ctx.emails, 2)
+                .await
+                .iter()
+                .map(|t| t["refresh_token"].as_str().unwrap().to_owned())
+                .collect();
+            let start = Instant::now();
+            let client = reqwest::Client::new();
+            let mut tasks = Vec::new();
+            for (w, mut token) in chains.into_iter().enumerate() {
+                let (client, bases) = (client.clone(), b.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut s = Sample::default();
+                    while start.elapsed() < d {
+                        let t = Instant::now();
+                        let url = format!("{}/v1/auth/refresh", bases[w % bases.len()]);
+                        let r = client.post(url).json(&json!({"refresh_token": token})).send().await.unwrap();
+                        if r.status().is_success() {
+                            let v: Value = r.json().await.unwrap();
+                            token = v["refresh_token"].as_str().unwrap().to_owned();
+                            s.ok += 1;
+                            s.lat.push(t.elapsed().as_micros() as u64);
+                        } else {
+                            s.other += 1;
+                        }
+                    }
+                    s
+                }));
+            }
+            let mut all = Sample::default();
+            for t in tasks {
+                all.merge(t.await.unwrap());
+            }
+            all.elapsed = start.elapsed().as_secs_f64();
+            all
+        }
+    }
 }
 
 fn row(t: &mut String, k: &str, v: String) {

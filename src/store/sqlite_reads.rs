@@ -35,13 +35,13 @@ fn err(e: impl std::fmt::Display) -> sqlx::Error {
     sqlx::Error::Protocol(format!("sqlite read: {e}"))
 }
 
-fn uuid(row: &Row<'_>, col: &str) -> rusqlite::Result<Uuid> {
+fn uuid(row: &Row<'_>, col: usize) -> rusqlite::Result<Uuid> {
     let s: String = row.get(col)?;
     Uuid::parse_str(&s)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
-fn parsed<T: FromStr<Err = String>>(row: &Row<'_>, col: &str) -> rusqlite::Result<T> {
+fn parsed<T: FromStr<Err = String>>(row: &Row<'_>, col: usize) -> rusqlite::Result<T> {
     let s: String = row.get(col)?;
     s.parse().map_err(|e: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
@@ -81,30 +81,32 @@ impl SqliteReads {
     pub fn session_with_user(&self, sql: &str, sid: Uuid) -> Result<Option<(Session, User)>, sqlx::Error> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(sql)?;
+            // Columns by position (looking them up by name cost more than the query):
+            // SESSION_COLS then USER_COLS, in their declared order.
             stmt.query_row([sid.to_string()], |r| {
                 let session = Session {
-                    id: uuid(r, "s_id")?,
-                    user_id: uuid(r, "s_user_id")?,
-                    created_at: r.get("s_created_at")?,
-                    last_used_at: r.get("s_last_used_at")?,
-                    expires_at: r.get("s_expires_at")?,
-                    ip: r.get("s_ip")?,
-                    user_agent: r.get("s_user_agent")?,
-                    ended_at: r.get("s_ended_at")?,
+                    id: uuid(r, 0)?,
+                    user_id: uuid(r, 1)?,
+                    created_at: r.get(2)?,
+                    last_used_at: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    ip: r.get(5)?,
+                    user_agent: r.get(6)?,
+                    ended_at: r.get(7)?,
                 };
                 let user = User {
-                    id: uuid(r, "id")?,
-                    email: r.get("email")?,
-                    name: r.get("name")?,
-                    password_hash: r.get("password_hash")?,
-                    role: parsed(r, "role")?,
-                    status: parsed(r, "status")?,
-                    email_verified_at: r.get("email_verified_at")?,
-                    created_at: r.get("created_at")?,
-                    updated_at: r.get("updated_at")?,
-                    last_login_at: r.get("last_login_at")?,
-                    last_login_geolocation: json(r.get("last_login_geo")?),
-                    metadata: json(r.get("metadata")?).unwrap_or_else(|| serde_json::json!({})),
+                    id: uuid(r, 8)?,
+                    email: r.get(9)?,
+                    name: r.get(10)?,
+                    password_hash: r.get(11)?,
+                    role: parsed(r, 12)?,
+                    status: parsed(r, 13)?,
+                    email_verified_at: r.get(14)?,
+                    created_at: r.get(15)?,
+                    updated_at: r.get(16)?,
+                    last_login_at: r.get(17)?,
+                    last_login_geolocation: json(r.get(18)?),
+                    metadata: json(r.get(19)?).unwrap_or_else(|| serde_json::json!({})),
                 };
                 Ok((session, user))
             })

@@ -12,13 +12,14 @@ use tokio::net::TcpListener;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
-use crate::crypto::jwt::{AccessTokens, SigningKey};
+use crate::crypto::jwt::{AccessTokens, KeyEncryptionKey, SigningKey};
 use crate::crypto::password::PasswordHasher;
 use crate::domain::lockout::LockoutPolicy;
 use crate::http::{self, AppState};
 use crate::mail::{self, MailQueue};
 use crate::service::{GeoLookup, Policy, Services};
 use crate::store;
+use secrecy::ExposeSecret;
 
 /// A built service: its router and shared state.
 pub struct App {
@@ -70,9 +71,21 @@ impl App {
 /// Builds the services: store (migrated), signing key, hasher, mail, GeoIP.
 pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Services> {
     let store = store::open(&settings.database_url(), settings.db_max_connections, settings.db_acquire_timeout).await?;
+    let kek = match &settings.key_encryption_key {
+        Some(k) => {
+            Some(KeyEncryptionKey::parse(k.expose_secret()).map_err(|e| anyhow::anyhow!("key_encryption_key: {e}"))?)
+        }
+        None => None,
+    };
     let candidate = SigningKey::generate(clock.now())?;
+    let candidate = match &kek {
+        Some(kek) => candidate.sealed(kek)?,
+        None => candidate,
+    };
     let (active, all) =
         store.signing_keys(&candidate).await.map_err(|e| anyhow::anyhow!("loading signing keys: {e}"))?;
+    let active = active.opened(kek.as_ref())?;
+    let all = all.into_iter().map(|k| k.opened(kek.as_ref())).collect::<anyhow::Result<Vec<_>>>()?;
     let tokens = AccessTokens::new(
         &active,
         &all,

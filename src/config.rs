@@ -162,6 +162,10 @@ pub struct Settings {
     /// Proxies whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub trusted_proxies: TrustedProxies,
+    /// Base64 of 32 bytes: encrypts signing keys at rest (AES-256-GCM). Keep it out of
+    /// the database (environment or secret store); every instance needs the same one.
+    #[serde(default)]
+    pub key_encryption_key: Option<SecretString>,
     /// The `aud` of access tokens.
     pub jwt_audience: String,
     /// A MaxMind city database for `last_login_geolocation`.
@@ -269,6 +273,12 @@ impl Settings {
         }
         if self.db_max_connections == 0 {
             anyhow::bail!("invalid settings: db_max_connections must be at least 1");
+        }
+        if let Some(k) = &self.key_encryption_key {
+            use secrecy::ExposeSecret;
+            crate::crypto::jwt::KeyEncryptionKey::parse(k.expose_secret()).map_err(|e| {
+                anyhow::anyhow!("invalid settings: key_encryption_key (GATEHOUSE_KEY_ENCRYPTION_KEY) {e}")
+            })?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             anyhow::bail!("invalid settings: log_format (GATEHOUSE_LOG_FORMAT) must be text or json");

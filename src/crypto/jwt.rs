@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -55,6 +56,68 @@ impl SigningKey {
         let public = pair.public_key().as_ref().to_vec();
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(&public))[..16].to_owned();
         Ok(Self { kid, private_pkcs8: doc.as_ref().to_vec(), public, created_at: now })
+    }
+
+    /// The key with its private part encrypted under `kek` (AES-256-GCM, the kid as
+    /// associated data), as it is stored when a key-encryption key is configured.
+    pub fn sealed(&self, kek: &KeyEncryptionKey) -> anyhow::Result<Self> {
+        let mut nonce = [0u8; 12];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| anyhow::anyhow!("no randomness for a nonce"))?;
+        let mut data = self.private_pkcs8.clone();
+        kek.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(self.kid.as_bytes()), &mut data)
+            .map_err(|_| anyhow::anyhow!("could not encrypt the signing key"))?;
+        let private_pkcs8 = [SEALED_MARK, &nonce, &data].concat();
+        Ok(Self { private_pkcs8, ..self.clone() })
+    }
+
+    /// The key as read from storage, decrypted when it was stored encrypted.
+    pub fn opened(self, kek: Option<&KeyEncryptionKey>) -> anyhow::Result<Self> {
+        let Some(rest) = self.private_pkcs8.strip_prefix(SEALED_MARK) else {
+            return Ok(self);
+        };
+        let kek = kek.ok_or_else(|| {
+            anyhow::anyhow!("the signing keys are encrypted: set GATEHOUSE_KEY_ENCRYPTION_KEY (key_encryption_key)")
+        })?;
+        if rest.len() < 12 + 16 {
+            anyhow::bail!("stored signing key {} is truncated", self.kid);
+        }
+        let (nonce, sealed) = rest.split_at(12);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| anyhow::anyhow!("bad nonce"))?;
+        let mut data = sealed.to_vec();
+        let plain = kek
+            .0
+            .open_in_place(nonce, Aad::from(self.kid.as_bytes()), &mut data)
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "signing key {} does not open with GATEHOUSE_KEY_ENCRYPTION_KEY (key_encryption_key): wrong key?",
+                    self.kid
+                )
+            })?
+            .to_vec();
+        Ok(Self { private_pkcs8: plain, ..self })
+    }
+}
+
+const SEALED_MARK: &[u8] = b"GHKEK1";
+
+/// A key-encryption key for signing keys at rest: 32 bytes, given base64-encoded.
+pub struct KeyEncryptionKey(LessSafeKey);
+
+impl KeyEncryptionKey {
+    /// Parses the base64 text of 32 random bytes.
+    pub fn parse(b64: &str) -> Result<Self, String> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| "must be base64 (e.g. `openssl rand -base64 32`)".to_owned())?;
+        let key = UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| "must be exactly 32 bytes".to_owned())?;
+        Ok(Self(LessSafeKey::new(key)))
+    }
+}
+
+impl std::fmt::Debug for KeyEncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyEncryptionKey(..)")
     }
 }
 
@@ -290,6 +353,23 @@ mod tests {
         let tampered = format!("{}x", jwt);
         assert!(t.verify(&tampered, 1).is_err());
         assert!(t.verify("garbage", 1).is_err());
+    }
+
+    #[test]
+    fn a_sealed_key_opens_only_with_its_key_encryption_key() {
+        let key = SigningKey::generate(0).unwrap();
+        let kek = KeyEncryptionKey::parse(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])).unwrap();
+        let sealed = key.sealed(&kek).unwrap();
+        assert_ne!(sealed.private_pkcs8, key.private_pkcs8);
+        assert!(!sealed.private_pkcs8.windows(16).any(|w| key.private_pkcs8.windows(16).any(|k| k == w)));
+        assert_eq!(sealed.clone().opened(Some(&kek)).unwrap().private_pkcs8, key.private_pkcs8);
+        let other = KeyEncryptionKey::parse(&base64::engine::general_purpose::STANDARD.encode([8u8; 32])).unwrap();
+        assert!(sealed.clone().opened(Some(&other)).is_err());
+        let err = sealed.opened(None).unwrap_err().to_string();
+        assert!(err.contains("GATEHOUSE_KEY_ENCRYPTION_KEY"), "{err}");
+        // A key stored in clear (no key-encryption key configured) opens as it is.
+        assert_eq!(key.clone().opened(Some(&kek)).unwrap().private_pkcs8, key.private_pkcs8);
+        assert!(KeyEncryptionKey::parse("c2hvcnQ=").is_err());
     }
 
     #[test]

@@ -68,8 +68,8 @@ async fn start(db: &str, data: &Path, extra: &[(&str, &str)]) -> Instance {
     }
 }
 
-fn create_user(db: &str, data: &Path, email: &str, admin: bool) {
-    let mut c = command(db, data, &[]);
+fn create_user(db: &str, data: &Path, email: &str, admin: bool, extra: &[(&str, &str)]) {
+    let mut c = command(db, data, extra);
     c.args(["user", "create", "--email", email, "--password-stdin", "--verified"]);
     if admin {
         c.args(["--role", "admin"]);
@@ -109,7 +109,7 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     assert_eq!(ja, jb, "both instances publish the same key");
 
     for e in ["ann@example.com", "guess@example.com", "dev@example.com"] {
-        create_user(&db, &dir.path().join("cli"), e, false);
+        create_user(&db, &dir.path().join("cli"), e, false, &[]);
     }
 
     // A token signed by one verifies on the other; an ended session stops on both at once.
@@ -186,7 +186,7 @@ async fn kill_9_loses_nothing_that_was_acknowledged() {
     let mut sessions = Vec::new();
     {
         let a = start(&db, &data, &[("GATEHOUSE_DEVICE_LIMIT", "0")]).await;
-        create_user(&db, &data, "durable@example.com", false);
+        create_user(&db, &data, "durable@example.com", false, &[]);
         for _ in 0..20 {
             let r = login(&c, &a.base, "durable@example.com", PASSWORD).await;
             assert_eq!(r.status(), StatusCode::OK);
@@ -228,4 +228,33 @@ async fn a_bad_setting_stops_start_up_naming_it() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_are_encrypted_at_rest_with_a_key_encryption_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database(Backend::Sqlite, dir.path()).await;
+    let data = dir.path().join("data");
+    let kek = ("GATEHOUSE_KEY_ENCRYPTION_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+    let c = reqwest::Client::new();
+    let token = {
+        let a = start(&db, &data, &[kek]).await;
+        create_user(&db, &data, "kek@example.com", false, &[kek]);
+        let t: Value = login(&c, &a.base, "kek@example.com", PASSWORD).await.json().await.unwrap();
+        t["access_token"].as_str().unwrap().to_owned()
+    };
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT private_key FROM signing_keys").fetch_one(&pool).await.unwrap();
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD.decode(stored).unwrap();
+    assert!(raw.starts_with(b"GHKEK1"), "the private key is stored encrypted");
+    pool.close().await;
+    // Without the key the service refuses to start, naming the setting.
+    let port = free_port().to_string();
+    let out = command(&db, &data, &[("GATEHOUSE_LISTEN", &format!("127.0.0.1:{port}"))]).arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GATEHOUSE_KEY_ENCRYPTION_KEY"));
+    // With it, tokens signed before the restart still verify.
+    let b = start(&db, &data, &[kek]).await;
+    assert_eq!(me(&c, &b.base, &token).await, StatusCode::OK);
 }

@@ -321,18 +321,10 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
            "difference": (mu - mw).abs() / mu.max(mw)})
 }
 
-/// The raw hash rate, and three sorted runs of the minimal handler.
-async fn baselines(d: Duration) -> (f64, Vec<Sample>) {
-    eprintln!("baselines: raw argon2id verify rate, minimal handler ...");
-    let hash_rate = raw_hash_rate(d);
-    let minimal = start_minimal().await;
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let mb = minimal.base.clone();
-        runs.push(closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{mb}/")))).await);
-    }
-    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-    (hash_rate, runs)
+/// One run against the minimal handler (the framework's ceiling).
+async fn minimal_run(base: &str, d: Duration) -> Sample {
+    let b = base.to_owned();
+    closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{b}/")))).await
 }
 
 /// Where profiles go: set when this run profiles (GATEHOUSE_BENCH_PROFILE=1 and perf).
@@ -372,7 +364,15 @@ async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std:
 
 /// One backend: `instances` servers on the same database, load spread over them.
 /// With `full`, also the overload, timing and memory phases (on the first server).
-async fn backend_run(name: &str, db: &str, data: &Path, instances: usize, full: bool, d: Duration) -> Value {
+async fn backend_run(
+    name: &str,
+    db: &str,
+    data: &Path,
+    instances: usize,
+    full: bool,
+    minimal: &str,
+    d: Duration,
+) -> Value {
     let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     for e in &emails {
         seed(db, data, e);
@@ -390,18 +390,35 @@ async fn backend_run(name: &str, db: &str, data: &Path, instances: usize, full: 
     let access: Arc<Vec<String>> =
         Arc::new(tokens.iter().map(|t| t["access_token"].as_str().unwrap().to_owned()).collect());
     let ctx = PhaseCtx { bases: bases.clone(), emails: Arc::new(emails.clone()), access: access.clone() };
+    // Every baseline is measured right next to the phases it divides: the speed of
+    // this machine drifts by up to 2x over minutes, so only adjacent runs compare.
+    let mut minimal_before = minimal_run(minimal, d).await;
     let mut healthz = run_phase(Phase::Healthz, &ctx, d).await;
     let mut me = run_phase(Phase::Me, &ctx, d).await;
     let mut refresh = run_phase(Phase::Refresh, &ctx, d).await;
+    let mut minimal_after = minimal_run(minimal, d).await;
+    let minimal_rate = minimal_before.rate().max(minimal_after.rate());
+    let hash_before = raw_hash_rate(d);
     let mut login = run_phase(Phase::Login, &ctx, d * 2).await;
+    let hash_rate = hash_before.max(raw_hash_rate(d));
     let capacity = login.rate();
     let mut out = json!({
         "backend": name,
         "instances": instances,
+        "baselines": {
+            "minimal_before": minimal_before.summary(),
+            "minimal_after": minimal_after.summary(),
+            "minimal_per_second_used": minimal_rate,
+            "raw_hash_per_second_used": hash_rate,
+        },
         "login": login.summary(),
+        "login_vs_raw_hash": capacity / hash_rate,
         "me": me.summary(),
+        "me_vs_minimal": me.rate() / minimal_rate,
         "healthz": healthz.summary(),
+        "me_vs_healthz": me.rate() / healthz.rate(),
         "refresh": refresh.summary(),
+        "refresh_vs_minimal": refresh.rate() / minimal_rate,
     });
     if full {
         out["overload_4x"] = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0]).await;
@@ -511,11 +528,16 @@ fn table(results: &Value) -> String {
     let mut t = String::new();
     let f = |v: &Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
     row(&mut t, "cores", results["cores"].to_string());
-    row(&mut t, "raw argon2id verifies/s (all cores)", f(&results["raw_hash_per_second"]));
-    row(&mut t, "minimal axum handler req/s", f(&results["minimal"]["per_second"]));
     for b in results["backends"].as_array().unwrap() {
         let n = b["backend"].as_str().unwrap();
         t.push_str(&format!("{n}, {} instance(s)\n", b["instances"]));
+        let bl = &b["baselines"];
+        row(&mut t, "baseline: raw argon2id verifies/s (all cores)", f(&bl["raw_hash_per_second_used"]));
+        row(
+            &mut t,
+            "baseline: minimal handler req/s (before / after)",
+            format!("{} / {}", f(&bl["minimal_before"]["per_second"]), f(&bl["minimal_after"]["per_second"])),
+        );
         for (k, path) in [("login", "login"), ("GET /v1/me", "me"), ("refresh", "refresh"), ("/healthz", "healthz")] {
             let s = &b[path];
             row(
@@ -598,47 +620,24 @@ fn main() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        // Baselines before and after the service runs; the higher of each is used, so
-        // a machine that speeds up or slows down during the run flatters no ratio.
-        let (hash_before, mut minimal_before) = baselines(d).await;
+        let minimal = start_minimal().await;
         let mut backends = Vec::new();
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display());
         eprintln!("sqlite ...");
-        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), 1, true, d).await);
+        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), 1, true, &minimal.base, d).await);
         if let Ok(pg) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL") {
             eprintln!("postgres, one instance ...");
-            backends.push(backend_run("postgres", &pg, &dir.path().join("pg1"), 1, true, d).await);
+            backends.push(backend_run("postgres", &pg, &dir.path().join("pg1"), 1, true, &minimal.base, d).await);
             if let Ok(pg2) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL_2") {
                 eprintln!("postgres, two instances ...");
-                backends.push(backend_run("postgres", &pg2, &dir.path().join("pg2"), 2, false, d).await);
+                backends.push(backend_run("postgres", &pg2, &dir.path().join("pg2"), 2, false, &minimal.base, d).await);
             }
-        }
-        let (hash_after, mut minimal_after) = baselines(d).await;
-        let hash_rate = hash_before.max(hash_after);
-        let minimal_runs: Vec<f64> = minimal_before.iter().chain(&minimal_after).map(Sample::rate).collect();
-        let mut min = if minimal_before[1].rate() >= minimal_after[1].rate() {
-            minimal_before.swap_remove(1)
-        } else {
-            minimal_after.swap_remove(1)
-        };
-        let minimal_rate = min.rate();
-        for b in &mut backends {
-            let rate = |k: &str| b[k]["per_second"].as_f64().unwrap_or(0.0);
-            let (login, me, refresh, healthz) = (rate("login"), rate("me"), rate("refresh"), rate("healthz"));
-            b["login_vs_raw_hash"] = json!(login / hash_rate);
-            b["me_vs_minimal"] = json!(me / minimal_rate);
-            b["me_vs_healthz"] = json!(me / healthz);
-            b["refresh_vs_minimal"] = json!(refresh / minimal_rate);
         }
         let results = json!({
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "seconds_per_phase": d.as_secs(),
             "password_hash": HASH,
-            "raw_hash_per_second": hash_rate,
-            "raw_hash_runs_per_second": [hash_before, hash_after],
-            "minimal": min.summary(),
-            "minimal_runs_per_second": minimal_runs,
             "backends": backends,
         });
         std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();

@@ -181,6 +181,25 @@ async fn insert_token(
     Ok(())
 }
 
+/// Inserts a user unless the email is taken; the new user, or `None`.
+async fn insert_user(conn: &mut AnyConnection, u: &NewUser) -> Result<Option<User>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "INSERT INTO users (id, email, name, password_hash, role, status, email_verified_at, created_at, updated_at, metadata) \
+         VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $7, '{{}}') ON CONFLICT (email) DO NOTHING RETURNING {}",
+        USER_COLS.replace("u.", "")
+    ))
+    .bind(u.id.to_string())
+    .bind(&u.email)
+    .bind(&u.name)
+    .bind(&u.password_hash)
+    .bind(u.role.as_str())
+    .bind(u.email_verified_at)
+    .bind(u.now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(user_from).transpose()
+}
+
 /// Marks the user verified (keeping the first verification time) and returns them.
 async fn mark_verified(tx: &mut Tx, user_id: Uuid, now: UnixTime) -> Result<Option<User>, sqlx::Error> {
     sqlx::query(
@@ -291,41 +310,13 @@ impl Store for SqlStore {
     }
 
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>> {
-        let row = sqlx::query(
-            "INSERT INTO users (id, email, name, password_hash, role, status, email_verified_at, created_at, updated_at, metadata) \
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $7, '{}') ON CONFLICT (email) DO NOTHING RETURNING id",
-        )
-        .bind(u.id.to_string())
-        .bind(&u.email)
-        .bind(&u.name)
-        .bind(&u.password_hash)
-        .bind(u.role.as_str())
-        .bind(u.email_verified_at)
-        .bind(u.now)
-        .fetch_optional(&self.writer)
-        .await?;
-        if row.is_none() {
-            return Ok(None);
-        }
-        self.user_by_id(u.id).await
+        let mut conn = self.writer.acquire().await?;
+        Ok(insert_user(&mut conn, &u).await?)
     }
 
     async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO users (id, email, name, password_hash, role, status, email_verified_at, created_at, updated_at, metadata) \
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $7, '{{}}') ON CONFLICT (email) DO NOTHING RETURNING {}",
-            USER_COLS.replace("u.", "")
-        ))
-        .bind(u.id.to_string())
-        .bind(&u.email)
-        .bind(&u.name)
-        .bind(&u.password_hash)
-        .bind(u.role.as_str())
-        .bind(u.email_verified_at)
-        .bind(u.now)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let user = insert_user(&mut tx, &u).await?;
         sqlx::query(
             "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
              SELECT $1, u.id, u.email, CASE WHEN u.id = $3 THEN 'registered' ELSE 'registration_attempt' END, $4, $5, $6, '{}' \
@@ -340,7 +331,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(row.as_ref().map(user_from).transpose()?)
+        Ok(user)
     }
 
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {

@@ -16,25 +16,6 @@ use serde_json::{json, Value};
 
 pub use crate::common::{fresh_database, Backend};
 
-/// Runs an async test body on both backends: `sqlite` always, `postgres` as an
-/// ignored test that `--include-ignored` runs and that fails without a database.
-#[macro_export]
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name($crate::helpers::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
-            async fn postgres() {
-                super::$name($crate::helpers::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
 /// The password every test user gets.
 pub const PASSWORD: &str = "correct horse battery staple";
 

@@ -11,25 +11,6 @@ use uuid::Uuid;
 
 pub use crate::common::{fresh_database, Backend};
 
-/// Runs an async test body on both backends: `sqlite` always, `postgres` as an
-/// ignored test that `--include-ignored` runs and that fails without a database.
-#[macro_export]
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name($crate::support::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
-            async fn postgres() {
-                super::$name($crate::support::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
 /// A fixed "now" for every test; SQL never reads the clock.
 pub const T0: i64 = 1_800_000_000;
 /// Refresh token lifetime used by the tests.

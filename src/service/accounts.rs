@@ -294,9 +294,13 @@ impl Services {
                 return Err(Error::InvalidCredentials);
             }
         };
-        self.store.clear_login_failures(email.as_str(), self.now()).await?;
         if verified.needs_rehash {
             self.rehash_later(user.id, user.password_hash.clone().unwrap_or_default(), pw);
+        }
+        if user.status != Status::Active || !user.email_verified() {
+            // A right password is no guess, even when the account cannot log in. (On
+            // success the session's transaction clears the count.)
+            self.store.clear_login_failures(email.as_str(), self.now()).await?;
         }
         match user.status {
             Status::Active => {}
@@ -345,10 +349,9 @@ impl Services {
             now,
         };
         // None: the password changed or the account stopped being active since the check.
-        let (user, evicted) =
+        // (The store records the login and any evictions in the audit trail.)
+        let (user, _evicted) =
             self.store.open_session(&s, self.policy.device_limit).await?.ok_or(Error::InvalidCredentials)?;
-        self.audit(Some(&user), None, "login", Some(meta), serde_json::json!({"session_id": sid})).await;
-        self.audit_ended(&user, &evicted, "evicted", Some(meta)).await;
         let (access_token, access_expires_at) = self.tokens.issue(&user, sid, now)?;
         Ok(Tokens {
             access_token,

@@ -374,8 +374,9 @@ pub trait Store: Send + Sync + 'static {
     /// Counts a hit in `key`'s window; `Some(retry_after)` when over the limit.
     async fn hit_rate_limit(&self, key: &str, limit: RateLimit, now: UnixTime) -> StoreResult<Option<u32>>;
 
-    /// Opens a session, records the login on the user and ends the oldest sessions
-    /// beyond `device_limit` (0: unlimited). Returns the user and the evicted ids.
+    /// Opens a session, records the login on the user and in the audit trail, clears
+    /// the email's failure count and ends the oldest sessions beyond `device_limit`
+    /// (0: unlimited), all in one transaction. Returns the user and the evicted ids.
     /// `None` when the user is no longer active or their password hash is no longer
     /// `s.verified_hash`: a reset or change that won the race ends every session, and
     /// a login checked against the old password must not open a new one after it.

@@ -200,6 +200,29 @@ async fn insert_user(conn: &mut AnyConnection, u: &NewUser) -> Result<Option<Use
     row.as_ref().map(user_from).transpose()
 }
 
+async fn insert_event(
+    tx: &mut Tx,
+    user: &User,
+    kind: &str,
+    s: &NewSession,
+    detail: &serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(user.id.to_string())
+    .bind(&user.email)
+    .bind(kind)
+    .bind(s.now)
+    .bind(&s.ip)
+    .bind(&s.user_agent)
+    .bind(detail.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Marks the user verified (keeping the first verification time) and returns them.
 async fn mark_verified(tx: &mut Tx, user_id: Uuid, now: UnixTime) -> Result<Option<User>, sqlx::Error> {
     sqlx::query(
@@ -756,6 +779,15 @@ impl Store for SqlStore {
             }
         }
         let user = user_in(&mut tx, s.user_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+        // The right password clears the email's failures; the login and any evictions
+        // go to the audit trail; all in this one transaction (one commit per login).
+        zero_throttle(&mut tx, &user.email, s.now).await?;
+        let login = serde_json::json!({"session_id": s.id});
+        insert_event(&mut tx, &user, "login", s, &login).await?;
+        for id in &evicted {
+            let detail = serde_json::json!({"session_id": id, "reason": "evicted"});
+            insert_event(&mut tx, &user, "session_ended", s, &detail).await?;
+        }
         tx.commit().await?;
         Ok(Some((user, evicted)))
     }

@@ -13,7 +13,7 @@ use crate::domain::FieldError;
 use crate::store::ApiKey;
 
 /// Most keys one user may hold.
-pub const MAX_KEYS_PER_USER: usize = 50;
+pub const MAX_KEYS_PER_USER: u32 = 50;
 
 /// `POST /v1/me/api-keys`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -53,13 +53,6 @@ impl Services {
         let Some(name) = name else {
             return Err(Error::Validation(vec![]));
         };
-        if self.store.list_api_keys(caller.user.id).await?.len() >= MAX_KEYS_PER_USER {
-            return Err(Error::Validation(vec![FieldError::new(
-                "name",
-                "limit_reached",
-                format!("at most {MAX_KEYS_PER_USER} keys per user"),
-            )]));
-        }
         let now = self.now();
         let (key, prefix) = tokens::new_api_key();
         let record = ApiKey {
@@ -71,7 +64,13 @@ impl Services {
             expires_at: input.expires_in.map(|e| now + e),
             last_used_at: None,
         };
-        self.store.create_api_key(&record, &tokens::hash_token(&key)).await?;
+        if !self.store.create_api_key(&record, &tokens::hash_token(&key), MAX_KEYS_PER_USER).await? {
+            return Err(Error::Validation(vec![FieldError::new(
+                "name",
+                "limit_reached",
+                format!("at most {MAX_KEYS_PER_USER} keys per user"),
+            )]));
+        }
         self.audit(
             Some(&caller.user),
             None,

@@ -398,8 +398,9 @@ pub trait Store: Send + Sync + 'static {
         now: UnixTime,
     ) -> StoreResult<Vec<Uuid>>;
 
-    /// Stores a new API key by hash.
-    async fn create_api_key(&self, k: &ApiKey, key_hash: &str) -> StoreResult<()>;
+    /// Stores a new API key by hash, unless the user already holds `max_keys` keys
+    /// that are not revoked (`false`); atomic under concurrent creations.
+    async fn create_api_key(&self, k: &ApiKey, key_hash: &str, max_keys: u32) -> StoreResult<bool>;
     /// The user's keys that are not revoked.
     async fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>>;
     /// Revokes one of the user's keys; `false` if it is not theirs or already revoked.

@@ -860,7 +860,21 @@ impl Store for SqlStore {
         Ok(ended)
     }
 
-    async fn create_api_key(&self, k: &ApiKey, key_hash: &str) -> StoreResult<()> {
+    async fn create_api_key(&self, k: &ApiKey, key_hash: &str, max_keys: u32) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        // The user row first: concurrent creations for one user count one after another.
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(k.user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL")
+            .bind(k.user_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if row.try_get::<i64, _>("n")? >= i64::from(max_keys) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -871,9 +885,10 @@ impl Store for SqlStore {
         .bind(key_hash)
         .bind(k.created_at)
         .bind(k.expires_at)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>> {

@@ -33,7 +33,7 @@ async fn new_key(
         expires_at,
         last_used_at: None,
     };
-    store.create_api_key(&k, &hash_token(&secret)).await.unwrap();
+    assert!(store.create_api_key(&k, &hash_token(&secret), 50).await.unwrap());
     (secret, k)
 }
 

@@ -26,6 +26,7 @@ both_backends!(
     a_reset_token_used_simultaneously_resets_exactly_once,
     ten_simultaneous_creations_of_one_email_create_exactly_one_user,
     ten_simultaneous_registrations_of_one_email_create_one_user_and_record_nine_attempts,
+    twenty_simultaneous_key_creations_with_room_for_five_create_exactly_five,
 );
 
 /// Runs `n` calls at once, alternating between the two instances, released together.
@@ -264,4 +265,25 @@ async fn ten_simultaneous_registrations_of_one_email_create_one_user_and_record_
     expected.push("registered".to_owned());
     expected.sort();
     assert_eq!(kinds, expected);
+}
+
+async fn twenty_simultaneous_key_creations_with_room_for_five_create_exactly_five(b: Backend) {
+    let (db, stores) = two_instances(b).await;
+    let u = user(&*db.store, "keys@example.test").await;
+    let results = race(20, &stores, move |i, store| async move {
+        let (secret, prefix) = gatehouse::crypto::tokens::new_api_key();
+        let k = gatehouse::store::ApiKey {
+            id: Uuid::new_v4(),
+            user_id: u.id,
+            name: format!("k{i}"),
+            prefix,
+            created_at: T0,
+            expires_at: None,
+            last_used_at: None,
+        };
+        store.create_api_key(&k, &hash_token(&secret), 5).await.unwrap()
+    })
+    .await;
+    assert_eq!(results.iter().filter(|ok| **ok).count(), 5);
+    assert_eq!(db.store.list_api_keys(u.id).await.unwrap().len(), 5);
 }

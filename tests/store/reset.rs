@@ -134,7 +134,7 @@ async fn a_reset_revokes_every_api_key_of_the_user(b: Backend) {
             expires_at: None,
             last_used_at: None,
         };
-        db.store.create_api_key(&k, &hash_token(&secret)).await.unwrap();
+        assert!(db.store.create_api_key(&k, &hash_token(&secret), 50).await.unwrap());
         secrets.push(secret);
     }
     let (secret, t) = one_time(T0 + 3600);

@@ -16,7 +16,8 @@ use crate::crypto::jwt::{AccessTokens, KeyEncryptionKey, SigningKey};
 use crate::crypto::password::PasswordHasher;
 use crate::domain::lockout::LockoutPolicy;
 use crate::http::{self, AppState};
-use crate::mail::{self, MailQueue};
+use crate::mail;
+use crate::service::mail_jobs::MailWorker;
 use crate::service::{GeoLookup, Policy, Services};
 use crate::store;
 use secrecy::ExposeSecret;
@@ -37,7 +38,7 @@ impl App {
 
     /// Builds the service with a given clock (tests use a manual one).
     pub async fn build_with_clock(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let services = services(settings, clock).await?;
+        let services = services(settings, clock, true).await?;
         let (router, state) = http::router(services, settings.trusted_proxies.clone(), settings.rate_limit_per_ip);
         Ok(Self { router, state })
     }
@@ -68,8 +69,10 @@ impl App {
     }
 }
 
-/// Builds the services: store (migrated), signing key, hasher, mail, GeoIP.
-pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Services> {
+/// Builds the services: store (migrated), signing key, hasher, mail, GeoIP. With
+/// `mail_worker`, this process also works off the mail queue (a one-shot command does
+/// not: it could claim a mail and exit).
+pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: bool) -> anyhow::Result<Services> {
     let store = store::open(&settings.database_url(), settings.db_max_connections, settings.db_acquire_timeout).await?;
     let kek = match &settings.key_encryption_key {
         Some(k) => {
@@ -98,7 +101,7 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Res
         .mail_from
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid settings: mail_from (GATEHOUSE_MAIL_FROM) is not a mail address"))?;
-    let mail = MailQueue::start(mail::mailer_from(settings)?, from);
+    let mail_wake = Arc::new(tokio::sync::Notify::new());
     let geo: Option<Box<dyn GeoLookup>> = match &settings.geoip_db {
         Some(path) => Some(Box::new(MaxMindGeo::open(path)?)),
         None => None,
@@ -114,7 +117,18 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Res
         reset_ttl: settings.reset_token_ttl,
         public_url: settings.issuer(),
     };
-    Ok(Services { store, clock, hasher, tokens, mail, policy, geo })
+    let worker = MailWorker {
+        store: store.clone(),
+        clock: clock.clone(),
+        mailer: mail::mailer_from(settings)?,
+        from,
+        policy: policy.clone(),
+        wake: mail_wake.clone(),
+    };
+    if mail_worker {
+        tokio::spawn(worker.run());
+    }
+    Ok(Services { store, clock, hasher, tokens, mail_wake, policy, geo })
 }
 
 /// GeoIP lookups in a MaxMind city database.

@@ -133,7 +133,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             std::io::stdin().read_to_string(&mut pw)?;
             let pw = SecretString::from(pw.trim_end_matches(['\r', '\n']).to_owned());
             let role = if role == "admin" { Role::Admin } else { Role::User };
-            let services = app::services(&settings, Arc::new(SystemClock)).await?;
+            let services = app::services(&settings, Arc::new(SystemClock), false).await?;
             let user = services.create_user_directly(&email, pw, role, verified).await.map_err(|e| match e {
                 crate::service::Error::Validation(errs) => anyhow::anyhow!(
                     "{}",

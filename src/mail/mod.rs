@@ -1,7 +1,7 @@
-//! Outgoing mail. Services hand a [`Mail`] to the [`MailQueue`] after their transaction
-//! has committed; a background task renders and sends it with retries, so a slow or
-//! broken mail server never delays a response, changes its content or loses an
-//! account. Transports: one `.eml` file per mail, SMTP, or a log line.
+//! Outgoing mail: the texts, and the transports (one `.eml` file per mail, SMTP, or a
+//! log line). What to send is queued durably in the database and worked off in the
+//! background by `service::mail_jobs`, so a slow or broken mail server never delays a
+//! response, changes its content or loses an account.
 
 pub mod templates;
 
@@ -14,7 +14,6 @@ use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, Mailbox, SinglePart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
-use tokio::sync::mpsc;
 
 use crate::config::{MailTransport, Settings};
 
@@ -54,7 +53,10 @@ impl Mailer for FileMailer {
         tokio::fs::create_dir_all(&self.dir).await?;
         let name = format!("{}-{}.eml", chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"), uuid::Uuid::new_v4());
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        tokio::fs::write(&tmp, msg.formatted()).await?;
+        let mut file = tokio::fs::File::create(&tmp).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, &msg.formatted()).await?;
+        // On disk before the queue forgets the mail.
+        file.sync_all().await?;
         // Rename is atomic: readers of the outbox never see half a mail.
         tokio::fs::rename(&tmp, self.dir.join(name)).await?;
         Ok(())
@@ -104,34 +106,6 @@ pub fn mailer_from(settings: &Settings) -> anyhow::Result<Arc<dyn Mailer>> {
     })
 }
 
-/// The handle services use to send mail after their work is committed.
-#[derive(Clone)]
-pub struct MailQueue {
-    tx: mpsc::Sender<Mail>,
-}
-
-impl MailQueue {
-    /// Starts the background sender.
-    pub fn start(mailer: Arc<dyn Mailer>, from: Mailbox) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Mail>(10_000);
-        tokio::spawn(async move {
-            while let Some(mail) = rx.recv().await {
-                // One task per mail: a slow retry never holds up the others.
-                let (mailer, from) = (Arc::clone(&mailer), from.clone());
-                tokio::spawn(async move { deliver(mailer.as_ref(), &from, mail).await });
-            }
-        });
-        Self { tx }
-    }
-
-    /// Queues a mail; never blocks and never fails the caller.
-    pub fn send(&self, mail: Mail) {
-        if self.tx.try_send(mail).is_err() {
-            tracing::error!("mail queue full or closed: a mail was dropped");
-        }
-    }
-}
-
 /// Plain 7-bit with CRLF line ends when the text allows (ASCII, lines within RFC 5322's
 /// 998), so links and tokens reach the reader unwrapped; lettre would otherwise pick
 /// quoted-printable for lines over 76 characters and split the links.
@@ -140,35 +114,14 @@ fn seven_bit(text: &str) -> Option<Body> {
     ok.then(|| Body::dangerous_pre_encoded(text.replace('\n', "\r\n").into_bytes(), ContentTransferEncoding::SevenBit))
 }
 
-async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) {
-    let to: Mailbox = match mail.to.parse() {
-        Ok(m) => m,
-        Err(_) => {
-            tracing::warn!("mail not sent: the recipient address cannot be used");
-            return;
-        }
-    };
+/// Builds and sends one mail, once; the mail queue (`service::mail_jobs`) retries.
+pub async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) -> anyhow::Result<()> {
+    let to: Mailbox = mail.to.parse().map_err(|_| anyhow::anyhow!("the recipient address cannot be used"))?;
     let body = seven_bit(&mail.body).unwrap_or_else(|| Body::new(mail.body.clone()));
     let msg = Message::builder()
         .from(from.clone())
         .to(to)
         .subject(mail.subject.clone())
-        .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(body));
-    let msg = match msg {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "mail could not be built");
-            return;
-        }
-    };
-    for attempt in 1..=3u32 {
-        match mailer.send(msg.clone()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, subject = %mail.subject, "sending mail failed");
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
-            }
-        }
-    }
-    tracing::error!(subject = %mail.subject, "mail dropped after 3 attempts");
+        .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(body))?;
+    mailer.send(msg).await
 }

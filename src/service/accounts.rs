@@ -16,8 +16,7 @@ use crate::domain::email::Email;
 use crate::domain::password::{self, MAX_LOGIN_BYTES};
 use crate::domain::user::{Role, Status, User};
 use crate::domain::FieldError;
-use crate::mail::templates;
-use crate::store::{NewOneTimeToken, NewSession, NewUser, Reservation};
+use crate::store::{MailKind, NewSession, NewUser, Reservation};
 
 /// `POST /v1/auth/register`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -139,8 +138,9 @@ impl Services {
         };
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
         let now = self.now();
-        let created = self
-            .store
+        // The store queues the verification, or the notice to the owner of a taken
+        // email, in the same transaction.
+        self.store
             .register(
                 NewUser {
                     id: Uuid::now_v7(),
@@ -155,56 +155,17 @@ impl Services {
                 meta.user_agent.clone(),
             )
             .await?;
-        match created {
-            Some(user) => self.send_verification(user),
-            None => self.mail.send(templates::already_registered(email.as_str(), &self.policy.public_url)),
-        }
+        self.mail_wake.notify_one();
         Ok(())
     }
 
-    /// Issues a fresh link and code and mails them, in the background.
-    fn send_verification(&self, user: User) {
-        let (link, code) = (tokens::new_link_token(), tokens::new_code());
-        let now = self.now();
-        let link_row = NewOneTimeToken {
-            id: Uuid::now_v7(),
-            token_hash: tokens::hash_token(&link),
-            expires_at: now + i64::from(self.policy.verify_link_ttl),
-        };
-        let code_id = Uuid::now_v7();
-        let code_row = NewOneTimeToken {
-            id: code_id,
-            token_hash: tokens::hash_code(&code_id.to_string(), &code),
-            expires_at: now + i64::from(self.policy.verify_code_ttl),
-        };
-        let (store, mail) = (self.store.clone(), self.mail.clone());
-        let m = templates::verification(
-            &user.email,
-            &self.policy.public_url,
-            &link,
-            &code,
-            self.policy.verify_link_ttl / 3600,
-            self.policy.verify_code_ttl / 60,
-        );
-        tokio::spawn(async move {
-            match store.issue_verification(user.id, &link_row, &code_row, now).await {
-                Ok(()) => mail.send(m),
-                Err(e) => tracing::error!(error = %e, "could not store verification tokens"),
-            }
-        });
-    }
-
-    /// Mails a fresh verification to an unverified active account; silent otherwise.
+    /// Queues a fresh verification for every email alike; the worker sends it only to
+    /// an unverified active account.
     pub async fn resend_verification(&self, input: EmailInput) -> Result<()> {
         let email = required(input.email, "email")
             .and_then(|e| Email::parse(&e, "email"))
             .map_err(|e| Error::Validation(vec![e]))?;
-        let store = self.store.clone();
-        let user = store.user_by_email(email.as_str()).await?;
-        if let Some(user) = user.filter(|u| !u.email_verified() && u.status == Status::Active) {
-            self.send_verification(user);
-        }
-        Ok(())
+        self.queue_mail(MailKind::Verification, email.as_str()).await
     }
 
     /// Verifies an email by link token or by code.
@@ -310,7 +271,7 @@ impl Services {
         }
         if !user.email_verified() {
             if !self.store.has_live_verification(user.id, self.now()).await? {
-                self.send_verification(user);
+                self.queue_mail(MailKind::Verification, &user.email).await?;
             }
             return Err(Error::EmailNotVerified);
         }
@@ -363,32 +324,13 @@ impl Services {
         })
     }
 
-    /// Mails a reset link if the account exists; the same answer either way.
+    /// Queues a reset link for every email alike; the worker sends it only if an
+    /// account (not deleted) has this email.
     pub async fn forgot_password(&self, input: EmailInput) -> Result<()> {
         let email = required(input.email, "email")
             .and_then(|e| Email::parse(&e, "email"))
             .map_err(|e| Error::Validation(vec![e]))?;
-        let (store, mail) = (self.store.clone(), self.mail.clone());
-        let token = tokens::new_link_token();
-        let now = self.now();
-        let row = NewOneTimeToken {
-            id: Uuid::now_v7(),
-            token_hash: tokens::hash_token(&token),
-            expires_at: now + i64::from(self.policy.reset_ttl),
-        };
-        let m = templates::password_reset(email.as_str(), &self.policy.public_url, &token, self.policy.reset_ttl / 60);
-        tokio::spawn(async move {
-            let user = match store.user_by_email(email.as_str()).await {
-                Ok(Some(u)) if u.status != Status::Deleted => u,
-                Ok(_) => return,
-                Err(e) => return tracing::error!(error = %e, "forgot-password lookup failed"),
-            };
-            match store.issue_reset(user.id, &row, now).await {
-                Ok(()) => mail.send(m),
-                Err(e) => tracing::error!(error = %e, "could not store a reset token"),
-            }
-        });
-        Ok(())
+        self.queue_mail(MailKind::Reset, email.as_str()).await
     }
 
     /// Sets a new password from a reset token; ends every session, clears the lockout.
@@ -412,7 +354,7 @@ impl Services {
             self.store.reset_password(&token_hash, &hash, self.now()).await?.ok_or(Error::InvalidToken)?;
         self.audit(Some(&user), None, "password_reset", Some(meta), serde_json::json!({})).await;
         self.audit_ended(&user, &ended, "password_reset", Some(meta)).await;
-        self.mail.send(templates::password_changed(&user.email));
+        self.queue_mail(MailKind::PasswordChanged, &user.email).await?;
         Ok(())
     }
 
@@ -449,7 +391,7 @@ impl Services {
         let ended = self.store.change_password(user.id, &hash, Some(session_id), self.now()).await?;
         self.audit(Some(user), None, "password_changed", Some(meta), serde_json::json!({})).await;
         self.audit_ended(user, &ended, "password_changed", Some(meta)).await;
-        self.mail.send(templates::password_changed(&user.email));
+        self.queue_mail(MailKind::PasswordChanged, &user.email).await?;
         Ok(())
     }
 

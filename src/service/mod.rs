@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod api_keys;
+pub mod mail_jobs;
 pub mod sessions;
 
 use std::net::IpAddr;
@@ -18,7 +19,6 @@ use crate::crypto::password::{Overloaded, PasswordHasher};
 use crate::domain::lockout::LockoutPolicy;
 use crate::domain::user::User;
 use crate::domain::FieldError;
-use crate::mail::MailQueue;
 use crate::store::{Event, Store, StoreError};
 
 /// Every outcome of a use case other than success.
@@ -157,8 +157,8 @@ pub struct Services {
     pub hasher: PasswordHasher,
     /// Access token signer and verifier.
     pub tokens: AccessTokens,
-    /// Outgoing mail.
-    pub mail: MailQueue,
+    /// Wakes this instance's mail worker when a mail is queued.
+    pub mail_wake: Arc<tokio::sync::Notify>,
     /// Policy values.
     pub policy: Policy,
     /// Optional GeoIP lookup.
@@ -201,6 +201,13 @@ impl Services {
         if let Err(err) = self.store.record_event(&e).await {
             tracing::error!(error = %err, kind, "could not record an audit event");
         }
+    }
+
+    /// Queues a mail durably and wakes the worker.
+    pub async fn queue_mail(&self, kind: crate::store::MailKind, email: &str) -> Result<()> {
+        self.store.enqueue_mail(kind, email, self.now()).await?;
+        self.mail_wake.notify_one();
+        Ok(())
     }
 
     /// Records that sessions ended.

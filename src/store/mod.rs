@@ -290,6 +290,49 @@ pub struct UserFilter {
     pub after: Option<Uuid>,
 }
 
+/// What a queued mail announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailKind {
+    /// A verification link and code, if the account is unverified and active.
+    Verification,
+    /// Someone tried to register this (taken) email.
+    AlreadyRegistered,
+    /// A reset link, if an account that is not deleted has this email.
+    Reset,
+    /// The password was changed or reset.
+    PasswordChanged,
+}
+
+impl MailKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Verification => "verification",
+            Self::AlreadyRegistered => "already_registered",
+            Self::Reset => "reset",
+            Self::PasswordChanged => "password_changed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Verification, Self::AlreadyRegistered, Self::Reset, Self::PasswordChanged]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// A queued mail, claimed by one worker for a while.
+#[derive(Debug, Clone)]
+pub struct MailJob {
+    /// Id.
+    pub id: Uuid,
+    /// What to send.
+    pub kind: MailKind,
+    /// To whom.
+    pub email: String,
+    /// Tries so far, this one included.
+    pub attempts: u32,
+}
+
 /// The persistence operations of Gatehouse.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -301,8 +344,9 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a user; `None` if the email is taken.
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>>;
     /// Registration: creates the user, or not if the email is taken, and in the same
-    /// transaction records the attempt on the account either way, so both outcomes
-    /// cost the same work (no timing difference tells them apart).
+    /// transaction records the attempt on the account and queues one mail (the
+    /// verification, or the notice to the owner) either way, so both outcomes cost the
+    /// same work (no timing difference tells them apart).
     async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>>;
     /// A user by id.
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
@@ -407,6 +451,15 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_api_key(&self, user_id: Uuid, id: Uuid, now: UnixTime) -> StoreResult<bool>;
     /// The live key with this hash and its user.
     async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>>;
+
+    /// Queues a mail.
+    async fn enqueue_mail(&self, kind: MailKind, email: &str, now: UnixTime) -> StoreResult<()>;
+    /// Claims the oldest due mail for `lease` seconds, counting a try; `None` if none.
+    async fn claim_mail_job(&self, now: UnixTime, lease: i64) -> StoreResult<Option<MailJob>>;
+    /// Removes a mail that was sent (or given up).
+    async fn finish_mail_job(&self, id: Uuid) -> StoreResult<()>;
+    /// Releases a mail to be tried again at `run_at`.
+    async fn retry_mail_job(&self, id: Uuid, run_at: UnixTime) -> StoreResult<()>;
 
     /// Appends an audit event.
     async fn record_event(&self, e: &Event) -> StoreResult<()>;

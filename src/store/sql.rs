@@ -223,6 +223,22 @@ async fn insert_event(
     Ok(())
 }
 
+async fn insert_mail_job(
+    conn: &mut AnyConnection,
+    kind: MailKind,
+    email: &str,
+    now: UnixTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO mail_jobs (id, kind, email, created_at, run_at) VALUES ($1, $2, $3, $4, $4)")
+        .bind(Uuid::now_v7().to_string())
+        .bind(kind.as_str())
+        .bind(email)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Marks the user verified (keeping the first verification time) and returns them.
 async fn mark_verified(tx: &mut Tx, user_id: Uuid, now: UnixTime) -> Result<Option<User>, sqlx::Error> {
     sqlx::query(
@@ -340,6 +356,8 @@ impl Store for SqlStore {
     async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>> {
         let mut tx = self.begin().await?;
         let user = insert_user(&mut tx, &u).await?;
+        let kind = if user.is_some() { MailKind::Verification } else { MailKind::AlreadyRegistered };
+        insert_mail_job(&mut tx, kind, &u.email, u.now).await?;
         sqlx::query(
             "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
              SELECT $1, u.id, u.email, CASE WHEN u.id = $3 THEN 'registered' ELSE 'registration_attempt' END, $4, $5, $6, '{}' \
@@ -931,6 +949,53 @@ impl Store for SqlStore {
                 .await?;
         }
         Ok(Some((key, user)))
+    }
+
+    async fn enqueue_mail(&self, kind: MailKind, email: &str, now: UnixTime) -> StoreResult<()> {
+        let mut conn = self.writer.acquire().await?;
+        Ok(insert_mail_job(&mut conn, kind, email, now).await?)
+    }
+
+    async fn claim_mail_job(&self, now: UnixTime, lease: i64) -> StoreResult<Option<MailJob>> {
+        // PostgreSQL: concurrent workers skip each other's rows instead of queueing on
+        // the same one (SQLite has one writer anyway).
+        let skip_locked = if self.backend == "postgres" { "FOR UPDATE SKIP LOCKED" } else { "" };
+        let row = sqlx::query(&format!(
+            "UPDATE mail_jobs SET claimed_until = $2, attempts = attempts + 1 WHERE id = ( \
+                SELECT id FROM mail_jobs WHERE run_at <= $1 AND (claimed_until IS NULL OR claimed_until < $1) \
+                ORDER BY run_at, id LIMIT 1 {skip_locked}) \
+             AND (claimed_until IS NULL OR claimed_until < $1) RETURNING id, kind, email, attempts"
+        ))
+        .bind(now)
+        .bind(now + lease)
+        .fetch_optional(&self.writer)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let kind: String = row.try_get("kind")?;
+        let Some(kind) = MailKind::parse(&kind) else {
+            // Written by a newer version: leave it to that version.
+            return Ok(None);
+        };
+        Ok(Some(MailJob {
+            id: uuid(&row, "id")?,
+            kind,
+            email: row.try_get("email")?,
+            attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn finish_mail_job(&self, id: Uuid) -> StoreResult<()> {
+        sqlx::query("DELETE FROM mail_jobs WHERE id = $1").bind(id.to_string()).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn retry_mail_job(&self, id: Uuid, run_at: UnixTime) -> StoreResult<()> {
+        sqlx::query("UPDATE mail_jobs SET run_at = $2, claimed_until = NULL WHERE id = $1")
+            .bind(id.to_string())
+            .bind(run_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     async fn record_event(&self, e: &Event) -> StoreResult<()> {

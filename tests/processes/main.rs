@@ -258,3 +258,39 @@ async fn signing_keys_are_encrypted_at_rest_with_a_key_encryption_key() {
     let b = start(&db, &data, &[kek]).await;
     assert_eq!(me(&c, &b.base, &token).await, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_acknowledged_before_a_crash_is_sent_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database(Backend::Sqlite, dir.path()).await;
+    let data = dir.path().join("data");
+    let c = reqwest::Client::new();
+    {
+        // No mail server answers: the verification mail stays queued.
+        let dead = format!("smtp://127.0.0.1:{}", free_port());
+        let a = start(&db, &data, &[("GATEHOUSE_MAIL_TRANSPORT", "smtp"), ("GATEHOUSE_SMTP_URL", &dead)]).await;
+        let r = post(
+            &c,
+            format!("{}/v1/auth/register", a.base),
+            json!({"email": "queued@example.com", "password": PASSWORD}),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let mut a = a;
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+    }
+    let _b = start(&db, &data, &[]).await;
+    let outbox = data.join("outbox");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mails: Vec<String> = std::fs::read_dir(&outbox)
+            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect())
+            .unwrap_or_default();
+        if mails.iter().any(|m| m.contains("To: queued@example.com") && m.contains("token=")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queued verification mail was not sent after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -9,6 +9,7 @@ mod support;
 mod api_keys;
 mod concurrency;
 mod lockout;
+mod mail_queue;
 mod maintenance;
 mod refresh;
 mod reset;

@@ -1,0 +1,143 @@
+//! The mail queue's worker. Requests queue mail in the database (`Store::enqueue_mail`,
+//! or inside their own transaction); this worker, running in every instance, claims one
+//! due mail at a time, does what it announces (issuing verification or reset tokens
+//! when the account qualifies) and sends it, then deletes it. A failed send is tried
+//! again with growing delays, five times in all. A crash between sending and deleting
+//! sends a mail twice, never zero times.
+//!
+//! Deciding whether the account qualifies here, and not on the request path, is what
+//! lets register, resend-verification and forgot-password do the same work and give
+//! the same answer for every email.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::Mailbox;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::Policy;
+use crate::clock::Clock;
+use crate::crypto::tokens;
+use crate::domain::user::Status;
+use crate::mail::{deliver, templates, Mail, Mailer};
+use crate::store::{MailJob, MailKind, NewOneTimeToken, Store};
+
+/// Tries before a mail is given up.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Seconds a claimed mail is reserved for its worker (a send gives up after 10 s).
+const LEASE: i64 = 30;
+
+/// Works off the mail queue.
+pub struct MailWorker {
+    /// Persistence.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Transport.
+    pub mailer: Arc<dyn Mailer>,
+    /// The From of every mail.
+    pub from: Mailbox,
+    /// Token lifetimes and the public URL.
+    pub policy: Policy,
+    /// Rung when this instance queues a mail.
+    pub wake: Arc<Notify>,
+}
+
+impl MailWorker {
+    /// Runs until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            let now = self.clock.now();
+            match self.store.claim_mail_job(now, LEASE).await {
+                Ok(Some(job)) => self.work(job).await,
+                Ok(None) => {
+                    // Other instances' mail is found by polling; ours wakes us at once.
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the mail queue");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn work(&self, job: MailJob) {
+        let outcome = match self.render(&job).await {
+            Ok(Some(mail)) => deliver(self.mailer.as_ref(), &self.from, mail).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let done = match outcome {
+            Ok(()) => self.store.finish_mail_job(job.id).await,
+            Err(e) if job.attempts >= MAX_ATTEMPTS => {
+                tracing::error!(error = %e, kind = ?job.kind, "mail given up after {MAX_ATTEMPTS} tries");
+                self.store.finish_mail_job(job.id).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, kind = ?job.kind, attempt = job.attempts, "sending mail failed; will retry");
+                let delay = 5 * 2i64.pow(job.attempts);
+                self.store.retry_mail_job(job.id, self.clock.now() + delay).await
+            }
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not update the mail queue");
+        }
+    }
+
+    /// The mail to send, after issuing what it carries; `None` when the account does
+    /// not qualify (unknown, verified, inactive, deleted) and nothing is sent.
+    async fn render(&self, job: &MailJob) -> anyhow::Result<Option<Mail>> {
+        let p = &self.policy;
+        let now = self.clock.now();
+        Ok(match job.kind {
+            MailKind::AlreadyRegistered => Some(templates::already_registered(&job.email, &p.public_url)),
+            MailKind::PasswordChanged => Some(templates::password_changed(&job.email)),
+            MailKind::Verification => {
+                let Some(user) = self.store.user_by_email(&job.email).await? else { return Ok(None) };
+                if user.email_verified() || user.status != Status::Active {
+                    return Ok(None);
+                }
+                let (link, code) = (tokens::new_link_token(), tokens::new_code());
+                let link_row = NewOneTimeToken {
+                    id: Uuid::now_v7(),
+                    token_hash: tokens::hash_token(&link),
+                    expires_at: now + i64::from(p.verify_link_ttl),
+                };
+                let code_id = Uuid::now_v7();
+                let code_row = NewOneTimeToken {
+                    id: code_id,
+                    token_hash: tokens::hash_code(&code_id.to_string(), &code),
+                    expires_at: now + i64::from(p.verify_code_ttl),
+                };
+                self.store.issue_verification(user.id, &link_row, &code_row, now).await?;
+                Some(templates::verification(
+                    &user.email,
+                    &p.public_url,
+                    &link,
+                    &code,
+                    p.verify_link_ttl / 3600,
+                    p.verify_code_ttl / 60,
+                ))
+            }
+            MailKind::Reset => {
+                let Some(user) = self.store.user_by_email(&job.email).await? else { return Ok(None) };
+                if user.status == Status::Deleted {
+                    return Ok(None);
+                }
+                let token = tokens::new_link_token();
+                let row = NewOneTimeToken {
+                    id: Uuid::now_v7(),
+                    token_hash: tokens::hash_token(&token),
+                    expires_at: now + i64::from(p.reset_ttl),
+                };
+                self.store.issue_reset(user.id, &row, now).await?;
+                Some(templates::password_reset(&user.email, &p.public_url, &token, p.reset_ttl / 60))
+            }
+        })
+    }
+}

@@ -87,6 +87,11 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: b
     };
     let (active, all) =
         store.signing_keys(&candidate).await.map_err(|e| anyhow::anyhow!("loading signing keys: {e}"))?;
+    if kek.is_some() && all.iter().any(|k| !k.is_sealed()) {
+        tracing::warn!(
+            "some signing keys were stored before GATEHOUSE_KEY_ENCRYPTION_KEY was set and remain unencrypted"
+        );
+    }
     let active = active.opened(kek.as_ref())?;
     let all = all.into_iter().map(|k| k.opened(kek.as_ref())).collect::<anyhow::Result<Vec<_>>>()?;
     let tokens = AccessTokens::new(

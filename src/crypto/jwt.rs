@@ -74,6 +74,7 @@ impl SigningKey {
     /// The key as read from storage, decrypted when it was stored encrypted.
     pub fn opened(self, kek: Option<&KeyEncryptionKey>) -> anyhow::Result<Self> {
         let Some(rest) = self.private_pkcs8.strip_prefix(SEALED_MARK) else {
+            self.check_pair()?;
             return Ok(self);
         };
         let kek = kek.ok_or_else(|| {
@@ -95,7 +96,25 @@ impl SigningKey {
                 )
             })?
             .to_vec();
-        Ok(Self { private_pkcs8: plain, ..self })
+        let opened = Self { private_pkcs8: plain, ..self };
+        opened.check_pair()?;
+        Ok(opened)
+    }
+
+    /// The private key must belong to the stored public key and kid.
+    fn check_pair(&self) -> anyhow::Result<()> {
+        let pair = Ed25519KeyPair::from_pkcs8(&self.private_pkcs8)
+            .map_err(|_| anyhow::anyhow!("stored signing key {} is not an Ed25519 key", self.kid))?;
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(pair.public_key().as_ref()))[..16].to_owned();
+        if pair.public_key().as_ref() != self.public.as_slice() || kid != self.kid {
+            anyhow::bail!("stored signing key {} does not match its public key", self.kid);
+        }
+        Ok(())
+    }
+
+    /// Whether the private part is stored encrypted.
+    pub fn is_sealed(&self) -> bool {
+        self.private_pkcs8.starts_with(SEALED_MARK)
     }
 }
 
@@ -257,7 +276,9 @@ impl AccessTokens {
                 if let Ok(mut m) = self.verified.lock() {
                     if m.len() >= VERIFIED_CACHE_MAX {
                         m.retain(|_, v| v.exp > now);
-                        if m.len() >= VERIFIED_CACHE_MAX {
+                        // Unless that freed a good share, start afresh: a full map must
+                        // not be scanned again on every insert.
+                        if m.len() >= VERIFIED_CACHE_MAX * 9 / 10 {
                             m.clear();
                         }
                     }

@@ -63,15 +63,6 @@ impl HashParams {
 #[error("password hashing is overloaded")]
 pub struct Overloaded;
 
-/// The outcome of a password check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verified {
-    /// The password matched a real hash (never true for the dummy).
-    pub ok: bool,
-    /// The stored hash uses other parameters than those in force.
-    pub needs_rehash: bool,
-}
-
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A reserved place in the hashing pool. Taking one first lets a caller learn about
@@ -152,22 +143,18 @@ impl PasswordHasher {
     }
 
     /// Checks `password` against `stored`, or against a dummy hash of equal cost when
-    /// there is none, so that unknown users take as long as known ones.
+    /// there is none, so that unknown users take as long as known ones. A stored hash
+    /// keeps the parameters it was made with: it verifies with them.
     pub async fn verify(
         &self,
         permit: HashPermit,
         password: &SecretString,
         stored: Option<&str>,
-    ) -> Result<Verified, Overloaded> {
+    ) -> Result<bool, Overloaded> {
         let pw = password.expose_secret().as_bytes().to_vec();
         let real = stored.is_some();
         let phc = stored.unwrap_or(&self.inner.dummy).to_owned();
-        let params = self.inner.params;
-        self.run(permit, move || {
-            let ok = verify_blocking(&pw, &phc) && real;
-            Verified { ok, needs_rehash: real && !uses_params(&phc, &params) }
-        })
-        .await
+        self.run(permit, move || verify_blocking(&pw, &phc) && real).await
     }
 
     async fn run<T: Send + 'static>(
@@ -263,14 +250,6 @@ pub fn verify_blocking(pw: &[u8], phc: &str) -> bool {
     raw_hash(&a, &params, pw, salt, &mut out) && bool::from(out.as_slice().ct_eq(expected))
 }
 
-fn uses_params(phc: &str, hp: &HashParams) -> bool {
-    PasswordHash::new(phc)
-        .ok()
-        .filter(|h| h.algorithm.as_str() == "argon2id")
-        .and_then(|h| Params::try_from(&h).ok())
-        .is_some_and(|p| p.m_cost() == hp.m && p.t_cost() == hp.t && p.p_cost() == hp.p)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,18 +277,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_pool_verifies_and_flags_old_parameters() {
+    async fn the_pool_verifies_with_each_hash_its_own_parameters() {
         let h = PasswordHasher::start(CHEAP, 1, 4);
         let pw = SecretString::from("correct horse");
         let phc = h.hash(h.admit().unwrap(), &pw).await.unwrap();
-        assert_eq!(
-            h.verify(h.admit().unwrap(), &pw, Some(&phc)).await.unwrap(),
-            Verified { ok: true, needs_rehash: false }
-        );
-        assert!(!h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc)).await.unwrap().ok);
+        assert!(h.verify(h.admit().unwrap(), &pw, Some(&phc)).await.unwrap());
+        assert!(!h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc)).await.unwrap());
         let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, b"correct horse");
-        assert!(h.verify(h.admit().unwrap(), &pw, Some(&old)).await.unwrap().needs_rehash);
-        assert!(!h.verify(h.admit().unwrap(), &pw, None).await.unwrap().ok, "the dummy never matches");
+        assert!(h.verify(h.admit().unwrap(), &pw, Some(&old)).await.unwrap(), "older parameters still verify");
+        assert!(!h.verify(h.admit().unwrap(), &pw, None).await.unwrap(), "the dummy never matches");
     }
 
     #[tokio::test]
@@ -321,7 +297,7 @@ mod tests {
         assert!(results.iter().any(|r| r.is_ok()));
     }
 
-    async fn futures_join(h: &PasswordHasher, pw: &SecretString, n: usize) -> Vec<Result<Verified, Overloaded>> {
+    async fn futures_join(h: &PasswordHasher, pw: &SecretString, n: usize) -> Vec<Result<bool, Overloaded>> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {
             let (h, pw) = (h.clone(), pw.clone());

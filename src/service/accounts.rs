@@ -232,7 +232,7 @@ impl Services {
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
         let verified = self.hasher.verify(permit, &pw, stored).await?;
         let user = match user {
-            Some(u) if verified.ok => u,
+            Some(u) if verified => u,
             user => {
                 self.audit(
                     user.as_ref(),
@@ -255,9 +255,6 @@ impl Services {
                 return Err(Error::InvalidCredentials);
             }
         };
-        if verified.needs_rehash {
-            self.rehash_later(user.id, user.password_hash.clone().unwrap_or_default(), pw);
-        }
         if user.status != Status::Active || !user.email_verified() {
             // A right password is no guess, even when the account cannot log in. (On
             // success the session's transaction clears the count.)
@@ -270,24 +267,19 @@ impl Services {
             Status::Deleted => return Err(Error::AccountDeleted),
         }
         if !user.email_verified() {
-            if !self.store.has_live_verification(user.id, self.now()).await? {
-                self.queue_mail(MailKind::Verification, &user.email).await?;
+            // Best effort: the answer is the 403 either way.
+            match self.store.has_live_verification(user.id, self.now()).await {
+                Ok(false) => {
+                    if let Err(e) = self.queue_mail(MailKind::Verification, &user.email).await {
+                        tracing::warn!(error = %e, "could not queue a verification mail");
+                    }
+                }
+                Ok(true) => {}
+                Err(e) => tracing::warn!(error = %e, "could not check for a live verification"),
             }
             return Err(Error::EmailNotVerified);
         }
         self.open_session(&user, meta).await
-    }
-
-    fn rehash_later(&self, user_id: Uuid, old: String, pw: SecretString) {
-        let (hasher, store) = (self.hasher.clone(), self.store.clone());
-        tokio::spawn(async move {
-            let Ok(permit) = hasher.admit() else { return };
-            if let Ok(hash) = hasher.hash(permit, &pw).await {
-                if let Err(e) = store.rehash_password(user_id, &old, &hash).await {
-                    tracing::warn!(error = %e, "could not store a rehashed password");
-                }
-            }
-        });
     }
 
     /// Opens a session for a user whose credentials were checked.
@@ -354,7 +346,8 @@ impl Services {
             self.store.reset_password(&token_hash, &hash, self.now()).await?.ok_or(Error::InvalidToken)?;
         self.audit(Some(&user), None, "password_reset", Some(meta), serde_json::json!({})).await;
         self.audit_ended(&user, &ended, "password_reset", Some(meta)).await;
-        self.queue_mail(MailKind::PasswordChanged, &user.email).await?;
+        // The store queued the notice in the same transaction.
+        self.mail_wake.notify_one();
         Ok(())
     }
 
@@ -382,7 +375,7 @@ impl Services {
             return Err(Error::AccountLocked { retry_after });
         }
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
-        if !self.hasher.verify(permit, &current, stored).await?.ok {
+        if !self.hasher.verify(permit, &current, stored).await? {
             self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
             return Err(Error::InvalidCredentials);
         }
@@ -391,7 +384,8 @@ impl Services {
         let ended = self.store.change_password(user.id, &hash, Some(session_id), self.now()).await?;
         self.audit(Some(user), None, "password_changed", Some(meta), serde_json::json!({})).await;
         self.audit_ended(user, &ended, "password_changed", Some(meta)).await;
-        self.queue_mail(MailKind::PasswordChanged, &user.email).await?;
+        // The store queued the notice in the same transaction.
+        self.mail_wake.notify_one();
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! or inside their own transaction); this worker, running in every instance, claims one
 //! due mail at a time, does what it announces (issuing verification or reset tokens
 //! when the account qualifies) and sends it, then deletes it. A failed send is tried
-//! again with growing delays, five times in all. A crash between sending and deleting
+//! again with growing delays, up to ten times over about three hours. A crash between sending and deleting
 //! sends a mail twice, never zero times.
 //!
 //! Deciding whether the account qualifies here, and not on the request path, is what
@@ -23,8 +23,9 @@ use crate::domain::user::Status;
 use crate::mail::{deliver, templates, Mail, Mailer};
 use crate::store::{MailJob, MailKind, NewOneTimeToken, Store};
 
-/// Tries before a mail is given up.
-pub const MAX_ATTEMPTS: u32 = 5;
+/// Tries before a mail is given up: with delays doubling from 10 s up to an hour
+/// between them, a mail outlives about three hours of mail-server outage.
+pub const MAX_ATTEMPTS: u32 = 10;
 /// Seconds a claimed mail is reserved for its worker (a send gives up after 10 s).
 const LEASE: i64 = 30;
 
@@ -67,25 +68,33 @@ impl MailWorker {
     }
 
     async fn work(&self, job: MailJob) {
-        let outcome = match self.render(&job).await {
-            Ok(Some(mail)) => deliver(self.mailer.as_ref(), &self.from, mail).await,
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
+        // The claim must outlast the work, or another instance would send it again.
+        let budget = Duration::from_secs(u64::try_from(LEASE - 5).unwrap_or(1));
+        let outcome = match tokio::time::timeout(budget, self.render_and_send(&job)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("sending took longer than the claim")),
         };
         let done = match outcome {
-            Ok(()) => self.store.finish_mail_job(job.id).await,
+            Ok(()) => self.store.finish_mail_job(job.id, job.lease).await,
             Err(e) if job.attempts >= MAX_ATTEMPTS => {
                 tracing::error!(error = %e, kind = ?job.kind, "mail given up after {MAX_ATTEMPTS} tries");
-                self.store.finish_mail_job(job.id).await
+                self.store.finish_mail_job(job.id, job.lease).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, kind = ?job.kind, attempt = job.attempts, "sending mail failed; will retry");
-                let delay = 5 * 2i64.pow(job.attempts);
-                self.store.retry_mail_job(job.id, self.clock.now() + delay).await
+                let delay = (10 * 2i64.pow(job.attempts.saturating_sub(1).min(12))).min(3600);
+                self.store.retry_mail_job(job.id, job.lease, self.clock.now() + delay).await
             }
         };
         if let Err(e) = done {
             tracing::warn!(error = %e, "could not update the mail queue");
+        }
+    }
+
+    async fn render_and_send(&self, job: &MailJob) -> anyhow::Result<()> {
+        match self.render(job).await? {
+            Some(mail) => deliver(self.mailer.as_ref(), &self.from, mail).await,
+            None => Ok(()),
         }
     }
 

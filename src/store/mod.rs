@@ -25,20 +25,25 @@ use crate::domain::user::{Role, Status, User};
 pub struct StoreError(#[from] pub sqlx::Error);
 
 impl StoreError {
-    /// A failure that passes with load: no pooled connection in time, a lock or
-    /// statement timeout, a busy SQLite, a serialisation conflict, too many clients.
+    /// A failure that passes with load (see [`is_transient_error`]).
     pub fn is_transient(&self) -> bool {
-        match &self.0 {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-            sqlx::Error::Database(e) => {
-                let code = e.code().unwrap_or_default();
-                // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
-                // possibly extended (low byte).
-                let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-                sqlite_busy || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
-            }
-            _ => false,
+        is_transient_error(&self.0)
+    }
+}
+
+/// A failure that passes with load: no pooled connection in time, a lock or statement
+/// timeout, a busy SQLite, a serialisation conflict, too many clients.
+pub fn is_transient_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
+            // possibly extended (low byte).
+            let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            sqlite_busy || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
         }
+        _ => false,
     }
 }
 
@@ -304,6 +309,8 @@ pub enum MailKind {
 }
 
 impl MailKind {
+    const ALL: [Self; 4] = [Self::Verification, Self::AlreadyRegistered, Self::Reset, Self::PasswordChanged];
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Verification => "verification",
@@ -331,6 +338,8 @@ pub struct MailJob {
     pub email: String,
     /// Tries so far, this one included.
     pub attempts: u32,
+    /// The claim: only its holder may finish or release the mail.
+    pub lease: UnixTime,
 }
 
 /// The persistence operations of Gatehouse.
@@ -358,10 +367,8 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the user and the sessions ended.
     async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>>;
     /// Replaces the hash of the same password (new parameters).
-    /// Only while the stored hash is still `old`: a change or reset that happened
-    /// meanwhile must not be undone by a late rehash of the old password.
-    async fn rehash_password(&self, user_id: Uuid, old: &str, new: &str) -> StoreResult<()>;
-    /// Sets a new password and ends every session but `keep`; returns those ended.
+    /// Sets a new password, ends every session but `keep` and queues the notice mail;
+    /// returns the sessions ended.
     async fn change_password(
         &self,
         user_id: Uuid,
@@ -397,7 +404,8 @@ pub trait Store: Send + Sync + 'static {
     async fn issue_reset(&self, user_id: Uuid, t: &NewOneTimeToken, now: UnixTime) -> StoreResult<()>;
     /// Whether a reset token is unused and unexpired (read only).
     async fn reset_token_live(&self, token_hash: &str, now: UnixTime) -> StoreResult<bool>;
-    /// Uses a reset token: sets the password, revokes the user's API keys, verifies the email, ends every session and
+    /// Uses a reset token: sets the password, queues the notice mail, revokes the
+    /// user's API keys, verifies the email, ends every session and
     /// clears the email's lockout. Returns the user and the ended sessions.
     async fn reset_password(
         &self,
@@ -452,14 +460,15 @@ pub trait Store: Send + Sync + 'static {
     /// The live key with this hash and its user.
     async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>>;
 
-    /// Queues a mail.
+    /// Queues a mail, unless the same mail to the same address is already waiting for
+    /// its first try (a resend while the first is queued sends one mail, not two).
     async fn enqueue_mail(&self, kind: MailKind, email: &str, now: UnixTime) -> StoreResult<()>;
     /// Claims the oldest due mail for `lease` seconds, counting a try; `None` if none.
     async fn claim_mail_job(&self, now: UnixTime, lease: i64) -> StoreResult<Option<MailJob>>;
-    /// Removes a mail that was sent (or given up).
-    async fn finish_mail_job(&self, id: Uuid) -> StoreResult<()>;
-    /// Releases a mail to be tried again at `run_at`.
-    async fn retry_mail_job(&self, id: Uuid, run_at: UnixTime) -> StoreResult<()>;
+    /// Removes a mail that was sent (or given up), if `lease` is still its claim.
+    async fn finish_mail_job(&self, id: Uuid, lease: UnixTime) -> StoreResult<()>;
+    /// Releases a mail to be tried again at `run_at`, if `lease` is still its claim.
+    async fn retry_mail_job(&self, id: Uuid, lease: UnixTime, run_at: UnixTime) -> StoreResult<()>;
 
     /// Appends an audit event.
     async fn record_event(&self, e: &Event) -> StoreResult<()>;

@@ -453,16 +453,6 @@ impl Store for SqlStore {
         Ok(user.map(|u| (u, ended)))
     }
 
-    async fn rehash_password(&self, user_id: Uuid, old: &str, new: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
-            .bind(new)
-            .bind(user_id.to_string())
-            .bind(old)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
     async fn change_password(
         &self,
         user_id: Uuid,
@@ -471,14 +461,18 @@ impl Store for SqlStore {
         now: UnixTime,
     ) -> StoreResult<Vec<Uuid>> {
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+        let row = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3 RETURNING email")
             .bind(hash)
             .bind(now)
             .bind(user_id.to_string())
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
         let ended = end_sessions_in(&mut tx, user_id, keep, "password_changed", now).await?;
         supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
+        if let Some(row) = row {
+            let email: String = row.try_get("email")?;
+            insert_mail_job(&mut tx, MailKind::PasswordChanged, &email, now).await?;
+        }
         tx.commit().await?;
         Ok(ended)
     }
@@ -618,6 +612,7 @@ impl Store for SqlStore {
         let ended = end_sessions_in(&mut tx, user_id, None, "password_reset", now).await?;
         zero_throttle(&mut tx, &email, now).await?;
         supersede(&mut tx, user_id, &[TokenKind::Reset], now).await?;
+        insert_mail_job(&mut tx, MailKind::PasswordChanged, &email, now).await?;
         // Whoever may have had the account kept no way back in through a key.
         sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
             .bind(now)
@@ -952,17 +947,29 @@ impl Store for SqlStore {
     }
 
     async fn enqueue_mail(&self, kind: MailKind, email: &str, now: UnixTime) -> StoreResult<()> {
-        let mut conn = self.writer.acquire().await?;
-        Ok(insert_mail_job(&mut conn, kind, email, now).await?)
+        sqlx::query(
+            "INSERT INTO mail_jobs (id, kind, email, created_at, run_at) SELECT $1, $2, $3, $4, $4 \
+             WHERE NOT EXISTS (SELECT 1 FROM mail_jobs WHERE kind = $2 AND email = $3 AND attempts = 0)",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(kind.as_str())
+        .bind(email)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     async fn claim_mail_job(&self, now: UnixTime, lease: i64) -> StoreResult<Option<MailJob>> {
         // PostgreSQL: concurrent workers skip each other's rows instead of queueing on
         // the same one (SQLite has one writer anyway).
         let skip_locked = if self.backend == "postgres" { "FOR UPDATE SKIP LOCKED" } else { "" };
+        // Only kinds this version knows: a newer version's mail waits for that version.
+        let known = MailKind::ALL.iter().map(|k| format!("'{}'", k.as_str())).collect::<Vec<_>>().join(", ");
         let row = sqlx::query(&format!(
             "UPDATE mail_jobs SET claimed_until = $2, attempts = attempts + 1 WHERE id = ( \
                 SELECT id FROM mail_jobs WHERE run_at <= $1 AND (claimed_until IS NULL OR claimed_until < $1) \
+                  AND kind IN ({known}) \
                 ORDER BY run_at, id LIMIT 1 {skip_locked}) \
              AND (claimed_until IS NULL OR claimed_until < $1) RETURNING id, kind, email, attempts"
         ))
@@ -972,26 +979,29 @@ impl Store for SqlStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let kind: String = row.try_get("kind")?;
-        let Some(kind) = MailKind::parse(&kind) else {
-            // Written by a newer version: leave it to that version.
-            return Ok(None);
-        };
+        let kind = MailKind::parse(&kind).ok_or_else(|| sqlx::Error::Decode("unknown mail kind".into()))?;
         Ok(Some(MailJob {
             id: uuid(&row, "id")?,
             kind,
             email: row.try_get("email")?,
             attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+            lease: now + lease,
         }))
     }
 
-    async fn finish_mail_job(&self, id: Uuid) -> StoreResult<()> {
-        sqlx::query("DELETE FROM mail_jobs WHERE id = $1").bind(id.to_string()).execute(&self.writer).await?;
+    async fn finish_mail_job(&self, id: Uuid, lease: UnixTime) -> StoreResult<()> {
+        sqlx::query("DELETE FROM mail_jobs WHERE id = $1 AND claimed_until = $2")
+            .bind(id.to_string())
+            .bind(lease)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
-    async fn retry_mail_job(&self, id: Uuid, run_at: UnixTime) -> StoreResult<()> {
-        sqlx::query("UPDATE mail_jobs SET run_at = $2, claimed_until = NULL WHERE id = $1")
+    async fn retry_mail_job(&self, id: Uuid, lease: UnixTime, run_at: UnixTime) -> StoreResult<()> {
+        sqlx::query("UPDATE mail_jobs SET run_at = $3, claimed_until = NULL WHERE id = $1 AND claimed_until = $2")
             .bind(id.to_string())
+            .bind(lease)
             .bind(run_at)
             .execute(&self.writer)
             .await?;
@@ -1229,23 +1239,37 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
                 }
                 Err(e) => {
                     sp.rollback().await?;
+                    // Under load (busy, timeouts) the rest would only wait the same way.
+                    let transient = is_transient_error(&e);
                     results.push(Err(e));
+                    if transient {
+                        break;
+                    }
                 }
             }
         }
         tx.commit().await
     }
     .await;
+    // Jobs after a transient failure, or all of them if the batch failed, get an error
+    // that keeps its kind: a pool timeout, which the service answers 503.
+    let failed = |e: &sqlx::Error| {
+        if is_transient_error(e) {
+            sqlx::Error::PoolTimedOut
+        } else {
+            sqlx::Error::Protocol(format!("rotation batch failed: {e}"))
+        }
+    };
     match committed {
         Ok(()) => {
-            for ((_, reply), result) in jobs.into_iter().zip(results) {
-                let _ = reply.send(result);
+            let mut results = results.into_iter();
+            for (_, reply) in jobs {
+                let _ = reply.send(results.next().unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
         }
         Err(e) => {
-            let msg = e.to_string();
             for (_, reply) in jobs {
-                let _ = reply.send(Err(sqlx::Error::Protocol(format!("rotation batch failed: {msg}"))));
+                let _ = reply.send(Err(failed(&e)));
             }
         }
     }

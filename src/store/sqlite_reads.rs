@@ -31,8 +31,13 @@ pub struct SqliteReads {
     path: PathBuf,
 }
 
-fn err(e: impl std::fmt::Display) -> sqlx::Error {
-    sqlx::Error::Protocol(format!("sqlite read: {e}"))
+fn err(e: rusqlite::Error) -> sqlx::Error {
+    // A busy or locked database is load, not a fault: keep it recognisable as such
+    // (StoreError::is_transient answers 503 for a pool timeout).
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => sqlx::Error::PoolTimedOut,
+        _ => sqlx::Error::Protocol(format!("sqlite read: {e}")),
+    }
 }
 
 fn uuid(row: &Row<'_>, col: usize) -> rusqlite::Result<Uuid> {
@@ -72,7 +77,7 @@ impl SqliteReads {
                 c.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
                 conns.insert(self.id, c);
             }
-            let c = conns.get(&self.id).ok_or_else(|| err("connection vanished"))?;
+            let c = conns.get(&self.id).ok_or_else(|| sqlx::Error::Protocol("sqlite read: no connection".into()))?;
             f(c).map_err(err)
         })
     }

@@ -14,6 +14,7 @@ both_backends!(
     reissued_codes_do_not_buy_unlimited_guesses,
     a_later_forgot_password_does_not_kill_the_earlier_link,
     a_password_reset_revokes_api_keys,
+    hashes_made_with_older_parameters_log_in_in_parallel,
 );
 
 async fn a_grace_of_zero_treats_any_second_use_as_reuse(b: Backend) {
@@ -116,4 +117,30 @@ async fn a_password_reset_revokes_api_keys(b: Backend) {
     let mail = app.wait_mail("keys@example.com", "Reset").await;
     app.post("/v1/auth/password/reset", json!({"token": link_token(&mail), "password": "a fresh passphrase"})).await;
     assert_eq!(me(key).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+}
+
+async fn hashes_made_with_older_parameters_log_in_in_parallel(b: Backend) {
+    use gatehouse::clock::Clock;
+    use gatehouse::crypto::password::{hash_blocking, HashParams};
+    let app = TestApp::spawn(b).await;
+    let now = app.clock.now();
+    let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, PASSWORD.as_bytes());
+    app.state
+        .services
+        .store
+        .create_user(gatehouse::store::NewUser {
+            id: uuid::Uuid::now_v7(),
+            email: "old@example.com".into(),
+            name: None,
+            password_hash: Some(old),
+            role: gatehouse::domain::user::Role::User,
+            email_verified_at: Some(now),
+            now,
+        })
+        .await
+        .unwrap();
+    let logins = futures::future::join_all((0..4).map(|_| app.login("old@example.com", PASSWORD))).await;
+    for r in logins {
+        assert_eq!(r.status(), StatusCode::OK);
+    }
 }

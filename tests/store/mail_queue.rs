@@ -23,7 +23,11 @@ async fn a_queued_mail_is_claimed_once_per_lease_and_gone_when_finished(b: Backe
     assert!(db.store.claim_mail_job(T0 + 29, 30).await.unwrap().is_none(), "leased");
     let again = db.store.claim_mail_job(T0 + 31, 30).await.unwrap().expect("the lease ran out");
     assert_eq!((again.id, again.attempts), (job.id, 2));
-    db.store.finish_mail_job(job.id).await.unwrap();
+    // The first claim is no longer the holder: it can neither finish nor release it.
+    db.store.finish_mail_job(job.id, job.lease).await.unwrap();
+    db.store.retry_mail_job(job.id, job.lease, T0).await.unwrap();
+    assert!(db.store.claim_mail_job(T0 + 40, 30).await.unwrap().is_none(), "still held by the second claim");
+    db.store.finish_mail_job(again.id, again.lease).await.unwrap();
     assert!(db.store.claim_mail_job(T0 + 100, 30).await.unwrap().is_none());
 }
 
@@ -31,7 +35,7 @@ async fn a_retried_mail_waits_until_its_time(b: Backend) {
     let db = Db::new(b).await;
     db.store.enqueue_mail(MailKind::PasswordChanged, "r@example.test", T0).await.unwrap();
     let job = db.store.claim_mail_job(T0, 30).await.unwrap().unwrap();
-    db.store.retry_mail_job(job.id, T0 + 10).await.unwrap();
+    db.store.retry_mail_job(job.id, job.lease, T0 + 10).await.unwrap();
     assert!(db.store.claim_mail_job(T0 + 9, 30).await.unwrap().is_none());
     assert_eq!(db.store.claim_mail_job(T0 + 10, 30).await.unwrap().unwrap().id, job.id);
 }
@@ -62,10 +66,10 @@ async fn registration_queues_one_mail_whether_or_not_the_email_is_taken(b: Backe
     assert!(db.store.register(new_user("new@example.test"), None, None).await.unwrap().is_some());
     let job = db.store.claim_mail_job(T0 + 1, 30).await.unwrap().unwrap();
     assert_eq!(job.kind, MailKind::Verification);
-    db.store.finish_mail_job(job.id).await.unwrap();
+    db.store.finish_mail_job(job.id, job.lease).await.unwrap();
     assert!(db.store.register(new_user("new@example.test"), None, None).await.unwrap().is_none());
     let job = db.store.claim_mail_job(T0 + 1, 30).await.unwrap().unwrap();
     assert_eq!((job.kind, job.email.as_str()), (MailKind::AlreadyRegistered, "new@example.test"));
-    db.store.finish_mail_job(job.id).await.unwrap();
+    db.store.finish_mail_job(job.id, job.lease).await.unwrap();
     assert!(db.store.claim_mail_job(T0 + 1, 30).await.unwrap().is_none(), "exactly one mail each time");
 }

@@ -20,7 +20,6 @@ both_backends!(
     a_patch_changes_only_the_fields_it_names,
     a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_their_ids,
     a_patch_of_an_unknown_user_returns_none,
-    rehashing_replaces_the_password_hash_and_nothing_else,
     changing_the_password_ends_every_other_session_and_supersedes_reset_links,
 );
 
@@ -288,27 +287,6 @@ async fn a_patch_of_an_unknown_user_returns_none(b: Backend) {
     let db = Db::new(b).await;
     let patch = UserPatch { status: Some(Status::Suspended), ..UserPatch::default() };
     assert!(db.store.patch_user(Uuid::new_v4(), &patch, T0).await.unwrap().is_none());
-}
-
-async fn rehashing_replaces_the_password_hash_and_nothing_else(b: Backend) {
-    let db = Db::new(b).await;
-    let u = user(&*db.store, "rehash@example.test").await;
-    let s = login(&*db.store, u.id, T0).await;
-    let old = u.password_hash.clone().unwrap();
-    // A rehash against a hash that is no longer stored changes nothing.
-    db.store
-        .rehash_password(u.id, "$argon2id$v=19$m=8,t=1,p=1$c3RhbGU$c3RhbGU", "$argon2id$v=19$m=8,t=1,p=1$eA$eA")
-        .await
-        .unwrap();
-    assert_eq!(db.store.user_by_id(u.id).await.unwrap().unwrap().password_hash.as_deref(), Some(old.as_str()));
-    db.store.rehash_password(u.id, &old, "$argon2id$v=19$m=19456,t=2,p=1$bmV3c2FsdA$bmV3aGFzaA").await.unwrap();
-    let after = db.store.user_by_id(u.id).await.unwrap().unwrap();
-    assert_eq!(after.password_hash.as_deref(), Some("$argon2id$v=19$m=19456,t=2,p=1$bmV3c2FsdA$bmV3aGFzaA"));
-    assert_eq!(after.email, u.email);
-    assert_eq!(after.status, Status::Active);
-    let live = db.store.list_sessions(u.id, T0).await.unwrap();
-    assert_eq!(live.len(), 1, "sessions survive a rehash");
-    assert_eq!(live[0].id, s.id);
 }
 
 async fn changing_the_password_ends_every_other_session_and_supersedes_reset_links(b: Backend) {

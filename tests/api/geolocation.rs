@@ -9,8 +9,9 @@ use serde_json::{json, Value};
 use crate::both_backends;
 use crate::helpers::*;
 
-/// MaxMind's public test database (see the README next to it); read in place.
-const GEOIP_DB: &str = "/work/shared/testdata/geoip/GeoIP2-City-Test.mmdb";
+/// MaxMind's public test database (see the README next to it), read in place from the
+/// `shared/` folder beside this repository.
+const GEOIP_DB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/testdata/geoip/GeoIP2-City-Test.mmdb");
 
 both_backends!(
     a_login_through_a_trusted_proxy_is_located_by_the_forwarded_address,

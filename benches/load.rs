@@ -335,7 +335,8 @@ fn profile_dir() -> Option<PathBuf> {
 }
 
 /// Samples the server's stacks with perf while `phase` runs, then keeps a text report
-/// of where the time went (`<name>.txt`, functions by share of samples).
+/// of where the time went (`<name>.txt`, functions by share of samples) and a flame
+/// graph (`<name>.svg`).
 async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std::future::Future<Output = T>) -> T {
     let (Some(pid), Some(dir)) = (pid, profile_dir()) else { return phase.await };
     std::fs::create_dir_all(&dir).unwrap();
@@ -356,6 +357,17 @@ async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std:
             .output()
         {
             std::fs::write(dir.join(format!("{name}.txt")), report.stdout).unwrap();
+        }
+        // A flame graph too, when inferno is installed (scripts/bench.sh installs it).
+        let svg = dir.join(format!("{name}.svg"));
+        let script = format!(
+            "perf script -i '{}' | inferno-collapse-perf | inferno-flamegraph --title 'gatehouse {name}' > '{}'",
+            data.display(),
+            svg.display()
+        );
+        let made = Command::new("sh").args(["-c", &script]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if !made {
+            let _ = std::fs::remove_file(&svg);
         }
         let _ = std::fs::remove_file(&data);
     }

@@ -109,11 +109,6 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi, Router<AppState>) {
     (auth_routes, doc, rest)
 }
 
-/// The OpenAPI document.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().1
-}
-
 /// Builds the router over `state`'s services.
 pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: RateLimit) -> (Router, AppState) {
     let (auth_routes, doc, rest) = api();

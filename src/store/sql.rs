@@ -200,25 +200,20 @@ async fn insert_user(conn: &mut AnyConnection, u: &NewUser) -> Result<Option<Use
     row.as_ref().map(user_from).transpose()
 }
 
-async fn insert_event(
-    tx: &mut Tx,
-    user: &User,
-    kind: &str,
-    s: &NewSession,
-    detail: &serde_json::Value,
-) -> Result<(), sqlx::Error> {
+/// Appends an audit event inside the caller's connection or transaction.
+async fn insert_event(conn: &mut AnyConnection, e: &Event) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(Uuid::now_v7().to_string())
-    .bind(user.id.to_string())
-    .bind(&user.email)
-    .bind(kind)
-    .bind(s.now)
-    .bind(&s.ip)
-    .bind(&s.user_agent)
-    .bind(detail.to_string())
-    .execute(&mut **tx)
+    .bind(e.user_id.map(|u| u.to_string()))
+    .bind(&e.email)
+    .bind(&e.kind)
+    .bind(e.at)
+    .bind(&e.ip)
+    .bind(&e.user_agent)
+    .bind(e.detail.to_string())
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -795,11 +790,19 @@ impl Store for SqlStore {
         // The right password clears the email's failures; the login and any evictions
         // go to the audit trail; all in this one transaction (one commit per login).
         zero_throttle(&mut tx, &user.email, s.now).await?;
-        let login = serde_json::json!({"session_id": s.id});
-        insert_event(&mut tx, &user, "login", s, &login).await?;
+        let event = |kind: &str, detail: serde_json::Value| Event {
+            user_id: Some(user.id),
+            email: Some(user.email.clone()),
+            kind: kind.to_owned(),
+            at: s.now,
+            ip: s.ip.clone(),
+            user_agent: s.user_agent.clone(),
+            detail,
+        };
+        insert_event(&mut tx, &event("login", serde_json::json!({"session_id": s.id}))).await?;
         for id in &evicted {
-            let detail = serde_json::json!({"session_id": id, "reason": "evicted"});
-            insert_event(&mut tx, &user, "session_ended", s, &detail).await?;
+            let ended = event("session_ended", serde_json::json!({"session_id": id, "reason": "evicted"}));
+            insert_event(&mut tx, &ended).await?;
         }
         tx.commit().await?;
         Ok(Some((user, evicted)))
@@ -1009,20 +1012,8 @@ impl Store for SqlStore {
     }
 
     async fn record_event(&self, e: &Event) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(Uuid::now_v7().to_string())
-        .bind(e.user_id.map(|u| u.to_string()))
-        .bind(&e.email)
-        .bind(&e.kind)
-        .bind(e.at)
-        .bind(&e.ip)
-        .bind(&e.user_agent)
-        .bind(e.detail.to_string())
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let mut conn = self.writer.acquire().await?;
+        Ok(insert_event(&mut conn, e).await?)
     }
 
     async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>> {

@@ -386,16 +386,7 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
     let u: Value = r.json().await.unwrap();
     assert_user_shape(&u);
     assert_eq!(u["status"], "suspended");
-    for t in [&first, &second] {
-        assert_problem(
-            app.get_bearer("/v1/me", &str_of(t, "access_token")).await,
-            StatusCode::UNAUTHORIZED,
-            "session_ended",
-        )
-        .await;
-        let r = app.post("/v1/auth/refresh", json!({"refresh_token": str_of(t, "refresh_token")})).await;
-        assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
-    }
+    assert_sessions_ended(&app, &[&first, &second]).await;
     assert_eq!(app.get_bearer("/v1/me", &str_of(&bystander, "access_token")).await.status(), StatusCode::OK);
     assert_problem(app.login("susp@example.com", PASSWORD).await, StatusCode::FORBIDDEN, "account_suspended").await;
     // The wrong password is still just wrong: the state shows only to the owner.
@@ -412,16 +403,7 @@ async fn suspending_ends_every_session_at_once_and_refuses_login_until_reactivat
     let again = app.login_ok("susp@example.com").await;
     assert_eq!(app.get_bearer("/v1/me", &str_of(&again, "access_token")).await.status(), StatusCode::OK);
     // Reactivation opens no old session again.
-    for t in [&first, &second] {
-        assert_problem(
-            app.get_bearer("/v1/me", &str_of(t, "access_token")).await,
-            StatusCode::UNAUTHORIZED,
-            "session_ended",
-        )
-        .await;
-        let r = app.post("/v1/auth/refresh", json!({"refresh_token": str_of(t, "refresh_token")})).await;
-        assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
-    }
+    assert_sessions_ended(&app, &[&first, &second]).await;
 }
 
 async fn the_other_inactive_states_refuse_login_with_their_own_code(b: Backend) {
@@ -556,5 +538,20 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
     let text = body.to_string();
     for secret in [PASSWORD, "wrong password!", &str_of(&t, "access_token"), &str_of(&t, "refresh_token")] {
         assert!(!text.contains(secret), "the trail holds a secret: {text}");
+    }
+}
+
+/// Both tokens of each login are refused: the access token as session_ended, the
+/// refresh token as invalid_token.
+async fn assert_sessions_ended(app: &TestApp, logins: &[&Value]) {
+    for t in logins {
+        assert_problem(
+            app.get_bearer("/v1/me", &str_of(t, "access_token")).await,
+            StatusCode::UNAUTHORIZED,
+            "session_ended",
+        )
+        .await;
+        let r = app.post("/v1/auth/refresh", json!({"refresh_token": str_of(t, "refresh_token")})).await;
+        assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
     }
 }

@@ -73,7 +73,7 @@ impl App {
 /// `mail_worker`, this process also works off the mail queue (a one-shot command does
 /// not: it could claim a mail and exit).
 pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: bool) -> anyhow::Result<Services> {
-    let store = store::open(&settings.database_url(), settings.db_max_connections, settings.db_acquire_timeout).await?;
+    let store = store::open(&settings.database_url(), &settings.store_options()).await?;
     let kek = match &settings.key_encryption_key {
         Some(k) => {
             Some(KeyEncryptionKey::parse(k.expose_secret()).map_err(|e| anyhow::anyhow!("key_encryption_key: {e}"))?)

@@ -13,6 +13,7 @@ use crate::app::{self, App};
 use crate::clock::SystemClock;
 use crate::config::Settings;
 use crate::domain::user::Role;
+use crate::store::StoreOptions;
 
 #[derive(Parser)]
 #[command(name = "gatehouse", version, about = "Self-hosted identity service")]
@@ -124,7 +125,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            crate::store::open(&settings.database_url(), 1, settings.db_acquire_timeout).await?;
+            crate::store::open(
+                &settings.database_url(),
+                &StoreOptions { max_connections: 1, session_cache_entries: 0, ..settings.store_options() },
+            )
+            .await?;
             println!("database is up to date");
             Ok(())
         }

@@ -181,6 +181,8 @@ pub struct Settings {
     pub db_max_connections: u32,
     /// Seconds to wait for a pooled connection before failing the request.
     pub db_acquire_timeout: u32,
+    /// PostgreSQL: sessions each instance remembers for Bearer checks (0: none).
+    pub session_cache_entries: u32,
     /// `text` or `json` log lines.
     pub log_format: String,
 }
@@ -208,6 +210,7 @@ struct Defaults {
     reset_token_ttl: u32,
     db_max_connections: u32,
     db_acquire_timeout: u32,
+    session_cache_entries: u32,
     log_format: &'static str,
 }
 
@@ -232,6 +235,7 @@ const DEFAULTS: Defaults = Defaults {
     reset_token_ttl: 3600,
     db_max_connections: 16,
     db_acquire_timeout: 5,
+    session_cache_entries: 10_000,
     log_format: "text",
 };
 
@@ -292,6 +296,15 @@ impl Settings {
         match &self.database_url {
             Some(u) if !u.expose_secret().trim().is_empty() => u.expose_secret().trim().to_owned(),
             _ => format!("sqlite://{}?mode=rwc", self.data_dir.join("gatehouse.db").display()),
+        }
+    }
+
+    /// How to open the store, from the database settings.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            max_connections: self.db_max_connections,
+            acquire_timeout_secs: self.db_acquire_timeout,
+            session_cache_entries: self.session_cache_entries,
         }
     }
 

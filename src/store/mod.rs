@@ -7,6 +7,7 @@
 //! starts with a write, so SQLite takes its write lock up front (no deferred upgrade
 //! that could fail under concurrency) and PostgreSQL locks the rows it then reads.
 
+mod session_cache;
 pub mod sql;
 mod sqlite_reads;
 
@@ -483,11 +484,18 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
 }
 
+/// How to open the store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Largest pool.
+    pub max_connections: u32,
+    /// Seconds to wait for a pooled connection.
+    pub acquire_timeout_secs: u32,
+    /// PostgreSQL: sessions each instance remembers for the Bearer check; 0 turns it off.
+    pub session_cache_entries: u32,
+}
+
 /// Opens the store for `url` (`sqlite://` or `postgres://`) and runs its migrations.
-pub async fn open(
-    url: &str,
-    max_connections: u32,
-    acquire_timeout_secs: u32,
-) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    Ok(std::sync::Arc::new(sql::SqlStore::connect(url, max_connections, acquire_timeout_secs).await?))
+pub async fn open(url: &str, options: &StoreOptions) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(sql::SqlStore::connect(url, options).await?))
 }

@@ -2,6 +2,7 @@
 //! Both schemas use only TEXT and 64-bit integers, so rows decode the same way.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::session_cache::SessionCache;
 use super::*;
 use crate::domain::lockout::Lock;
 
@@ -27,6 +29,10 @@ pub struct SqlStore {
     rotations: Option<mpsc::Sender<RotateJob>>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
+    /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
+    cache: Option<Arc<SessionCache>>,
+    /// The tasks that listen for those notifications and send fences; stopped with the store.
+    cache_tasks: Vec<tokio::task::JoinHandle<()>>,
     backend: &'static str,
 }
 
@@ -250,7 +256,8 @@ async fn mark_verified(tx: &mut Tx, user_id: Uuid, now: UnixTime) -> Result<Opti
 
 impl SqlStore {
     /// Connects, configures each connection and runs the backend's migrations.
-    pub async fn connect(url: &str, max_connections: u32, acquire_timeout_secs: u32) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        let StoreOptions { max_connections, acquire_timeout_secs, session_cache_entries } = *options;
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             "postgres"
@@ -318,11 +325,34 @@ impl SqlStore {
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
         let rotations = (backend == "sqlite").then(|| spawn_rotation_batcher(writer.clone()));
-        Ok(Self { pool, writer, rotations, sqlite_reads, backend })
+        let cache = (backend == "postgres" && session_cache_entries > 0)
+            .then(|| SessionCache::new(session_cache_entries as usize));
+        let cache_tasks = match &cache {
+            Some(c) => {
+                vec![tokio::spawn(c.clone().listen(url.to_owned())), tokio::spawn(c.clone().send_fences(pool.clone()))]
+            }
+            None => Vec::new(),
+        };
+        if let Some(cache) = &cache {
+            // Start with the memory in use when the database allows; without it the
+            // instance works the same, only reading every session from the database.
+            if !cache.wait_listening(Duration::from_secs(2)).await {
+                tracing::warn!("not listening for session changes yet: reading every session from the database");
+            }
+        }
+        Ok(Self { pool, writer, rotations, sqlite_reads, cache, cache_tasks, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
         self.writer.begin().await
+    }
+}
+
+impl Drop for SqlStore {
+    fn drop(&mut self) {
+        for task in &self.cache_tasks {
+            task.abort();
+        }
     }
 }
 
@@ -831,11 +861,22 @@ impl Store for SqlStore {
         if let Some(reads) = &self.sqlite_reads {
             return Ok(reads.session_with_user(&sql, sid)?);
         }
+        let cache = self.cache.as_deref();
+        if let Some(cache) = cache {
+            if let Some(hit) = cache.get(sid).await {
+                return Ok(Some(hit));
+            }
+        }
+        let epoch = cache.and_then(SessionCache::epoch);
         let row = sqlx::query(&sql).bind(sid.to_string()).fetch_optional(&self.pool).await?;
-        Ok(match row {
-            Some(r) => Some((session_from(&r)?, user_from(&r)?)),
-            None => None,
-        })
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (session, user) = (session_from(&row)?, user_from(&row)?);
+        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+            cache.put(epoch, session.clone(), user.clone());
+        }
+        Ok(Some((session, user)))
     }
 
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>> {

@@ -13,6 +13,7 @@ mod mail_queue;
 mod maintenance;
 mod refresh;
 mod reset;
+mod session_cache;
 mod sessions;
 mod users;
 mod verification;

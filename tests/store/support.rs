@@ -6,7 +6,7 @@ use std::sync::Arc;
 use gatehouse::crypto::tokens;
 use gatehouse::domain::lockout::LockoutPolicy;
 use gatehouse::domain::user::{Role, User};
-use gatehouse::store::{NewOneTimeToken, NewSession, NewUser, Rotate, Store};
+use gatehouse::store::{NewOneTimeToken, NewSession, NewUser, Rotate, Store, StoreOptions};
 use uuid::Uuid;
 
 pub use crate::common::{fresh_database, Backend};
@@ -42,7 +42,8 @@ impl Db {
 }
 
 pub async fn open(url: &str) -> Arc<dyn Store> {
-    gatehouse::store::open(url, 8, 5).await.expect("open store")
+    let options = StoreOptions { max_connections: 8, acquire_timeout_secs: 5, session_cache_entries: 1000 };
+    gatehouse::store::open(url, &options).await.expect("open store")
 }
 
 /// A user to create with the given email, created at `T0`.

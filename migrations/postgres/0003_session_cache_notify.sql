@@ -1,0 +1,28 @@
+-- Every change to a user or a session tells the instances which user it concerns, on
+-- the channel `gatehouse_cache`, at commit (PostgreSQL delivers NOTIFY only when the
+-- transaction commits, in commit order). Each instance keeps a memory of sessions and
+-- their users for Bearer checks and forgets a user's entries when told. Triggers, not
+-- application code, send these, so that no write path (nor an operator's SQL) can be
+-- missed.
+CREATE FUNCTION gatehouse_notify_user() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('gatehouse_cache', OLD.id);
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION gatehouse_notify_session_user() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('gatehouse_cache', OLD.user_id);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER users_changed AFTER UPDATE ON users
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_user();
+CREATE TRIGGER users_deleted AFTER DELETE ON users
+    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_user();
+CREATE TRIGGER sessions_changed AFTER UPDATE ON sessions
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_session_user();
+CREATE TRIGGER sessions_deleted AFTER DELETE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_session_user();

@@ -1,0 +1,123 @@
+//! PostgreSQL only: each instance's memory of sessions, kept exact by notifications
+//! (src/store/session_cache.rs). SQLite reads the file on every check and has none.
+
+use std::time::{Duration, Instant};
+
+use gatehouse::domain::user::Status;
+use gatehouse::store::{Store, UserPatch};
+use uuid::Uuid;
+
+use crate::support::*;
+
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
+            async fn postgres() {
+                super::$name().await
+            }
+        }
+    )*};
+}
+
+postgres_only!(
+    a_remembered_session_is_answered_from_memory_until_postgresql_reports_a_change,
+    a_change_is_seen_at_once_by_the_instance_that_made_it,
+    a_session_ended_on_one_instance_is_refused_by_another_at_once,
+);
+
+/// Runs `sql` on the database directly, as an operator would; with `quiet`, with
+/// triggers off (so no notification), which only a test would do.
+async fn operator_sql(url: &str, sql: &str, quiet: bool) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    if quiet {
+        sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    }
+    sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    drop(conn);
+    pool.close().await;
+}
+
+async fn ended_at(store: &dyn Store, sid: Uuid) -> Option<i64> {
+    store.session_with_user(sid).await.unwrap().expect("session exists").0.ended_at
+}
+
+async fn a_remembered_session_is_answered_from_memory_until_postgresql_reports_a_change() {
+    let db = Db::new(Backend::Postgres).await;
+    let u = user(&*db.store, "memory@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    assert_eq!(ended_at(&*db.store, s.id).await, None);
+
+    // A change PostgreSQL does not report (triggers off) is not seen once the session is
+    // remembered: the answer comes from memory, not from a query. (A read can miss the
+    // memory, when it ran while the login's own notification was on its way; it is then
+    // remembered by the next read.)
+    let mut last_read = None;
+    let mut from_memory = false;
+    for k in 1..=50 {
+        let quiet = format!("UPDATE sessions SET ended_at = {} WHERE id = '{}'", T0 + k, s.id);
+        operator_sql(&db.url, &quiet, true).await;
+        let read = ended_at(&*db.store, s.id).await;
+        if read != Some(T0 + k) {
+            assert_eq!(read, last_read, "an answer from memory is the last one read");
+            from_memory = true;
+            break;
+        }
+        last_read = read;
+    }
+    assert!(from_memory, "no read was answered from memory");
+    let fresh = db.another_instance().await;
+    let in_database = ended_at(&*fresh, s.id).await;
+    assert!(in_database.is_some() && in_database != last_read, "the database has the change");
+
+    // Any reported change to the user (here an operator's SQL) makes the memory forget.
+    operator_sql(&db.url, &format!("UPDATE users SET name = 'Renamed' WHERE id = '{}'", u.id), false).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (session, owner) = db.store.session_with_user(s.id).await.unwrap().unwrap();
+        if session.ended_at == in_database {
+            assert_eq!(owner.name.as_deref(), Some("Renamed"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the notification never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn a_change_is_seen_at_once_by_the_instance_that_made_it() {
+    let db = Db::new(Backend::Postgres).await;
+    let u = user(&*db.store, "own@example.test").await;
+    let (a, b, c) =
+        (login(&*db.store, u.id, T0).await, login(&*db.store, u.id, T0).await, login(&*db.store, u.id, T0).await);
+    for s in [&a, &b, &c] {
+        assert_eq!(ended_at(&*db.store, s.id).await, None);
+    }
+    assert!(db.store.end_session(u.id, a.id, "logout", T0 + 1).await.unwrap());
+    assert_eq!(ended_at(&*db.store, a.id).await, Some(T0 + 1));
+
+    db.store.end_sessions(u.id, Some(c.id), "ended_by_user", T0 + 2).await.unwrap();
+    assert_eq!(ended_at(&*db.store, b.id).await, Some(T0 + 2));
+    assert_eq!(ended_at(&*db.store, c.id).await, None);
+
+    let suspend = UserPatch { status: Some(Status::Suspended), ..Default::default() };
+    db.store.patch_user(u.id, &suspend, T0 + 3).await.unwrap().expect("user exists");
+    let (session, owner) = db.store.session_with_user(c.id).await.unwrap().unwrap();
+    assert_eq!(owner.status, Status::Suspended);
+    assert_eq!(session.ended_at, Some(T0 + 3));
+}
+
+async fn a_session_ended_on_one_instance_is_refused_by_another_at_once() {
+    let db = Db::new(Backend::Postgres).await;
+    let other = db.another_instance().await;
+    let u = user(&*db.store, "across@example.test").await;
+    // Many rounds: the other instance must never answer from a stale memory.
+    for round in 0..100 {
+        let s = login(&*db.store, u.id, T0).await;
+        assert_eq!(ended_at(&*other, s.id).await, None);
+        assert_eq!(ended_at(&*other, s.id).await, None);
+        assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+        assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 1), "round {round}");
+    }
+}

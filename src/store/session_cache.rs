@@ -15,8 +15,8 @@
 //!   notification this instance sends after the request arrived. Whatever committed
 //!   before the request arrived committed before the fence, so its notification has
 //!   been handled when the fence comes back. One fence serves every request waiting at
-//!   the time, so under load it costs one tiny transaction per batch instead of a query
-//!   per request; it adds about one notification round trip to the answer.
+//!   the time, so under load it costs one tiny transaction per batch of requests instead
+//!   of a query per request; it adds about one notification round trip to the answer.
 //! - A read that began before a notification was handled does not keep its (possibly
 //!   older) result: every notification moves an epoch, and a result is kept only if the
 //!   epoch is the one seen before the read.
@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
-use sqlx::AnyPool;
+use sqlx::postgres::{PgConnection, PgListener};
+use sqlx::{Connection, Executor};
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
@@ -218,31 +218,46 @@ impl SessionCache {
         Ok(())
     }
 
-    /// Sends a fence whenever requests wait for one, one at a time, for as long as the
-    /// task runs.
-    pub async fn send_fences(self: Arc<Self>, pool: AnyPool) {
-        let mut arrived = self.fence_arrived.subscribe();
+    /// Sends a fence whenever a request waits for one sent after it arrived, for as long
+    /// as the task runs. Sends go one after another on a connection of their own, each
+    /// as soon as the last one is sent (not back): the wait for a fence is about one
+    /// notification round trip.
+    pub async fn send_fences(self: Arc<Self>, url: String) {
+        let mut conn: Option<PgConnection> = None;
         loop {
             self.fence_wanted.notified().await;
-            if *arrived.borrow_and_update() == NOT_LISTENING {
+            if *self.fence_arrived.borrow() == NOT_LISTENING {
+                // Waiting requests were released to the database.
                 continue;
             }
+            let c = match &mut conn {
+                Some(c) => c,
+                None => match fence_connection(&url).await {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "session memory: cannot connect to send fences");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
             let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-            // A fence carries no data: its commit need not wait for the disk. NOTIFY
-            // takes no parameters; the payload is a UUID and a number.
-            let sql = format!(
-                "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY {CHANNEL}, 'fence:{}:{n}'; COMMIT;",
-                self.instance
-            );
-            if let Err(e) = sqlx::raw_sql(&sql).execute(&pool).await {
+            // NOTIFY takes no parameters; the payload is a UUID and a number.
+            let sql = format!("NOTIFY {CHANNEL}, 'fence:{}:{n}'", self.instance);
+            if let Err(e) = c.execute(sql.as_str()).await {
                 tracing::warn!(error = %e, "session memory: fence not sent");
-                continue;
+                conn = None;
             }
-            // The next fence goes once this one is back (or late): requests arriving
-            // meanwhile share it.
-            let _ = tokio::time::timeout(FENCE_WAIT, arrived.wait_for(|a| *a >= n)).await;
         }
     }
+}
+
+/// The fence sender's connection. A fence carries no data: its commit need not wait
+/// for the disk.
+async fn fence_connection(url: &str) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect(url).await?;
+    conn.execute("SET synchronous_commit = off").await?;
+    Ok(conn)
 }
 
 #[cfg(test)]

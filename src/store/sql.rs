@@ -1,6 +1,7 @@
 //! [`Store`] over sqlx's `Any` driver: one set of queries for SQLite and PostgreSQL.
 //! Both schemas use only TEXT and 64-bit integers, so rows decode the same way.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +26,8 @@ pub struct SqlStore {
     /// anyway, and queueing for it here (in order, asynchronously) avoids its busy
     /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
     writer: AnyPool,
-    /// SQLite only: refresh rotations go through a group-commit batcher.
-    rotations: Option<mpsc::Sender<RotateJob>>,
+    /// Refresh rotations go through a group-commit batcher.
+    rotations: mpsc::Sender<RotateJob>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
@@ -324,12 +325,15 @@ impl SqlStore {
         }
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
-        let rotations = (backend == "sqlite").then(|| spawn_rotation_batcher(writer.clone()));
+        let rotations = spawn_rotation_batcher(writer.clone(), backend);
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
         let cache_tasks = match &cache {
             Some(c) => {
-                vec![tokio::spawn(c.clone().listen(url.to_owned())), tokio::spawn(c.clone().send_fences(pool.clone()))]
+                vec![
+                    tokio::spawn(c.clone().listen(url.to_owned())),
+                    tokio::spawn(c.clone().send_fences(url.to_owned())),
+                ]
             }
             None => Vec::new(),
         };
@@ -839,19 +843,9 @@ impl Store for SqlStore {
     }
 
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
-        if let Some(batcher) = &self.rotations {
-            let (reply, rx) = oneshot::channel();
-            batcher.send((r.clone(), reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
-            return Ok(rx.await.map_err(|_| sqlx::Error::PoolClosed)??);
-        }
-        let mut tx = self.begin().await?;
-        let out = rotate_in(&mut tx, r).await?;
-        if matches!(out, Rotation::Invalid) {
-            tx.rollback().await?;
-        } else {
-            tx.commit().await?;
-        }
-        Ok(out)
+        let (reply, rx) = oneshot::channel();
+        self.rotations.send((r.clone(), reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
+        Ok(rx.await.map_err(|_| sqlx::Error::PoolClosed)??)
     }
 
     async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>> {
@@ -1233,11 +1227,22 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
 
 type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
 
-/// Group commit of refresh rotations on SQLite: the single writer takes every rotation
-/// waiting at that moment (up to 64), runs each in a savepoint of one transaction, and
-/// answers them all after one durable commit. A rotation is never answered before its
-/// commit; one that fails is rolled back alone.
-fn spawn_rotation_batcher(writer: AnyPool) -> mpsc::Sender<RotateJob> {
+/// One rotation in its own transaction.
+async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Error> {
+    let mut tx = writer.begin().await?;
+    let out = rotate_in(&mut tx, r).await?;
+    if matches!(out, Rotation::Invalid) {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(out)
+}
+
+/// Group commit of refresh rotations: a task takes every rotation waiting at that
+/// moment (up to 64) and answers them all after one durable commit; while it runs, the
+/// next batch gathers. A rotation is never answered before its commit.
+fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -1248,10 +1253,91 @@ fn spawn_rotation_batcher(writer: AnyPool) -> mpsc::Sender<RotateJob> {
                     Err(_) => break,
                 }
             }
-            run_rotation_batch(&writer, jobs).await;
+            if backend == "postgres" {
+                run_pg_rotation_batch(&writer, jobs).await;
+            } else {
+                run_rotation_batch(&writer, jobs).await;
+            }
         }
     });
     tx
+}
+
+/// PostgreSQL: the batch's ordinary rotations (token current, session live, account
+/// active) in one statement, so one round trip and one commit for the lot. The others
+/// (grace, reuse, invalid), and all of them if the statement fails (a deadlock with
+/// another instance's batch, say), go through [`rotate_alone`], each in its own
+/// transaction, concurrently.
+async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
+    let mut rotated = match pg_rotate_batch(writer, &jobs).await {
+        Ok(rotated) => rotated,
+        Err(e) => {
+            tracing::warn!(error = %e, "rotation batch failed; rotating one by one");
+            HashMap::new()
+        }
+    };
+    for (i, (r, reply)) in jobs.into_iter().enumerate() {
+        match rotated.remove(&i) {
+            Some(out) => {
+                let _ = reply.send(Ok(out));
+            }
+            None => {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(rotate_alone(&writer, &r).await);
+                });
+            }
+        }
+    }
+}
+
+/// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
+/// [`rotate_in`]; a token presented twice in one batch is rotated once (PostgreSQL
+/// updates a row once per statement), and the other presentation gets the grace answer.
+async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap<usize, Rotation>, sqlx::Error> {
+    let input: Vec<serde_json::Value> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, (r, _))| {
+            serde_json::json!({"i": i, "old_hash": r.old_hash, "new_hash": r.new_hash,
+                               "sealed": r.sealed, "at": r.now, "ttl": r.ttl})
+        })
+        .collect();
+    let sql = format!(
+        "WITH j AS ( \
+           SELECT * FROM json_to_recordset($1::json) \
+             AS j(i BIGINT, old_hash TEXT, new_hash TEXT, sealed TEXT, at BIGINT, ttl BIGINT)), \
+         rotated AS ( \
+           UPDATE refresh_tokens t SET rotated_at = j.at, successor_sealed = j.sealed \
+           FROM j, sessions s, users u \
+           WHERE t.token_hash = j.old_hash AND t.rotated_at IS NULL AND t.expires_at > j.at \
+             AND s.id = t.session_id AND s.ended_at IS NULL AND s.expires_at > j.at \
+             AND u.id = s.user_id AND u.status = 'active' \
+           RETURNING j.i AS i, j.new_hash AS new_hash, j.at AS at, \
+             LEAST(j.at + j.ttl, s.expires_at) AS refresh_expires_at, {SESSION_COLS}, {USER_COLS}), \
+         inserted AS ( \
+           INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
+           SELECT new_hash, s_id, at, refresh_expires_at FROM rotated), \
+         touched AS ( \
+           UPDATE sessions s SET last_used_at = r.at FROM rotated r \
+           WHERE s.id = r.s_id AND r.at - s.last_used_at >= {LAST_USED_RESOLUTION}) \
+         SELECT * FROM rotated"
+    );
+    let rows = sqlx::query(&sql).bind(serde_json::Value::Array(input).to_string()).fetch_all(writer).await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let i: i64 = row.try_get("i")?;
+        let at: i64 = row.try_get("at")?;
+        let session = session_from(row)?;
+        let last_used_at = if at - session.last_used_at >= LAST_USED_RESOLUTION { at } else { session.last_used_at };
+        let rotation = Rotation::Rotated {
+            session: Session { last_used_at, ..session },
+            user: user_from(row)?,
+            refresh_expires_at: row.try_get("refresh_expires_at")?,
+        };
+        out.insert(usize::try_from(i).unwrap_or(usize::MAX), rotation);
+    }
+    Ok(out)
 }
 
 async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {

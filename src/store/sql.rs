@@ -1242,10 +1242,15 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 /// Group commit of refresh rotations: a task takes every rotation waiting at that
 /// moment (up to 64) and answers them all after one durable commit; while it runs, the
 /// next batch gathers. A rotation is never answered before its commit.
+///
+/// SQLite has one writer, so one batch at a time. PostgreSQL runs two at once: a batch
+/// gathers while the other waits for its commit.
 fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
+    let slots = Arc::new(tokio::sync::Semaphore::new(if backend == "postgres" { 2 } else { 1 }));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let mut jobs = vec![first];
             while jobs.len() < 64 {
                 match rx.try_recv() {
@@ -1253,11 +1258,15 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sende
                     Err(_) => break,
                 }
             }
-            if backend == "postgres" {
-                run_pg_rotation_batch(&writer, jobs).await;
-            } else {
-                run_rotation_batch(&writer, jobs).await;
-            }
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                if backend == "postgres" {
+                    run_pg_rotation_batch(&writer, jobs).await;
+                } else {
+                    run_rotation_batch(&writer, jobs).await;
+                }
+                drop(slot);
+            });
         }
     });
     tx
@@ -1304,17 +1313,25 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
         })
         .collect();
     let sql = format!(
+        // Token, then session, then user, each looked up by its key in a subquery the
+        // planner may neither flatten nor reorder (OFFSET 0, LATERAL), so the plan
+        // never depends on table statistics.
         "WITH j AS ( \
            SELECT * FROM json_to_recordset($1::json) \
              AS j(i BIGINT, old_hash TEXT, new_hash TEXT, sealed TEXT, at BIGINT, ttl BIGINT)), \
+         live AS MATERIALIZED ( \
+           SELECT j.i, j.old_hash, j.new_hash, j.sealed, j.at, \
+             LEAST(j.at + j.ttl, s.expires_at) AS refresh_expires_at, {SESSION_COLS}, {USER_COLS} \
+           FROM j \
+           CROSS JOIN LATERAL (SELECT session_id FROM refresh_tokens \
+             WHERE token_hash = j.old_hash AND rotated_at IS NULL AND expires_at > j.at OFFSET 0) t \
+           CROSS JOIN LATERAL (SELECT * FROM sessions \
+             WHERE id = t.session_id AND ended_at IS NULL AND expires_at > j.at OFFSET 0) s \
+           CROSS JOIN LATERAL (SELECT * FROM users WHERE id = s.user_id AND status = 'active' OFFSET 0) u), \
          rotated AS ( \
-           UPDATE refresh_tokens t SET rotated_at = j.at, successor_sealed = j.sealed \
-           FROM j, sessions s, users u \
-           WHERE t.token_hash = j.old_hash AND t.rotated_at IS NULL AND t.expires_at > j.at \
-             AND s.id = t.session_id AND s.ended_at IS NULL AND s.expires_at > j.at \
-             AND u.id = s.user_id AND u.status = 'active' \
-           RETURNING j.i AS i, j.new_hash AS new_hash, j.at AS at, \
-             LEAST(j.at + j.ttl, s.expires_at) AS refresh_expires_at, {SESSION_COLS}, {USER_COLS}), \
+           UPDATE refresh_tokens t SET rotated_at = live.at, successor_sealed = live.sealed \
+           FROM live WHERE t.token_hash = live.old_hash AND t.rotated_at IS NULL \
+           RETURNING live.*), \
          inserted AS ( \
            INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
            SELECT new_hash, s_id, at, refresh_expires_at FROM rotated), \

@@ -18,6 +18,7 @@ use crate::support::*;
 both_backends!(
     fifty_simultaneous_login_reservations_on_two_instances_allow_exactly_five,
     twenty_simultaneous_rotations_of_one_token_rotate_once_and_grace_the_rest,
+    simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer,
     ten_simultaneous_logins_with_a_device_limit_of_two_leave_exactly_two_live_sessions,
     thirty_simultaneous_hits_on_a_limit_of_ten_let_exactly_ten_through,
     two_instances_starting_on_a_fresh_database_agree_on_one_signing_key,
@@ -127,6 +128,65 @@ async fn twenty_simultaneous_rotations_of_one_token_rotate_once_and_grace_the_re
     }
     let (r, _) = rotate(winning_next, T0 + 102);
     assert!(matches!(stores[1].rotate_refresh(&r).await.unwrap(), Rotation::Rotated { .. }));
+}
+
+/// Rotations arriving together are committed in groups (one statement per group on
+/// PostgreSQL): each must still get the answer it would get alone.
+async fn simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer(b: Backend) {
+    let (db, stores) = two_instances(b).await;
+    let active = user(&*db.store, "mixed@example.test").await;
+    let leaving = user(&*db.store, "leaving@example.test").await;
+    let live: Vec<Opened> = futures::future::join_all((0..12).map(|_| login(&*db.store, active.id, T0))).await;
+    let ended = login(&*db.store, active.id, T0).await;
+    assert!(db.store.end_session(active.id, ended.id, "logout", T0 + 1).await.unwrap());
+    let suspended = login(&*db.store, leaving.id, T0).await;
+    let suspend =
+        gatehouse::store::UserPatch { status: Some(gatehouse::domain::user::Status::Suspended), ..Default::default() };
+    db.store.patch_user(leaving.id, &suspend, T0 + 1).await.unwrap().expect("user exists");
+    // Rotated before, within grace at T0 + 100: must come back as Grace, not Rotated.
+    let earlier = login(&*db.store, active.id, T0).await;
+    let (first, _) = rotate(&earlier.refresh, T0 + 90);
+    assert!(matches!(db.store.rotate_refresh(&first).await.unwrap(), Rotation::Rotated { .. }));
+
+    // 12 live tokens (the first presented twice), then unknown, ended, suspended, graced.
+    let mut presented: Vec<String> = live.iter().map(|s| s.refresh.clone()).collect();
+    presented.push(live[0].refresh.clone());
+    presented.extend(["never-issued".to_owned(), ended.refresh.clone(), suspended.refresh.clone(), earlier.refresh]);
+    let attempts: Vec<_> = presented.iter().map(|t| rotate(t, T0 + 100)).collect();
+    let results = race(attempts.len(), &stores, |i, store| {
+        let r = attempts[i].0.clone();
+        async move { store.rotate_refresh(&r).await.unwrap() }
+    })
+    .await;
+
+    for (i, s) in live.iter().enumerate().skip(1) {
+        match &results[i] {
+            Rotation::Rotated { session, user, refresh_expires_at } => {
+                assert_eq!(session.id, s.id);
+                assert_eq!(user.id, active.id);
+                assert_eq!(*refresh_expires_at, T0 + 100 + REFRESH_TTL);
+                assert_eq!(session.last_used_at, T0 + 100);
+            }
+            other => panic!("live token {i}: expected Rotated, got {other:?}"),
+        }
+    }
+    // The token presented twice: one rotation, one grace answer with the same successor.
+    let twice = [&results[0], &results[12]];
+    let rotated = twice.iter().filter(|r| matches!(r, Rotation::Rotated { .. })).count();
+    let graced = twice.iter().filter(|r| matches!(r, Rotation::Grace { .. })).count();
+    assert_eq!((rotated, graced), (1, 1), "{twice:?}");
+    for i in [13, 14, 15] {
+        assert!(matches!(results[i], Rotation::Invalid), "attempt {i}: {:?}", results[i]);
+    }
+    assert!(matches!(results[16], Rotation::Grace { .. }), "{:?}", results[16]);
+
+    // Every successor handed out rotates next; the session's last use was recorded.
+    for (i, s) in live.iter().enumerate().skip(1) {
+        let (r, _) = rotate(&attempts[i].1, T0 + 200);
+        assert!(matches!(db.store.rotate_refresh(&r).await.unwrap(), Rotation::Rotated { .. }), "chain {i}");
+        let (stored, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
+        assert_eq!(stored.last_used_at, T0 + 200);
+    }
 }
 
 async fn ten_simultaneous_logins_with_a_device_limit_of_two_leave_exactly_two_live_sessions(b: Backend) {

@@ -494,7 +494,8 @@ async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Duration) -> Sample {
         }
         Phase::Refresh => {
             // Each worker follows its own chain: the next token is the last answer's.
-            let chains: Vec<String> = login_tokens(&b[0], &ctx.emails, 2)
+            // 32 chains (8 users, 4 sessions each): the concurrency of the baseline.
+            let chains: Vec<String> = login_tokens(&b[0], &ctx.emails, 4)
                 .await
                 .iter()
                 .map(|t| t["refresh_token"].as_str().unwrap().to_owned())

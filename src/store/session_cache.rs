@@ -25,7 +25,7 @@
 //!   fence that does not come back in time sends the request to the database too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +40,12 @@ use crate::domain::user::User;
 /// The notification channel the triggers of migration 0003 use.
 pub const CHANNEL: &str = "gatehouse_cache";
 
+/// The payload of migration 0003's TRUNCATE triggers: forget everything.
+const FORGET_ALL: &str = "all";
+
+/// Fence timeouts in a row after which the listening connection is presumed dead.
+const MISSED_FENCES_LIMIT: u32 = 3;
+
 /// How long a request waits for its fence before reading the database instead.
 const FENCE_WAIT: Duration = Duration::from_millis(250);
 
@@ -50,14 +56,20 @@ const NOT_LISTENING: u64 = u64::MAX;
 pub struct SessionCache {
     state: Mutex<State>,
     capacity: usize,
-    /// Distinguishes this instance's fences from other instances'.
-    instance: Uuid,
+    /// This instance's own channel, for its fences only: other instances never see them
+    /// (PostgreSQL has one queue, so they stay in commit order with the triggers'
+    /// notifications on the same connection).
+    fence_channel: String,
     /// The number of the last fence sent; a request needs the one after.
     fence_sent: AtomicU64,
     /// The number of the last fence that came back ([`NOT_LISTENING`] when not listening).
     fence_arrived: watch::Sender<u64>,
     /// Wakes the fence sender when a request waits.
     fence_wanted: Notify,
+    /// Fences that did not come back in time, in a row.
+    fences_missed: AtomicU32,
+    /// Tells the listener to drop its connection and listen anew.
+    relisten: Notify,
 }
 
 #[derive(Default)]
@@ -76,10 +88,12 @@ impl SessionCache {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             capacity,
-            instance: Uuid::new_v4(),
+            fence_channel: format!("gatehouse_fence_{}", Uuid::new_v4().simple()),
             fence_sent: AtomicU64::new(0),
             fence_arrived: watch::Sender::new(NOT_LISTENING),
             fence_wanted: Notify::new(),
+            fences_missed: AtomicU32::new(0),
+            relisten: Notify::new(),
         })
     }
 
@@ -111,7 +125,18 @@ impl SessionCache {
         let needed = self.fence_sent.load(Ordering::SeqCst) + 1;
         self.fence_wanted.notify_one();
         let came = tokio::time::timeout(FENCE_WAIT, arrived.wait_for(|a| *a >= needed)).await;
-        matches!(came, Ok(Ok(a)) if *a != NOT_LISTENING)
+        let passed = matches!(came, Ok(Ok(ref a)) if **a != NOT_LISTENING);
+        if came.is_err() {
+            // A connection can die silently (a failover that drops packets): after a few
+            // fences lost in a row, listen anew rather than wait on every request.
+            if self.fences_missed.fetch_add(1, Ordering::Relaxed) + 1 >= MISSED_FENCES_LIMIT {
+                self.fences_missed.store(0, Ordering::Relaxed);
+                self.relisten.notify_one();
+            }
+        } else {
+            self.fences_missed.store(0, Ordering::Relaxed);
+        }
+        passed
     }
 
     /// The epoch to pass to [`put`] before reading the database; `None` when not listening.
@@ -127,7 +152,7 @@ impl SessionCache {
         if !state.listening || state.epoch != epoch {
             return;
         }
-        if state.sessions.len() >= self.capacity {
+        if state.sessions.len() >= self.capacity && !state.sessions.contains_key(&session.id) {
             // Full: start again rather than track recency on every hit.
             state.sessions.clear();
             state.by_user.clear();
@@ -138,9 +163,17 @@ impl SessionCache {
         }
     }
 
-    /// Handles one notification: a user id, or a fence.
-    fn notified(&self, payload: &str) {
-        if let Ok(uid) = Uuid::parse_str(payload) {
+    /// Handles one notification: on the shared channel a user id (or "forget all"), on
+    /// this instance's channel a fence.
+    fn notified(&self, channel: &str, payload: &str) {
+        if channel == self.fence_channel {
+            self.fence_arrived_n(payload);
+        } else if payload == FORGET_ALL {
+            let mut state = self.state();
+            state.epoch += 1;
+            state.sessions.clear();
+            state.by_user.clear();
+        } else if let Ok(uid) = Uuid::parse_str(payload) {
             let mut state = self.state();
             state.epoch += 1;
             if let Some(sids) = state.by_user.remove(&uid) {
@@ -148,36 +181,38 @@ impl SessionCache {
                     state.sessions.remove(&sid);
                 }
             }
-        } else if let Some(n) = self.own_fence(payload) {
-            self.fence_arrived.send_if_modified(|a| {
-                let newer = *a == NOT_LISTENING || *a < n;
-                if newer {
-                    *a = n;
-                }
-                newer
-            });
         }
     }
 
-    fn own_fence(&self, payload: &str) -> Option<u64> {
-        let rest = payload.strip_prefix("fence:")?;
-        let (instance, n) = rest.split_once(':')?;
-        (Uuid::parse_str(instance).ok()? == self.instance).then(|| n.parse().ok()).flatten()
+    /// A fence came back. Only a number already sent counts: anything else on the
+    /// channel (which only this instance's fences should use) is ignored.
+    fn fence_arrived_n(&self, payload: &str) {
+        let Ok(n) = payload.parse::<u64>() else { return };
+        if n == NOT_LISTENING || n > self.fence_sent.load(Ordering::SeqCst) {
+            return;
+        }
+        self.fence_arrived.send_if_modified(|a| {
+            let newer = *a != NOT_LISTENING && *a < n;
+            if newer {
+                *a = n;
+            }
+            newer
+        });
     }
 
     /// Forgets everything; uses the memory again only if `listening`.
     fn reset(&self, listening: bool) {
-        {
-            let mut state = self.state();
-            state.epoch += 1;
-            state.sessions.clear();
-            state.by_user.clear();
-            state.listening = listening;
-        }
+        let mut state = self.state();
+        state.epoch += 1;
+        state.sessions.clear();
+        state.by_user.clear();
+        state.listening = listening;
         // Not listening: waiting requests go to the database. Listening again: fences
-        // sent before are void, the next one counts.
+        // sent before are void, the next one counts. Published under the lock, so a
+        // request released by this value finds the memory as this reset left it.
         let arrived = if listening { self.fence_sent.load(Ordering::SeqCst) } else { NOT_LISTENING };
         self.fence_arrived.send_replace(arrived);
+        drop(state);
     }
 
     /// Waits up to `limit` for the listener to listen; whether it does.
@@ -208,11 +243,20 @@ impl SessionCache {
     async fn listen_once(&self, url: &str) -> Result<(), sqlx::Error> {
         let mut listener = PgListener::connect(url).await?;
         listener.eager_reconnect(false);
-        listener.listen(CHANNEL).await?;
+        listener.listen_all([CHANNEL, self.fence_channel.as_str()]).await?;
         // Listening from here on: what is read from now on will be reported if it changes.
         self.reset(true);
-        while let Some(n) = listener.try_recv().await? {
-            self.notified(n.payload());
+        loop {
+            tokio::select! {
+                n = listener.try_recv() => match n? {
+                    Some(n) => self.notified(n.channel(), n.payload()),
+                    None => break,
+                },
+                () = self.relisten.notified() => {
+                    tracing::warn!("session memory: fences are not coming back; listening anew");
+                    return Ok(());
+                }
+            }
         }
         tracing::warn!("session memory: connection lost; reading sessions from the database until it is back");
         Ok(())
@@ -232,21 +276,32 @@ impl SessionCache {
             }
             let c = match &mut conn {
                 Some(c) => c,
-                None => match fence_connection(&url).await {
-                    Ok(c) => conn.insert(c),
-                    Err(e) => {
+                None => match tokio::time::timeout(Duration::from_secs(5), fence_connection(&url)).await {
+                    Ok(Ok(c)) => conn.insert(c),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "session memory: cannot connect to send fences");
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!("session memory: no connection to send fences in time");
                         continue;
                     }
                 },
             };
             let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-            // NOTIFY takes no parameters; the payload is a UUID and a number.
-            let sql = format!("NOTIFY {CHANNEL}, 'fence:{}:{n}'", self.instance);
-            if let Err(e) = c.execute(sql.as_str()).await {
-                tracing::warn!(error = %e, "session memory: fence not sent");
-                conn = None;
+            // NOTIFY takes no parameters; the channel and payload are hex and digits.
+            let sql = format!("NOTIFY {}, '{n}'", self.fence_channel);
+            match tokio::time::timeout(FENCE_WAIT, c.execute(sql.as_str())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "session memory: fence not sent");
+                    conn = None;
+                }
+                Err(_) => {
+                    tracing::warn!("session memory: fence not sent in time; reconnecting");
+                    conn = None;
+                }
             }
         }
     }
@@ -297,7 +352,7 @@ mod tests {
     async fn answer_one_fence(cache: Arc<SessionCache>) {
         cache.fence_wanted.notified().await;
         let n = cache.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-        cache.notified(&format!("fence:{}:{n}", cache.instance));
+        cache.notified(&cache.fence_channel, &n.to_string());
     }
 
     #[tokio::test]
@@ -318,7 +373,7 @@ mod tests {
         let sid = s.id;
         cache.put(cache.epoch().expect("listening"), s, u);
         // A fence that came back before the request does not count.
-        cache.notified(&format!("fence:{}:0", cache.instance));
+        cache.notified(&cache.fence_channel, "0");
         let (got, ()) = tokio::join!(cache.get(sid), answer_one_fence(cache.clone()));
         assert_eq!(got.map(|(s, _)| s.id), Some(sid));
     }
@@ -330,8 +385,11 @@ mod tests {
         let (s, u) = entry(Uuid::new_v4());
         let sid = s.id;
         cache.put(cache.epoch().expect("listening"), s, u);
-        // Another instance's fence, or none at all, releases nothing.
-        cache.notified(&format!("fence:{}:1", Uuid::new_v4()));
+        // Another instance's fence, a number never sent (as someone else could send on
+        // this channel), or none at all, releases nothing.
+        cache.notified("gatehouse_fence_other", "1");
+        cache.notified(&cache.fence_channel, "1");
+        cache.notified(&cache.fence_channel, &u64::MAX.to_string());
         assert!(cache.get(sid).await.is_none());
     }
 
@@ -348,7 +406,7 @@ mod tests {
         cache.put(epoch, s1, u1);
         cache.put(epoch, other, other_user);
 
-        cache.notified(&uid.to_string());
+        cache.notified(CHANNEL, &uid.to_string());
         assert!(cache.get(sid1).await.is_none(), "the user's session is forgotten");
         let (kept, ()) = tokio::join!(cache.get(other_sid), answer_one_fence(cache.clone()));
         assert!(kept.is_some(), "other users' sessions are kept");
@@ -371,6 +429,17 @@ mod tests {
         let (got, ()) = tokio::join!(cache.get(sid), lose);
         assert!(got.is_none());
         assert!(started.elapsed() < FENCE_WAIT, "released at once, not by the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_truncation_forgets_everything() {
+        let cache = SessionCache::new(10);
+        cache.reset(true);
+        let (s, u) = entry(Uuid::new_v4());
+        let sid = s.id;
+        cache.put(cache.epoch().expect("listening"), s, u);
+        cache.notified(CHANNEL, FORGET_ALL);
+        assert!(cache.get(sid).await.is_none());
     }
 
     #[test]

@@ -1205,16 +1205,15 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
             Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }
         }
         (None, _) => Rotation::Invalid,
+        // This very rotation already done (a group statement that committed and then
+        // failed to answer, say): its own answer, never reuse.
+        (Some(_), Some(sealed)) if live && sealed == r.sealed => {
+            let refresh_expires_at = successor_expiry(conn, sid, refresh_expires_at).await?;
+            Rotation::Rotated { session, user, refresh_expires_at }
+        }
         (Some(at), Some(sealed)) if live && r.grace > 0 && r.now - at <= r.grace => {
-            let row = sqlx::query("SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL ORDER BY created_at DESC LIMIT 1")
-                .bind(sid.to_string())
-                .fetch_optional(&mut *conn)
-                .await?;
-            let exp = match row {
-                Some(row) => row.try_get("expires_at")?,
-                None => refresh_expires_at,
-            };
-            Rotation::Grace { sealed, session, user, refresh_expires_at: exp }
+            let refresh_expires_at = successor_expiry(conn, sid, refresh_expires_at).await?;
+            Rotation::Grace { sealed, session, user, refresh_expires_at }
         }
         (Some(_), _) if session.ended_at.is_none() => {
             end_sessions_by_id(conn, sid, "refresh_token_reused", r.now).await?;
@@ -1223,6 +1222,21 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
         (Some(_), _) => Rotation::Invalid,
     };
     Ok(out)
+}
+
+/// The expiry of the session's current refresh token (`default` if it has none).
+async fn successor_expiry(conn: &mut AnyConnection, sid: Uuid, default: UnixTime) -> Result<UnixTime, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND rotated_at IS NULL \
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(sid.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some(row) => row.try_get("expires_at")?,
+        None => default,
+    })
 }
 
 type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
@@ -1258,6 +1272,11 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sende
                     Err(_) => break,
                 }
             }
+            // A client that went away before its rotation started keeps its token.
+            jobs.retain(|(_, reply)| !reply.is_closed());
+            if jobs.is_empty() {
+                continue;
+            }
             let writer = writer.clone();
             tokio::spawn(async move {
                 if backend == "postgres" {
@@ -1274,17 +1293,26 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sende
 
 /// PostgreSQL: the batch's ordinary rotations (token current, session live, account
 /// active) in one statement, so one round trip and one commit for the lot. The others
-/// (grace, reuse, invalid), and all of them if the statement fails (a deadlock with
-/// another instance's batch, say), go through [`rotate_alone`], each in its own
-/// transaction, concurrently.
+/// (grace, reuse, invalid), and all of them if the statement fails otherwise than under
+/// load (a deadlock with another instance's batch, say), go through [`rotate_alone`],
+/// each in its own transaction, concurrently; the batch's slot is held until they are
+/// done. If the statement committed before failing, [`rotate_in`] recognises each job's
+/// own rotation. Under load (a pool timeout) every job gets the error, answered 503.
 async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
     let mut rotated = match pg_rotate_batch(writer, &jobs).await {
         Ok(rotated) => rotated,
+        Err(e) if is_transient_error(&e) => {
+            for (_, reply) in jobs {
+                let _ = reply.send(Err(sqlx::Error::PoolTimedOut));
+            }
+            return;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "rotation batch failed; rotating one by one");
             HashMap::new()
         }
     };
+    let mut alone = tokio::task::JoinSet::new();
     for (i, (r, reply)) in jobs.into_iter().enumerate() {
         match rotated.remove(&i) {
             Some(out) => {
@@ -1292,12 +1320,13 @@ async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
             }
             None => {
                 let writer = writer.clone();
-                tokio::spawn(async move {
+                alone.spawn(async move {
                     let _ = reply.send(rotate_alone(&writer, &r).await);
                 });
             }
         }
     }
+    while alone.join_next().await.is_some() {}
 }
 
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of

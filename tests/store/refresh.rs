@@ -16,6 +16,7 @@ both_backends!(
     tokens_of_ended_or_expired_sessions_are_invalid,
     tokens_of_users_no_longer_active_are_invalid,
     with_no_grace_window_presenting_a_rotated_token_again_is_reuse,
+    the_same_rotation_run_again_is_its_own_answer_not_reuse,
 );
 
 fn is_invalid(r: &Rotation) -> bool {
@@ -208,4 +209,29 @@ async fn with_no_grace_window_presenting_a_rotated_token_again_is_reuse(b: Backe
         other => panic!("expected Reused, got {other:?}"),
     }
     assert!(db.store.list_sessions(u.id, T0 + 100).await.unwrap().is_empty());
+}
+
+/// A rotation that committed but whose answer was lost (a group statement failing after
+/// its commit) is run again alone: it must come back as done, even with no grace window.
+async fn the_same_rotation_run_again_is_its_own_answer_not_reuse(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "again@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    let (mut r, next) = rotate(&s.refresh, T0 + 100);
+    r.grace = 0;
+    let first = db.store.rotate_refresh(&r).await.unwrap();
+    let Rotation::Rotated { refresh_expires_at: expires, .. } = first else {
+        panic!("expected Rotated, got {first:?}")
+    };
+    match db.store.rotate_refresh(&r).await.unwrap() {
+        Rotation::Rotated { session, refresh_expires_at, .. } => {
+            assert_eq!(session.id, s.id);
+            assert_eq!(refresh_expires_at, expires);
+        }
+        other => panic!("expected Rotated again, got {other:?}"),
+    }
+    // The session lives on and the successor works.
+    assert_eq!(db.store.list_sessions(u.id, T0 + 100).await.unwrap().len(), 1);
+    let (r2, _) = rotate(&next, T0 + 200);
+    assert!(matches!(db.store.rotate_refresh(&r2).await.unwrap(), Rotation::Rotated { .. }));
 }

@@ -1386,26 +1386,38 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
     Ok(out)
 }
 
+/// SQLite: one transaction for the batch. Its ordinary rotations (token current,
+/// session live, account active; each token once) take four statements for the lot
+/// (see [`sqlite_rotate_group`]),
+/// since every statement is a hand-off to sqlx's SQLite thread; the others (grace,
+/// reuse, invalid, a token presented twice) then run one by one, each in a savepoint,
+/// and see the group's rotations. One commit answers them all.
 async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
-    let mut results: Vec<Result<Rotation, sqlx::Error>> = Vec::with_capacity(jobs.len());
+    let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = writer.begin().await?;
-        for (r, _) in &jobs {
+        for (i, rotation) in sqlite_rotate_group(&mut tx, &jobs).await? {
+            results[i] = Some(Ok(rotation));
+        }
+        for (i, (r, _)) in jobs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
             match rotate_in(&mut sp, r).await {
                 Ok(Rotation::Invalid) => {
                     sp.rollback().await?;
-                    results.push(Ok(Rotation::Invalid));
+                    results[i] = Some(Ok(Rotation::Invalid));
                 }
                 Ok(out) => {
                     sp.commit().await?;
-                    results.push(Ok(out));
+                    results[i] = Some(Ok(out));
                 }
                 Err(e) => {
                     sp.rollback().await?;
                     // Under load (busy, timeouts) the rest would only wait the same way.
                     let transient = is_transient_error(&e);
-                    results.push(Err(e));
+                    results[i] = Some(Err(e));
                     if transient {
                         break;
                     }
@@ -1426,9 +1438,8 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
     };
     match committed {
         Ok(()) => {
-            let mut results = results.into_iter();
-            for (_, reply) in jobs {
-                let _ = reply.send(results.next().unwrap_or(Err(sqlx::Error::PoolTimedOut)));
+            for ((_, reply), result) in jobs.into_iter().zip(results) {
+                let _ = reply.send(result.unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
         }
         Err(e) => {
@@ -1437,6 +1448,78 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
             }
         }
     }
+}
+
+/// The ordinary rotations of a SQLite batch, in `tx`: (index in `jobs`, rotation).
+/// Mirrors the ordinary case of [`rotate_in`]. The transaction starts with the write
+/// (as every transaction here); a token presented twice is rotated once, and its
+/// winner is the job whose sealed successor was stored.
+async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usize, Rotation)>, sqlx::Error> {
+    let field = |f: &str| format!("json_extract(j.value, '$.{f}')");
+    let (i, old, new, sealed, at) = (field("i"), field("old_hash"), field("new_hash"), field("sealed"), field("at"));
+    let input: Vec<serde_json::Value> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, (r, _))| serde_json::json!({"i": i, "old_hash": r.old_hash, "sealed": r.sealed, "at": r.now}))
+        .collect();
+    let input = serde_json::Value::Array(input).to_string();
+    let rotated = sqlx::query(&format!(
+        "UPDATE refresh_tokens SET rotated_at = {at}, successor_sealed = {sealed} FROM json_each($1) j \
+         WHERE refresh_tokens.token_hash = {old} AND refresh_tokens.rotated_at IS NULL \
+           AND refresh_tokens.expires_at > {at} \
+           AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
+                       WHERE s.id = refresh_tokens.session_id AND s.ended_at IS NULL \
+                         AND s.expires_at > {at} AND u.status = 'active')"
+    ))
+    .bind(&input)
+    .execute(&mut **tx)
+    .await?;
+    if rotated.rows_affected() == 0 {
+        return Ok(Vec::new());
+    }
+    // `CROSS JOIN` fixes SQLite's loop order: each job, its token, session and user by key.
+    let rows = sqlx::query(&format!(
+        "SELECT {i} AS i, {SESSION_COLS}, {USER_COLS} \
+         FROM json_each($1) j CROSS JOIN refresh_tokens t CROSS JOIN sessions s CROSS JOIN users u \
+         WHERE t.token_hash = {old} AND t.successor_sealed = {sealed} AND t.rotated_at = {at} \
+           AND s.id = t.session_id AND u.id = s.user_id"
+    ))
+    .bind(&input)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut group = Vec::with_capacity(rows.len());
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let i: i64 = row.try_get("i")?;
+        let Some((idx, (r, _))) = usize::try_from(i).ok().and_then(|i| jobs.get(i).map(|j| (i, j))) else {
+            continue;
+        };
+        let session = session_from(row)?;
+        let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
+        let touch = r.now - session.last_used_at >= LAST_USED_RESOLUTION;
+        changes.push(serde_json::json!({
+            "new_hash": r.new_hash, "sid": session.id, "at": r.now, "expires_at": refresh_expires_at, "touch": touch,
+        }));
+        let last_used_at = if touch { r.now } else { session.last_used_at };
+        let rotation = Rotation::Rotated {
+            session: Session { last_used_at, ..session },
+            user: user_from(row)?,
+            refresh_expires_at,
+        };
+        group.push((idx, rotation));
+    }
+    let changes = serde_json::Value::Array(changes).to_string();
+    let (sid, exp, touch) = (field("sid"), field("expires_at"), field("touch"));
+    for sql in [
+        format!(
+            "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
+             SELECT {new}, {sid}, {at}, {exp} FROM json_each($1) j"
+        ),
+        format!("UPDATE sessions SET last_used_at = {at} FROM json_each($1) j WHERE sessions.id = {sid} AND {touch}"),
+    ] {
+        sqlx::query(&sql).bind(&changes).execute(&mut **tx).await?;
+    }
+    Ok(group)
 }
 
 /// Clears an email's count and every lock. The row is zeroed, not deleted, so that a

@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnection, PgListener};
-use sqlx::{Connection, Executor};
+use sqlx::postgres::PgListener;
+use sqlx::Executor;
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
@@ -64,7 +64,7 @@ pub struct SessionCache {
     fence_sent: AtomicU64,
     /// The number of the last fence that came back ([`NOT_LISTENING`] when not listening).
     fence_arrived: watch::Sender<u64>,
-    /// Wakes the fence sender when a request waits.
+    /// Wakes the listener to send a fence when a request waits.
     fence_wanted: Notify,
     /// Fences that did not come back in time, in a row.
     fences_missed: AtomicU32,
@@ -239,80 +239,45 @@ impl SessionCache {
         }
     }
 
-    /// One connection's life: returns when it is lost.
+    /// One connection's life: returns when it is lost (or presumed lost).
+    ///
+    /// The same connection sends the fences, whenever a request waits for one sent after
+    /// it arrived. PostgreSQL hands a session its own notifications at commit, after all
+    /// those committed before, so a fence needs one statement's round trip; whatever
+    /// arrives meanwhile is buffered in order and handled before the fence.
     async fn listen_once(&self, url: &str) -> Result<(), sqlx::Error> {
         let mut listener = PgListener::connect(url).await?;
         listener.eager_reconnect(false);
+        // A fence carries no data: its commit need not wait for the disk.
+        (&mut listener).execute("SET synchronous_commit = off").await?;
         listener.listen_all([CHANNEL, self.fence_channel.as_str()]).await?;
         // Listening from here on: what is read from now on will be reported if it changes.
         self.reset(true);
         loop {
             tokio::select! {
+                biased;
+                () = self.relisten.notified() => {
+                    tracing::warn!("session memory: fences are not coming back; listening anew");
+                    return Ok(());
+                }
                 n = listener.try_recv() => match n? {
                     Some(n) => self.notified(n.channel(), n.payload()),
                     None => break,
                 },
-                () = self.relisten.notified() => {
-                    tracing::warn!("session memory: fences are not coming back; listening anew");
-                    return Ok(());
+                () = self.fence_wanted.notified() => {
+                    let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
+                    // NOTIFY takes no parameters; the channel and payload are hex and digits.
+                    let sql = format!("NOTIFY {}, '{n}'", self.fence_channel);
+                    if tokio::time::timeout(FENCE_WAIT, (&mut listener).execute(sql.as_str())).await.is_err() {
+                        tracing::warn!("session memory: fence not sent in time; listening anew");
+                        return Ok(());
+                    }
                 }
             }
         }
         tracing::warn!("session memory: connection lost; reading sessions from the database until it is back");
         Ok(())
     }
-
-    /// Sends a fence whenever a request waits for one sent after it arrived, for as long
-    /// as the task runs. Sends go one after another on a connection of their own, each
-    /// as soon as the last one is sent (not back): the wait for a fence is about one
-    /// notification round trip.
-    pub async fn send_fences(self: Arc<Self>, url: String) {
-        let mut conn: Option<PgConnection> = None;
-        loop {
-            self.fence_wanted.notified().await;
-            if *self.fence_arrived.borrow() == NOT_LISTENING {
-                // Waiting requests were released to the database.
-                continue;
-            }
-            let c = match &mut conn {
-                Some(c) => c,
-                None => match tokio::time::timeout(Duration::from_secs(5), fence_connection(&url)).await {
-                    Ok(Ok(c)) => conn.insert(c),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "session memory: cannot connect to send fences");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::warn!("session memory: no connection to send fences in time");
-                        continue;
-                    }
-                },
-            };
-            let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-            // NOTIFY takes no parameters; the channel and payload are hex and digits.
-            let sql = format!("NOTIFY {}, '{n}'", self.fence_channel);
-            match tokio::time::timeout(FENCE_WAIT, c.execute(sql.as_str())).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "session memory: fence not sent");
-                    conn = None;
-                }
-                Err(_) => {
-                    tracing::warn!("session memory: fence not sent in time; reconnecting");
-                    conn = None;
-                }
-            }
-        }
-    }
-}
-
-/// The fence sender's connection. A fence carries no data: its commit need not wait
-/// for the disk.
-async fn fence_connection(url: &str) -> Result<PgConnection, sqlx::Error> {
-    let mut conn = PgConnection::connect(url).await?;
-    conn.execute("SET synchronous_commit = off").await?;
-    Ok(conn)
 }
 
 #[cfg(test)]
@@ -348,7 +313,7 @@ mod tests {
         (session, user)
     }
 
-    /// Plays the fence sender and the listener for one fence, without a database.
+    /// Plays the listener for one fence, without a database.
     async fn answer_one_fence(cache: Arc<SessionCache>) {
         cache.fence_wanted.notified().await;
         let n = cache.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;

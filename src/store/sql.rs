@@ -32,7 +32,7 @@ pub struct SqlStore {
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
     cache: Option<Arc<SessionCache>>,
-    /// The tasks that listen for those notifications and send fences; stopped with the store.
+    /// The task that listens for those notifications and sends fences; stopped with the store.
     cache_tasks: Vec<tokio::task::JoinHandle<()>>,
     backend: &'static str,
 }
@@ -328,15 +328,7 @@ impl SqlStore {
         let rotations = spawn_rotation_batcher(writer.clone(), backend);
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
-        let cache_tasks = match &cache {
-            Some(c) => {
-                vec![
-                    tokio::spawn(c.clone().listen(url.to_owned())),
-                    tokio::spawn(c.clone().send_fences(url.to_owned())),
-                ]
-            }
-            None => Vec::new(),
-        };
+        let cache_tasks: Vec<_> = cache.iter().map(|c| tokio::spawn(c.clone().listen(url.to_owned()))).collect();
         if let Some(cache) = &cache {
             // Start with the memory in use when the database allows; without it the
             // instance works the same, only reading every session from the database.

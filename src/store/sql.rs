@@ -28,6 +28,8 @@ pub struct SqlStore {
     writer: AnyPool,
     /// Refresh rotations go through a group-commit batcher.
     rotations: mpsc::Sender<RotateJob>,
+    /// Rotations done by a group statement (the rest went one by one).
+    grouped: Arc<std::sync::atomic::AtomicU64>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
@@ -325,7 +327,8 @@ impl SqlStore {
         }
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
-        let rotations = spawn_rotation_batcher(writer.clone(), backend);
+        let grouped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let rotations = spawn_rotation_batcher(writer.clone(), backend, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
         let cache_tasks: Vec<_> = cache.iter().map(|c| tokio::spawn(c.clone().listen(url.to_owned()))).collect();
@@ -336,11 +339,17 @@ impl SqlStore {
                 tracing::warn!("not listening for session changes yet: reading every session from the database");
             }
         }
-        Ok(Self { pool, writer, rotations, sqlite_reads, cache, cache_tasks, backend })
+        Ok(Self { pool, writer, rotations, grouped, sqlite_reads, cache, cache_tasks, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
         self.writer.begin().await
+    }
+
+    /// How many refresh rotations a group statement did since the store opened (the
+    /// others went one by one): lets tests see that grouping works, not only its fallback.
+    pub fn grouped_rotations(&self) -> u64 {
+        self.grouped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -1251,7 +1260,11 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 ///
 /// SQLite has one writer, so one batch at a time. PostgreSQL runs two at once: a batch
 /// gathers while the other waits for its commit.
-fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sender<RotateJob> {
+fn spawn_rotation_batcher(
+    writer: AnyPool,
+    backend: &'static str,
+    grouped: Arc<std::sync::atomic::AtomicU64>,
+) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
     let slots = Arc::new(tokio::sync::Semaphore::new(if backend == "postgres" { 2 } else { 1 }));
     tokio::spawn(async move {
@@ -1269,13 +1282,14 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sende
             if jobs.is_empty() {
                 continue;
             }
-            let writer = writer.clone();
+            let (writer, grouped) = (writer.clone(), grouped.clone());
             tokio::spawn(async move {
-                if backend == "postgres" {
-                    run_pg_rotation_batch(&writer, jobs).await;
+                let n = if backend == "postgres" {
+                    run_pg_rotation_batch(&writer, jobs).await
                 } else {
-                    run_rotation_batch(&writer, jobs).await;
-                }
+                    run_rotation_batch(&writer, jobs).await
+                };
+                grouped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 drop(slot);
             });
         }
@@ -1290,20 +1304,21 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str) -> mpsc::Sende
 /// each in its own transaction, concurrently; the batch's slot is held until they are
 /// done. If the statement committed before failing, [`rotate_in`] recognises each job's
 /// own rotation. Under load (a pool timeout) every job gets the error, answered 503.
-async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
+async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
     let mut rotated = match pg_rotate_batch(writer, &jobs).await {
         Ok(rotated) => rotated,
         Err(e) if is_transient_error(&e) => {
             for (_, reply) in jobs {
                 let _ = reply.send(Err(sqlx::Error::PoolTimedOut));
             }
-            return;
+            return 0;
         }
         Err(e) => {
             tracing::warn!(error = %e, "rotation batch failed; rotating one by one");
             HashMap::new()
         }
     };
+    let grouped = rotated.len() as u64;
     let mut alone = tokio::task::JoinSet::new();
     for (i, (r, reply)) in jobs.into_iter().enumerate() {
         match rotated.remove(&i) {
@@ -1319,6 +1334,7 @@ async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
         }
     }
     while alone.join_next().await.is_some() {}
+    grouped
 }
 
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
@@ -1384,12 +1400,14 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
 /// since every statement is a hand-off to sqlx's SQLite thread; the others (grace,
 /// reuse, invalid, a token presented twice) then run one by one, each in a savepoint,
 /// and see the group's rotations. One commit answers them all.
-async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
+async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
     let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
+    let mut grouped = 0;
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = writer.begin().await?;
         for (i, rotation) in sqlite_rotate_group(&mut tx, &jobs).await? {
             results[i] = Some(Ok(rotation));
+            grouped += 1;
         }
         for (i, (r, _)) in jobs.iter().enumerate() {
             if results[i].is_some() {
@@ -1433,11 +1451,13 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) {
             for ((_, reply), result) in jobs.into_iter().zip(results) {
                 let _ = reply.send(result.unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
+            grouped
         }
         Err(e) => {
             for (_, reply) in jobs {
                 let _ = reply.send(Err(failed(&e)));
             }
+            0
         }
     }
 }

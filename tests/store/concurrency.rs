@@ -133,7 +133,9 @@ async fn twenty_simultaneous_rotations_of_one_token_rotate_once_and_grace_the_re
 /// Rotations arriving together are committed in groups (one statement per group on
 /// PostgreSQL): each must still get the answer it would get alone.
 async fn simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer(b: Backend) {
-    let (db, stores) = two_instances(b).await;
+    let db = Db::new(b).await;
+    let sql = [open_sql(&db.url).await, open_sql(&db.url).await];
+    let stores: [Arc<dyn Store>; 2] = [sql[0].clone(), sql[1].clone()];
     let active = user(&*db.store, "mixed@example.test").await;
     let leaving = user(&*db.store, "leaving@example.test").await;
     let live: Vec<Opened> = futures::future::join_all((0..12).map(|_| login(&*db.store, active.id, T0))).await;
@@ -179,6 +181,8 @@ async fn simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer(b: Bac
         assert!(matches!(results[i], Rotation::Invalid), "attempt {i}: {:?}", results[i]);
     }
     assert!(matches!(results[16], Rotation::Grace { .. }), "{:?}", results[16]);
+    // The 12 tokens were rotated by group statements, not by the one-by-one fallback.
+    assert_eq!(sql[0].grouped_rotations() + sql[1].grouped_rotations(), 12);
 
     // Every successor handed out rotates next; the session's last use was recorded.
     for (i, s) in live.iter().enumerate().skip(1) {

@@ -20,6 +20,9 @@ pub const SESSION_TTL: i64 = 90 * 86_400;
 /// Refresh grace window used by the tests.
 pub const GRACE: i64 = 30;
 
+/// The store options of every test store.
+const OPTIONS: StoreOptions = StoreOptions { max_connections: 8, acquire_timeout_secs: 5, session_cache_entries: 1000 };
+
 /// A fresh database and a store on it.
 pub struct Db {
     pub url: String,
@@ -42,8 +45,12 @@ impl Db {
 }
 
 pub async fn open(url: &str) -> Arc<dyn Store> {
-    let options = StoreOptions { max_connections: 8, acquire_timeout_secs: 5, session_cache_entries: 1000 };
-    gatehouse::store::open(url, &options).await.expect("open store")
+    gatehouse::store::open(url, &OPTIONS).await.expect("open store")
+}
+
+/// The SQL store itself, for what only it tells (how rotations were grouped).
+pub async fn open_sql(url: &str) -> Arc<gatehouse::store::sql::SqlStore> {
+    Arc::new(gatehouse::store::sql::SqlStore::connect(url, &OPTIONS).await.expect("open store"))
 }
 
 /// A user to create with the given email, created at `T0`.

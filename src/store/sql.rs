@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ pub struct SqlStore {
     /// Refresh rotations go through a group-commit batcher.
     rotations: mpsc::Sender<RotateJob>,
     /// Rotations done by a group statement (the rest went one by one).
-    grouped: Arc<std::sync::atomic::AtomicU64>,
+    grouped: Arc<AtomicU64>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
@@ -327,7 +328,7 @@ impl SqlStore {
         }
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
-        let grouped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let grouped = Arc::new(AtomicU64::new(0));
         let rotations = spawn_rotation_batcher(writer.clone(), backend, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
@@ -349,7 +350,7 @@ impl SqlStore {
     /// How many refresh rotations a group statement did since the store opened (the
     /// others went one by one): lets tests see that grouping works, not only its fallback.
     pub fn grouped_rotations(&self) -> u64 {
-        self.grouped.load(std::sync::atomic::Ordering::Relaxed)
+        self.grouped.load(AtomicOrdering::Relaxed)
     }
 }
 
@@ -1260,11 +1261,7 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 ///
 /// SQLite has one writer, so one batch at a time. PostgreSQL runs two at once: a batch
 /// gathers while the other waits for its commit.
-fn spawn_rotation_batcher(
-    writer: AnyPool,
-    backend: &'static str,
-    grouped: Arc<std::sync::atomic::AtomicU64>,
-) -> mpsc::Sender<RotateJob> {
+fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str, grouped: Arc<AtomicU64>) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
     let slots = Arc::new(tokio::sync::Semaphore::new(if backend == "postgres" { 2 } else { 1 }));
     tokio::spawn(async move {
@@ -1284,12 +1281,11 @@ fn spawn_rotation_batcher(
             }
             let (writer, grouped) = (writer.clone(), grouped.clone());
             tokio::spawn(async move {
-                let n = if backend == "postgres" {
-                    run_pg_rotation_batch(&writer, jobs).await
+                if backend == "postgres" {
+                    run_pg_rotation_batch(&writer, jobs, &grouped).await;
                 } else {
-                    run_rotation_batch(&writer, jobs).await
-                };
-                grouped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    run_rotation_batch(&writer, jobs, &grouped).await;
+                }
                 drop(slot);
             });
         }
@@ -1304,21 +1300,22 @@ fn spawn_rotation_batcher(
 /// each in its own transaction, concurrently; the batch's slot is held until they are
 /// done. If the statement committed before failing, [`rotate_in`] recognises each job's
 /// own rotation. Under load (a pool timeout) every job gets the error, answered 503.
-async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
+async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
     let mut rotated = match pg_rotate_batch(writer, &jobs).await {
         Ok(rotated) => rotated,
         Err(e) if is_transient_error(&e) => {
             for (_, reply) in jobs {
                 let _ = reply.send(Err(sqlx::Error::PoolTimedOut));
             }
-            return 0;
+            return;
         }
         Err(e) => {
             tracing::warn!(error = %e, "rotation batch failed; rotating one by one");
             HashMap::new()
         }
     };
-    let grouped = rotated.len() as u64;
+    // Counted before anyone is answered, so that an answer implies the count.
+    grouped.fetch_add(rotated.len() as u64, AtomicOrdering::Relaxed);
     let mut alone = tokio::task::JoinSet::new();
     for (i, (r, reply)) in jobs.into_iter().enumerate() {
         match rotated.remove(&i) {
@@ -1334,7 +1331,6 @@ async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
         }
     }
     while alone.join_next().await.is_some() {}
-    grouped
 }
 
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
@@ -1400,14 +1396,14 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
 /// since every statement is a hand-off to sqlx's SQLite thread; the others (grace,
 /// reuse, invalid, a token presented twice) then run one by one, each in a savepoint,
 /// and see the group's rotations. One commit answers them all.
-async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
+async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
     let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
-    let mut grouped = 0;
+    let mut in_group = 0;
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = writer.begin().await?;
         for (i, rotation) in sqlite_rotate_group(&mut tx, &jobs).await? {
             results[i] = Some(Ok(rotation));
-            grouped += 1;
+            in_group += 1;
         }
         for (i, (r, _)) in jobs.iter().enumerate() {
             if results[i].is_some() {
@@ -1448,16 +1444,16 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>) -> u64 {
     };
     match committed {
         Ok(()) => {
+            // Counted before anyone is answered, so that an answer implies the count.
+            grouped.fetch_add(in_group, AtomicOrdering::Relaxed);
             for ((_, reply), result) in jobs.into_iter().zip(results) {
                 let _ = reply.send(result.unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
-            grouped
         }
         Err(e) => {
             for (_, reply) in jobs {
                 let _ = reply.send(Err(failed(&e)));
             }
-            0
         }
     }
 }

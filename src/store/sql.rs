@@ -36,7 +36,7 @@ pub struct SqlStore {
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
     cache: Option<Arc<SessionCache>>,
     /// The task that listens for those notifications and sends fences; stopped with the store.
-    cache_tasks: Vec<tokio::task::JoinHandle<()>>,
+    _listener: Option<AbortOnDrop>,
     backend: &'static str,
 }
 
@@ -332,7 +332,8 @@ impl SqlStore {
         let rotations = spawn_rotation_batcher(writer.clone(), backend, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
-        let cache_tasks: Vec<_> = cache.iter().map(|c| tokio::spawn(c.clone().listen(url.to_owned()))).collect();
+        // Held from here on, so that it stops even if this function is cancelled.
+        let listener = cache.as_ref().map(|c| AbortOnDrop(tokio::spawn(c.clone().listen(url.to_owned()))));
         if let Some(cache) = &cache {
             // Start with the memory in use when the database allows; without it the
             // instance works the same, only reading every session from the database.
@@ -340,7 +341,7 @@ impl SqlStore {
                 tracing::warn!("not listening for session changes yet: reading every session from the database");
             }
         }
-        Ok(Self { pool, writer, rotations, grouped, sqlite_reads, cache, cache_tasks, backend })
+        Ok(Self { pool, writer, rotations, grouped, sqlite_reads, cache, _listener: listener, backend })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
@@ -354,11 +355,12 @@ impl SqlStore {
     }
 }
 
-impl Drop for SqlStore {
+/// A task that stops when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for task in &self.cache_tasks {
-            task.abort();
-        }
+        self.0.abort();
     }
 }
 

@@ -49,6 +49,9 @@ const MISSED_FENCES_LIMIT: u32 = 3;
 /// How long a request waits for its fence before reading the database instead.
 const FENCE_WAIT: Duration = Duration::from_millis(250);
 
+/// How long sending one fence may take before the connection is presumed dead.
+const FENCE_SEND_LIMIT: Duration = Duration::from_secs(5);
+
 /// "Listening stopped": releases every request waiting for a fence.
 const NOT_LISTENING: u64 = u64::MAX;
 
@@ -253,6 +256,8 @@ impl SessionCache {
         listener.listen_all([CHANNEL, self.fence_channel.as_str()]).await?;
         // Listening from here on: what is read from now on will be reported if it changes.
         self.reset(true);
+        // A request to listen anew made before this connection is void (polled once).
+        let _ = tokio::time::timeout(Duration::ZERO, self.relisten.notified()).await;
         loop {
             tokio::select! {
                 biased;
@@ -268,9 +273,16 @@ impl SessionCache {
                     let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
                     // NOTIFY takes no parameters; the channel and payload are hex and digits.
                     let sql = format!("NOTIFY {}, '{n}'", self.fence_channel);
-                    if tokio::time::timeout(FENCE_WAIT, (&mut listener).execute(sql.as_str())).await.is_err() {
-                        tracing::warn!("session memory: fence not sent in time; listening anew");
-                        return Ok(());
+                    // A slow fence only delays the requests waiting for it (they read the
+                    // database after FENCE_WAIT); fences that keep failing to come back
+                    // make `barrier` ask for a new connection.
+                    match tokio::time::timeout(FENCE_SEND_LIMIT, (&mut listener).execute(sql.as_str())).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            tracing::warn!("session memory: a fence took too long to send; listening anew");
+                            return Ok(());
+                        }
                     }
                 }
             }

@@ -1403,9 +1403,21 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &At
     let mut in_group = 0;
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = writer.begin().await?;
-        for (i, rotation) in sqlite_rotate_group(&mut tx, &jobs).await? {
-            results[i] = Some(Ok(rotation));
-            in_group += 1;
+        match sqlite_rotate_group(&mut tx, &jobs).await {
+            Ok(group) => {
+                for (i, rotation) in group {
+                    results[i] = Some(Ok(rotation));
+                    in_group += 1;
+                }
+            }
+            // Under load the rest would only wait the same way.
+            Err(e) if is_transient_error(&e) => return Err(e),
+            // Otherwise the batch goes one by one, each job alone in its savepoint.
+            Err(e) => {
+                tracing::warn!(error = %e, "rotation group failed; rotating one by one");
+                tx.rollback().await?;
+                tx = writer.begin().await?;
+            }
         }
         for (i, (r, _)) in jobs.iter().enumerate() {
             if results[i].is_some() {
@@ -1462,53 +1474,60 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &At
 
 /// The ordinary rotations of a SQLite batch, in `tx`: (index in `jobs`, rotation).
 /// Mirrors the ordinary case of [`rotate_in`]. The transaction starts with the write
-/// (as every transaction here); a token presented twice is rotated once, and its
-/// winner is the job whose sealed successor was stored.
+/// (as every transaction here), whose RETURNING names the tokens it rotated. A token
+/// presented twice in the batch is left out after its first presentation, so the
+/// first rotates and the others run alone afterwards (grace), as in arrival order.
 async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usize, Rotation)>, sqlx::Error> {
     let field = |f: &str| format!("json_extract(j.value, '$.{f}')");
-    let (i, old, new, sealed, at) = (field("i"), field("old_hash"), field("new_hash"), field("sealed"), field("at"));
-    let input: Vec<serde_json::Value> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, (r, _))| serde_json::json!({"i": i, "old_hash": r.old_hash, "sealed": r.sealed, "at": r.now}))
-        .collect();
-    let input = serde_json::Value::Array(input).to_string();
+    let (old, new, sealed, at) = (field("old_hash"), field("new_hash"), field("sealed"), field("at"));
+    let mut by_token: HashMap<&str, usize> = HashMap::with_capacity(jobs.len());
+    let mut input = Vec::with_capacity(jobs.len());
+    for (i, (r, _)) in jobs.iter().enumerate() {
+        if let std::collections::hash_map::Entry::Vacant(first) = by_token.entry(r.old_hash.as_str()) {
+            first.insert(i);
+            input.push(serde_json::json!({"old_hash": r.old_hash, "sealed": r.sealed, "at": r.now}));
+        }
+    }
     let rotated = sqlx::query(&format!(
         "UPDATE refresh_tokens SET rotated_at = {at}, successor_sealed = {sealed} FROM json_each($1) j \
          WHERE refresh_tokens.token_hash = {old} AND refresh_tokens.rotated_at IS NULL \
            AND refresh_tokens.expires_at > {at} \
            AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
                        WHERE s.id = refresh_tokens.session_id AND s.ended_at IS NULL \
-                         AND s.expires_at > {at} AND u.status = 'active')"
+                         AND s.expires_at > {at} AND u.status = 'active') \
+         RETURNING token_hash"
     ))
-    .bind(&input)
-    .execute(&mut **tx)
+    .bind(serde_json::Value::Array(input).to_string())
+    .fetch_all(&mut **tx)
     .await?;
-    if rotated.rows_affected() == 0 {
+    if rotated.is_empty() {
         return Ok(Vec::new());
     }
-    // `CROSS JOIN` fixes SQLite's loop order: each job, its token, session and user by key.
+    let winners: Vec<serde_json::Value> = rotated
+        .iter()
+        .map(|row| row.try_get::<String, _>("token_hash").map(|t| serde_json::json!({"old_hash": t})))
+        .collect::<Result<_, _>>()?;
+    // `CROSS JOIN` fixes SQLite's loop order: each token, its session and user by key.
     let rows = sqlx::query(&format!(
-        "SELECT {i} AS i, {SESSION_COLS}, {USER_COLS} \
+        "SELECT t.token_hash AS token_hash, {SESSION_COLS}, {USER_COLS} \
          FROM json_each($1) j CROSS JOIN refresh_tokens t CROSS JOIN sessions s CROSS JOIN users u \
-         WHERE t.token_hash = {old} AND t.successor_sealed = {sealed} AND t.rotated_at = {at} \
-           AND s.id = t.session_id AND u.id = s.user_id"
+         WHERE t.token_hash = {old} AND s.id = t.session_id AND u.id = s.user_id"
     ))
-    .bind(&input)
+    .bind(serde_json::Value::Array(winners).to_string())
     .fetch_all(&mut **tx)
     .await?;
     let mut group = Vec::with_capacity(rows.len());
     let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
-        let i: i64 = row.try_get("i")?;
-        let Some((idx, (r, _))) = usize::try_from(i).ok().and_then(|i| jobs.get(i).map(|j| (i, j))) else {
-            continue;
-        };
+        let token: String = row.try_get("token_hash")?;
+        let Some(&idx) = by_token.get(token.as_str()) else { continue };
+        let r = &jobs[idx].0;
         let session = session_from(row)?;
         let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
         let touch = r.now - session.last_used_at >= LAST_USED_RESOLUTION;
         changes.push(serde_json::json!({
-            "new_hash": r.new_hash, "sid": session.id, "at": r.now, "expires_at": refresh_expires_at, "touch": touch,
+            "old_hash": r.old_hash, "new_hash": r.new_hash, "at": r.now, "expires_at": refresh_expires_at,
+            "touch": touch,
         }));
         let last_used_at = if touch { r.now } else { session.last_used_at };
         let rotation = Rotation::Rotated {
@@ -1519,13 +1538,18 @@ async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usi
         group.push((idx, rotation));
     }
     let changes = serde_json::Value::Array(changes).to_string();
-    let (sid, exp, touch) = (field("sid"), field("expires_at"), field("touch"));
+    let (exp, touch) = (field("expires_at"), field("touch"));
+    // The session ids come from the rotated rows themselves.
     for sql in [
         format!(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
-             SELECT {new}, {sid}, {at}, {exp} FROM json_each($1) j"
+             SELECT {new}, t.session_id, {at}, {exp} FROM json_each($1) j CROSS JOIN refresh_tokens t \
+             WHERE t.token_hash = {old}"
         ),
-        format!("UPDATE sessions SET last_used_at = {at} FROM json_each($1) j WHERE sessions.id = {sid} AND {touch}"),
+        format!(
+            "UPDATE sessions SET last_used_at = {at} FROM json_each($1) j CROSS JOIN refresh_tokens t \
+             WHERE t.token_hash = {old} AND sessions.id = t.session_id AND {touch}"
+        ),
     ] {
         sqlx::query(&sql).bind(&changes).execute(&mut **tx).await?;
     }

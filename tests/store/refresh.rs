@@ -17,6 +17,7 @@ both_backends!(
     tokens_of_users_no_longer_active_are_invalid,
     with_no_grace_window_presenting_a_rotated_token_again_is_reuse,
     the_same_rotation_run_again_is_its_own_answer_not_reuse,
+    a_rotation_run_again_among_others_spoils_none_of_them,
 );
 
 fn is_invalid(r: &Rotation) -> bool {
@@ -234,4 +235,25 @@ async fn the_same_rotation_run_again_is_its_own_answer_not_reuse(b: Backend) {
     assert_eq!(db.store.list_sessions(u.id, T0 + 100).await.unwrap().len(), 1);
     let (r2, _) = rotate(&next, T0 + 200);
     assert!(matches!(db.store.rotate_refresh(&r2).await.unwrap(), Rotation::Rotated { .. }));
+}
+
+/// The same, arriving together with ordinary rotations (so, most likely, in one group).
+async fn a_rotation_run_again_among_others_spoils_none_of_them(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "again-many@example.test").await;
+    for round in 0..5 {
+        let s = login(&*db.store, u.id, T0).await;
+        let others: Vec<Opened> = futures::future::join_all((0..10).map(|_| login(&*db.store, u.id, T0))).await;
+        let (again, _) = rotate(&s.refresh, T0 + 100);
+        assert!(matches!(db.store.rotate_refresh(&again).await.unwrap(), Rotation::Rotated { .. }));
+        let attempts: Vec<_> =
+            std::iter::once(again).chain(others.iter().map(|o| rotate(&o.refresh, T0 + 100).0)).collect();
+        let results = futures::future::join_all(attempts.iter().map(|r| db.store.rotate_refresh(r))).await;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Rotation::Rotated { .. }) => {}
+                other => panic!("round {round}, attempt {i}: expected Rotated, got {other:?}"),
+            }
+        }
+    }
 }

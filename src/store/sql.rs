@@ -1526,8 +1526,8 @@ async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usi
         let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
         let touch = r.now - session.last_used_at >= LAST_USED_RESOLUTION;
         changes.push(serde_json::json!({
-            "old_hash": r.old_hash, "new_hash": r.new_hash, "at": r.now, "expires_at": refresh_expires_at,
-            "touch": touch,
+            "old_hash": r.old_hash, "new_hash": r.new_hash, "sid": session.id, "at": r.now,
+            "expires_at": refresh_expires_at, "touch": touch,
         }));
         let last_used_at = if touch { r.now } else { session.last_used_at };
         let rotation = Rotation::Rotated {
@@ -1538,18 +1538,16 @@ async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usi
         group.push((idx, rotation));
     }
     let changes = serde_json::Value::Array(changes).to_string();
-    let (exp, touch) = (field("expires_at"), field("touch"));
-    // The session ids come from the rotated rows themselves.
+    let (sid, exp, touch) = (field("sid"), field("expires_at"), field("touch"));
+    // The successor's session id comes from the rotated row itself. The sessions update
+    // is driven by the list (by key): SQLite would otherwise scan `sessions`.
     for sql in [
         format!(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
              SELECT {new}, t.session_id, {at}, {exp} FROM json_each($1) j CROSS JOIN refresh_tokens t \
              WHERE t.token_hash = {old}"
         ),
-        format!(
-            "UPDATE sessions SET last_used_at = {at} FROM json_each($1) j CROSS JOIN refresh_tokens t \
-             WHERE t.token_hash = {old} AND sessions.id = t.session_id AND {touch}"
-        ),
+        format!("UPDATE sessions SET last_used_at = {at} FROM json_each($1) j WHERE sessions.id = {sid} AND {touch}"),
     ] {
         sqlx::query(&sql).bind(&changes).execute(&mut **tx).await?;
     }

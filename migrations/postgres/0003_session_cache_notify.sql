@@ -6,28 +6,22 @@
 -- path (nor an operator's SQL) is missed. SQL run with triggers disabled
 -- (session_replication_role = replica, ALTER TABLE ... DISABLE TRIGGER, a restore with
 -- --disable-triggers) is not seen: restart the instances after it.
+-- The argument names the column that holds the user's id (users.id, sessions.user_id).
 CREATE FUNCTION gatehouse_notify_user() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('gatehouse_cache', OLD.id);
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION gatehouse_notify_session_user() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('gatehouse_cache', OLD.user_id);
+    PERFORM pg_notify('gatehouse_cache', to_jsonb(OLD) ->> TG_ARGV[0]);
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER users_changed AFTER UPDATE ON users
-    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_user();
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_user('id');
 CREATE TRIGGER users_deleted AFTER DELETE ON users
-    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_user();
+    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_user('id');
 CREATE TRIGGER sessions_changed AFTER UPDATE ON sessions
-    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_session_user();
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION gatehouse_notify_user('user_id');
 CREATE TRIGGER sessions_deleted AFTER DELETE ON sessions
-    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_session_user();
+    FOR EACH ROW EXECUTE FUNCTION gatehouse_notify_user('user_id');
 
 CREATE FUNCTION gatehouse_notify_all() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -1195,18 +1195,15 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
             .bind(refresh_expires_at)
             .execute(&mut *conn)
             .await?;
-            // `last_used_at` is kept to the minute: a statement saved on most refreshes.
-            let last_used_at = if r.now - session.last_used_at >= LAST_USED_RESOLUTION {
+            let (out, touch) = rotated_answer(session, user, r.now, refresh_expires_at);
+            if touch {
                 sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
                     .bind(r.now)
                     .bind(sid.to_string())
                     .execute(&mut *conn)
                     .await?;
-                r.now
-            } else {
-                session.last_used_at
-            };
-            Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }
+            }
+            out
         }
         (None, _) => Rotation::Invalid,
         // This very rotation already done (a group statement that committed and then
@@ -1226,6 +1223,14 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
         (Some(_), _) => Rotation::Invalid,
     };
     Ok(out)
+}
+
+/// The answer to an ordinary rotation at `now`, and whether the session's `last_used_at`
+/// is to be written: it is kept to the minute (a statement saved on most refreshes).
+fn rotated_answer(session: Session, user: User, now: UnixTime, refresh_expires_at: UnixTime) -> (Rotation, bool) {
+    let touch = now - session.last_used_at >= LAST_USED_RESOLUTION;
+    let last_used_at = if touch { now } else { session.last_used_at };
+    (Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }, touch)
 }
 
 /// The expiry of the session's current refresh token (`default` if it has none).
@@ -1379,23 +1384,18 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
     let mut out = HashMap::with_capacity(rows.len());
     for row in &rows {
         let i: i64 = row.try_get("i")?;
-        let at: i64 = row.try_get("at")?;
-        let session = session_from(row)?;
-        let last_used_at = if at - session.last_used_at >= LAST_USED_RESOLUTION { at } else { session.last_used_at };
-        let rotation = Rotation::Rotated {
-            session: Session { last_used_at, ..session },
-            user: user_from(row)?,
-            refresh_expires_at: row.try_get("refresh_expires_at")?,
-        };
+        let rotation =
+            rotated_answer(session_from(row)?, user_from(row)?, row.try_get("at")?, row.try_get("refresh_expires_at")?)
+                .0;
         out.insert(usize::try_from(i).unwrap_or(usize::MAX), rotation);
     }
     Ok(out)
 }
 
 /// SQLite: one transaction for the batch. Its ordinary rotations (token current,
-/// session live, account active; each token once) take four statements for the lot
-/// (see [`sqlite_rotate_group`]),
-/// since every statement is a hand-off to sqlx's SQLite thread; the others (grace,
+/// session live, account active; each token once) take four statements for the lot (see
+/// [`sqlite_rotate_group`]), since every statement is a hand-off to sqlx's SQLite
+/// thread; the others (grace,
 /// reuse, invalid, a token presented twice) then run one by one, each in a savepoint,
 /// and see the group's rotations. One commit answers them all.
 async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
@@ -1523,29 +1523,20 @@ async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usi
         let Some(&idx) = by_token.get(token.as_str()) else { continue };
         let r = &jobs[idx].0;
         let session = session_from(row)?;
-        let refresh_expires_at = (r.now + r.ttl).min(session.expires_at);
-        let touch = r.now - session.last_used_at >= LAST_USED_RESOLUTION;
+        let (sid, refresh_expires_at) = (session.id, (r.now + r.ttl).min(session.expires_at));
+        let (rotation, touch) = rotated_answer(session, user_from(row)?, r.now, refresh_expires_at);
         changes.push(serde_json::json!({
-            "old_hash": r.old_hash, "new_hash": r.new_hash, "sid": session.id, "at": r.now,
-            "expires_at": refresh_expires_at, "touch": touch,
+            "new_hash": r.new_hash, "sid": sid, "at": r.now, "expires_at": refresh_expires_at, "touch": touch,
         }));
-        let last_used_at = if touch { r.now } else { session.last_used_at };
-        let rotation = Rotation::Rotated {
-            session: Session { last_used_at, ..session },
-            user: user_from(row)?,
-            refresh_expires_at,
-        };
         group.push((idx, rotation));
     }
     let changes = serde_json::Value::Array(changes).to_string();
     let (sid, exp, touch) = (field("sid"), field("expires_at"), field("touch"));
-    // The successor's session id comes from the rotated row itself. The sessions update
-    // is driven by the list (by key): SQLite would otherwise scan `sessions`.
+    // Both driven by the list, each row by key.
     for sql in [
         format!(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
-             SELECT {new}, t.session_id, {at}, {exp} FROM json_each($1) j CROSS JOIN refresh_tokens t \
-             WHERE t.token_hash = {old}"
+             SELECT {new}, {sid}, {at}, {exp} FROM json_each($1) j"
         ),
         format!("UPDATE sessions SET last_used_at = {at} FROM json_each($1) j WHERE sessions.id = {sid} AND {touch}"),
     ] {

@@ -10,6 +10,7 @@
 mod session_cache;
 pub mod sql;
 mod sqlite_reads;
+mod sqlite_rotations;
 
 use async_trait::async_trait;
 use uuid::Uuid;

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::session_cache::SessionCache;
+use super::sqlite_rotations::{Outcome, SqliteRotator};
 use super::*;
 use crate::domain::lockout::Lock;
 
@@ -46,9 +47,9 @@ impl std::fmt::Debug for SqlStore {
     }
 }
 
-const USER_COLS: &str = "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
+pub(super) const USER_COLS: &str = "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
     u.created_at, u.updated_at, u.last_login_at, u.last_login_geo, u.metadata";
-const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
+pub(super) const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
     s.last_used_at AS s_last_used_at, s.expires_at AS s_expires_at, s.ip AS s_ip, \
     s.user_agent AS s_user_agent, s.ended_at AS s_ended_at";
 const KEY_COLS: &str = "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
@@ -287,6 +288,9 @@ impl SqlStore {
             AnyPoolOptions::new()
                 .max_connections(max)
                 .min_connections(u32::from(backend == "sqlite"))
+                // A SQLite connection is a file, not a socket: nothing to test, and the
+                // test is a hand-off to sqlx's worker thread and back.
+                .test_before_acquire(backend != "sqlite")
                 .acquire_timeout(Duration::from_secs(acquire_timeout_secs.into()))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
@@ -329,7 +333,14 @@ impl SqlStore {
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
         let grouped = Arc::new(AtomicU64::new(0));
-        let rotations = spawn_rotation_batcher(writer.clone(), backend, grouped.clone());
+        let rotator = match sqlite_path(url) {
+            Some(path) if backend == "sqlite" => Some(
+                SqliteRotator::open(&path, grouped.clone())
+                    .map_err(|e| anyhow::anyhow!("cannot open the sqlite database for rotations: {e}"))?,
+            ),
+            _ => None,
+        };
+        let rotations = spawn_rotation_batcher(writer.clone(), backend, rotator, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
         // Held from here on, so that it stops even if this function is cancelled.
@@ -1227,7 +1238,12 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
 
 /// The answer to an ordinary rotation at `now`, and whether the session's `last_used_at`
 /// is to be written: it is kept to the minute (a statement saved on most refreshes).
-fn rotated_answer(session: Session, user: User, now: UnixTime, refresh_expires_at: UnixTime) -> (Rotation, bool) {
+pub(super) fn rotated_answer(
+    session: Session,
+    user: User,
+    now: UnixTime,
+    refresh_expires_at: UnixTime,
+) -> (Rotation, bool) {
     let touch = now - session.last_used_at >= LAST_USED_RESOLUTION;
     let last_used_at = if touch { now } else { session.last_used_at };
     (Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }, touch)
@@ -1248,7 +1264,7 @@ async fn successor_expiry(conn: &mut AnyConnection, sid: Uuid, default: UnixTime
     })
 }
 
-type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
+pub(super) type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
 
 /// One rotation in its own transaction.
 async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Error> {
@@ -1268,7 +1284,12 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 ///
 /// SQLite has one writer, so one batch at a time. PostgreSQL runs two at once: a batch
 /// gathers while the other waits for its commit.
-fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str, grouped: Arc<AtomicU64>) -> mpsc::Sender<RotateJob> {
+fn spawn_rotation_batcher(
+    writer: AnyPool,
+    backend: &'static str,
+    rotator: Option<SqliteRotator>,
+    grouped: Arc<AtomicU64>,
+) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
     let slots = Arc::new(tokio::sync::Semaphore::new(if backend == "postgres" { 2 } else { 1 }));
     tokio::spawn(async move {
@@ -1286,15 +1307,17 @@ fn spawn_rotation_batcher(writer: AnyPool, backend: &'static str, grouped: Arc<A
             if jobs.is_empty() {
                 continue;
             }
-            let (writer, grouped) = (writer.clone(), grouped.clone());
-            tokio::spawn(async move {
-                if backend == "postgres" {
+            if backend == "postgres" {
+                let (writer, grouped) = (writer.clone(), grouped.clone());
+                tokio::spawn(async move {
                     run_pg_rotation_batch(&writer, jobs, &grouped).await;
-                } else {
-                    run_rotation_batch(&writer, jobs, &grouped).await;
-                }
+                    drop(slot);
+                });
+            } else {
+                // One batch at a time: run it here rather than hand it to another task.
+                run_sqlite_rotation_batch(&writer, rotator.as_ref(), jobs).await;
                 drop(slot);
-            });
+            }
         }
     });
     tx
@@ -1392,37 +1415,53 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
     Ok(out)
 }
 
-/// SQLite: one transaction for the batch. Its ordinary rotations (token current,
-/// session live, account active; each token once) take four statements for the lot (see
-/// [`sqlite_rotate_group`]), since every statement is a hand-off to sqlx's SQLite
-/// thread; the others (grace,
-/// reuse, invalid, a token presented twice) then run one by one, each in a savepoint,
-/// and see the group's rotations. One commit answers them all.
-async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
-    let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
-    let mut in_group = 0;
-    let committed: Result<(), sqlx::Error> = async {
-        let mut tx = writer.begin().await?;
-        match sqlite_rotate_group(&mut tx, &jobs).await {
-            Ok(group) => {
-                for (i, rotation) in group {
-                    results[i] = Some(Ok(rotation));
-                    in_group += 1;
-                }
-            }
+/// SQLite: the batch's ordinary rotations by the rotator (see `sqlite_rotations`),
+/// answered at its commit; then the others (grace, reuse, invalid, a
+/// token presented twice) one by one. The sqlx writer connection is held throughout, so
+/// that no other write interleaves (SQLite has one writer). Without a rotator (an
+/// in-memory database) every job goes one by one.
+async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&SqliteRotator>, jobs: Vec<RotateJob>) {
+    let mut conn = match writer.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return fail_all(jobs, &e),
+    };
+    let rest = match rotator {
+        None => jobs,
+        Some(rotator) => match rotator.rotate(jobs) {
+            Outcome::Rest(rest) => rest,
             // Under load the rest would only wait the same way.
-            Err(e) if is_transient_error(&e) => return Err(e),
-            // Otherwise the batch goes one by one, each job alone in its savepoint.
-            Err(e) => {
+            Outcome::Failed(e, jobs) if is_transient_error(&e) => return fail_all(jobs, &e),
+            Outcome::Failed(e, jobs) => {
                 tracing::warn!(error = %e, "rotation group failed; rotating one by one");
-                tx.rollback().await?;
-                tx = writer.begin().await?;
+                jobs
             }
-        }
+        },
+    };
+    if !rest.is_empty() {
+        rotate_one_by_one(&mut conn, rest).await;
+    }
+}
+
+/// Answers every job with `e`, keeping its kind: under load a pool timeout (answered
+/// 503), otherwise a failure of the batch.
+fn fail_all(jobs: Vec<RotateJob>, e: &sqlx::Error) {
+    for (_, reply) in jobs {
+        let failed = if is_transient_error(e) {
+            sqlx::Error::PoolTimedOut
+        } else {
+            sqlx::Error::Protocol(format!("rotation batch failed: {e}"))
+        };
+        let _ = reply.send(Err(failed));
+    }
+}
+
+/// One transaction, each job in its own savepoint, in arrival order; one commit
+/// answers them all.
+async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
+    let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
+    let committed: Result<(), sqlx::Error> = async {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         for (i, (r, _)) in jobs.iter().enumerate() {
-            if results[i].is_some() {
-                continue;
-            }
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
             match rotate_in(&mut sp, r).await {
                 Ok(Rotation::Invalid) => {
@@ -1447,102 +1486,15 @@ async fn run_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &At
         tx.commit().await
     }
     .await;
-    // Jobs after a transient failure, or all of them if the batch failed, get an error
-    // that keeps its kind: a pool timeout, which the service answers 503.
-    let failed = |e: &sqlx::Error| {
-        if is_transient_error(e) {
-            sqlx::Error::PoolTimedOut
-        } else {
-            sqlx::Error::Protocol(format!("rotation batch failed: {e}"))
-        }
-    };
     match committed {
+        // Jobs after a transient failure get a pool timeout, answered 503.
         Ok(()) => {
-            // Counted before anyone is answered, so that an answer implies the count.
-            grouped.fetch_add(in_group, AtomicOrdering::Relaxed);
             for ((_, reply), result) in jobs.into_iter().zip(results) {
                 let _ = reply.send(result.unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
         }
-        Err(e) => {
-            for (_, reply) in jobs {
-                let _ = reply.send(Err(failed(&e)));
-            }
-        }
+        Err(e) => fail_all(jobs, &e),
     }
-}
-
-/// The ordinary rotations of a SQLite batch, in `tx`: (index in `jobs`, rotation).
-/// Mirrors the ordinary case of [`rotate_in`]. The transaction starts with the write
-/// (as every transaction here), whose RETURNING names the tokens it rotated. A token
-/// presented twice in the batch is left out after its first presentation, so the
-/// first rotates and the others run alone afterwards (grace), as in arrival order.
-async fn sqlite_rotate_group(tx: &mut Tx, jobs: &[RotateJob]) -> Result<Vec<(usize, Rotation)>, sqlx::Error> {
-    let field = |f: &str| format!("json_extract(j.value, '$.{f}')");
-    let (old, new, sealed, at) = (field("old_hash"), field("new_hash"), field("sealed"), field("at"));
-    let mut by_token: HashMap<&str, usize> = HashMap::with_capacity(jobs.len());
-    let mut input = Vec::with_capacity(jobs.len());
-    for (i, (r, _)) in jobs.iter().enumerate() {
-        if let std::collections::hash_map::Entry::Vacant(first) = by_token.entry(r.old_hash.as_str()) {
-            first.insert(i);
-            input.push(serde_json::json!({"old_hash": r.old_hash, "sealed": r.sealed, "at": r.now}));
-        }
-    }
-    let rotated = sqlx::query(&format!(
-        "UPDATE refresh_tokens SET rotated_at = {at}, successor_sealed = {sealed} FROM json_each($1) j \
-         WHERE refresh_tokens.token_hash = {old} AND refresh_tokens.rotated_at IS NULL \
-           AND refresh_tokens.expires_at > {at} \
-           AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
-                       WHERE s.id = refresh_tokens.session_id AND s.ended_at IS NULL \
-                         AND s.expires_at > {at} AND u.status = 'active') \
-         RETURNING token_hash"
-    ))
-    .bind(serde_json::Value::Array(input).to_string())
-    .fetch_all(&mut **tx)
-    .await?;
-    if rotated.is_empty() {
-        return Ok(Vec::new());
-    }
-    let winners: Vec<serde_json::Value> = rotated
-        .iter()
-        .map(|row| row.try_get::<String, _>("token_hash").map(|t| serde_json::json!({"old_hash": t})))
-        .collect::<Result<_, _>>()?;
-    // `CROSS JOIN` fixes SQLite's loop order: each token, its session and user by key.
-    let rows = sqlx::query(&format!(
-        "SELECT t.token_hash AS token_hash, {SESSION_COLS}, {USER_COLS} \
-         FROM json_each($1) j CROSS JOIN refresh_tokens t CROSS JOIN sessions s CROSS JOIN users u \
-         WHERE t.token_hash = {old} AND s.id = t.session_id AND u.id = s.user_id"
-    ))
-    .bind(serde_json::Value::Array(winners).to_string())
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut group = Vec::with_capacity(rows.len());
-    let mut changes = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let token: String = row.try_get("token_hash")?;
-        let Some(&idx) = by_token.get(token.as_str()) else { continue };
-        let r = &jobs[idx].0;
-        let session = session_from(row)?;
-        let (sid, refresh_expires_at) = (session.id, (r.now + r.ttl).min(session.expires_at));
-        let (rotation, touch) = rotated_answer(session, user_from(row)?, r.now, refresh_expires_at);
-        changes.push(serde_json::json!({
-            "new_hash": r.new_hash, "sid": sid, "at": r.now, "expires_at": refresh_expires_at, "touch": touch,
-        }));
-        group.push((idx, rotation));
-    }
-    let changes = serde_json::Value::Array(changes).to_string();
-    let (sid, exp, touch) = (field("sid"), field("expires_at"), field("touch"));
-    // Both driven by the list, each row by key.
-    for sql in [
-        format!(
-            "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
-             SELECT {new}, {sid}, {at}, {exp} FROM json_each($1) j"
-        ),
-        format!("UPDATE sessions SET last_used_at = {at} FROM json_each($1) j WHERE sessions.id = {sid} AND {touch}"),
-    ] {
-        sqlx::query(&sql).bind(&changes).execute(&mut **tx).await?;
-    }
-    Ok(group)
 }
 
 /// Clears an email's count and every lock. The row is zeroed, not deleted, so that a

@@ -31,7 +31,7 @@ pub struct SqliteReads {
     path: PathBuf,
 }
 
-fn err(e: rusqlite::Error) -> sqlx::Error {
+pub(super) fn err(e: rusqlite::Error) -> sqlx::Error {
     // A busy or locked database is load, not a fault: keep it recognisable as such
     // (StoreError::is_transient answers 503 for a pool timeout).
     match e.sqlite_error_code() {
@@ -86,36 +86,37 @@ impl SqliteReads {
     pub fn session_with_user(&self, sql: &str, sid: Uuid) -> Result<Option<(Session, User)>, sqlx::Error> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(sql)?;
-            // Columns by position (looking them up by name cost more than the query):
-            // SESSION_COLS then USER_COLS, in their declared order.
-            stmt.query_row([sid.to_string()], |r| {
-                let session = Session {
-                    id: uuid(r, 0)?,
-                    user_id: uuid(r, 1)?,
-                    created_at: r.get(2)?,
-                    last_used_at: r.get(3)?,
-                    expires_at: r.get(4)?,
-                    ip: r.get(5)?,
-                    user_agent: r.get(6)?,
-                    ended_at: r.get(7)?,
-                };
-                let user = User {
-                    id: uuid(r, 8)?,
-                    email: r.get(9)?,
-                    name: r.get(10)?,
-                    password_hash: r.get(11)?,
-                    role: parsed(r, 12)?,
-                    status: parsed(r, 13)?,
-                    email_verified_at: r.get(14)?,
-                    created_at: r.get(15)?,
-                    updated_at: r.get(16)?,
-                    last_login_at: r.get(17)?,
-                    last_login_geolocation: json(r.get(18)?),
-                    metadata: json(r.get(19)?).unwrap_or_else(|| serde_json::json!({})),
-                };
-                Ok((session, user))
-            })
-            .optional()
+            stmt.query_row([sid.to_string()], session_and_user).optional()
         })
     }
+}
+
+/// A session and its user from a row that starts with `SESSION_COLS` then `USER_COLS`,
+/// read by position (looking columns up by name cost more than the query).
+pub(super) fn session_and_user(r: &Row<'_>) -> rusqlite::Result<(Session, User)> {
+    let session = Session {
+        id: uuid(r, 0)?,
+        user_id: uuid(r, 1)?,
+        created_at: r.get(2)?,
+        last_used_at: r.get(3)?,
+        expires_at: r.get(4)?,
+        ip: r.get(5)?,
+        user_agent: r.get(6)?,
+        ended_at: r.get(7)?,
+    };
+    let user = User {
+        id: uuid(r, 8)?,
+        email: r.get(9)?,
+        name: r.get(10)?,
+        password_hash: r.get(11)?,
+        role: parsed(r, 12)?,
+        status: parsed(r, 13)?,
+        email_verified_at: r.get(14)?,
+        created_at: r.get(15)?,
+        updated_at: r.get(16)?,
+        last_login_at: r.get(17)?,
+        last_login_geolocation: json(r.get(18)?),
+        metadata: json(r.get(19)?).unwrap_or_else(|| serde_json::json!({})),
+    };
+    Ok((session, user))
 }

@@ -418,19 +418,20 @@ async fn backend_run(
     // of their totals: the speed of this machine drifts by up to 2x over minutes (other
     // guests take its cores), and alternating short slices puts both under the same drift.
     let slice = d / ROUNDS;
-    let (mut minimal_s, mut healthz, mut me, mut refresh) = Default::default();
+    let (mut minimal_s, mut healthz, mut me, mut refresh) =
+        (Sample::default(), Sample::default(), Sample::default(), Sample::default());
     for _ in 0..ROUNDS {
-        Sample::absorb(&mut minimal_s, minimal_run(minimal, slice).await);
-        Sample::absorb(&mut healthz, run_phase(Phase::Healthz, &ctx, slice).await);
-        Sample::absorb(&mut me, run_phase(Phase::Me, &ctx, slice).await);
-        Sample::absorb(&mut refresh, run_phase(Phase::Refresh, &ctx, slice).await);
+        minimal_s.absorb(minimal_run(minimal, slice).await);
+        healthz.absorb(run_phase(Phase::Healthz, &ctx, slice).await);
+        me.absorb(run_phase(Phase::Me, &ctx, slice).await);
+        refresh.absorb(run_phase(Phase::Refresh, &ctx, slice).await);
     }
     let (mut hash, mut login) = (Sample::default(), Sample::default());
     for _ in 0..ROUNDS {
         hash.absorb(raw_hash(slice));
         login.absorb(run_phase(Phase::Login, &ctx, slice * 2).await);
     }
-    let (minimal_rate, hash_rate): (f64, f64) = (minimal_s.rate(), hash.rate());
+    let (minimal_rate, hash_rate) = (minimal_s.rate(), hash.rate());
     let capacity = login.rate();
     let mut out = json!({
         "backend": name,

@@ -1287,7 +1287,7 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 fn spawn_rotation_batcher(
     writer: AnyPool,
     backend: &'static str,
-    rotator: Option<SqliteRotator>,
+    mut rotator: Option<SqliteRotator>,
     grouped: Arc<AtomicU64>,
 ) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
@@ -1315,7 +1315,7 @@ fn spawn_rotation_batcher(
                 });
             } else {
                 // One batch at a time: run it here rather than hand it to another task.
-                run_sqlite_rotation_batch(&writer, rotator.as_ref(), jobs).await;
+                run_sqlite_rotation_batch(&writer, rotator.as_mut(), jobs).await;
                 drop(slot);
             }
         }
@@ -1331,36 +1331,42 @@ fn spawn_rotation_batcher(
 /// done. If the statement committed before failing, [`rotate_in`] recognises each job's
 /// own rotation. Under load (a pool timeout) every job gets the error, answered 503.
 async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
-    let mut rotated = match pg_rotate_batch(writer, &jobs).await {
+    let rotated = match pg_rotate_batch(writer, &jobs).await {
         Ok(rotated) => rotated,
-        Err(e) if is_transient_error(&e) => {
-            for (_, reply) in jobs {
-                let _ = reply.send(Err(sqlx::Error::PoolTimedOut));
-            }
-            return;
-        }
+        Err(e) if is_transient_error(&e) => return fail_all(jobs, &e),
         Err(e) => {
             tracing::warn!(error = %e, "rotation batch failed; rotating one by one");
             HashMap::new()
         }
     };
-    // Counted before anyone is answered, so that an answer implies the count.
-    grouped.fetch_add(rotated.len() as u64, AtomicOrdering::Relaxed);
     let mut alone = tokio::task::JoinSet::new();
-    for (i, (r, reply)) in jobs.into_iter().enumerate() {
-        match rotated.remove(&i) {
-            Some(out) => {
-                let _ = reply.send(Ok(out));
-            }
-            None => {
-                let writer = writer.clone();
-                alone.spawn(async move {
-                    let _ = reply.send(rotate_alone(&writer, &r).await);
-                });
-            }
-        }
+    for (r, reply) in answer_rotated(jobs, rotated, grouped) {
+        let writer = writer.clone();
+        alone.spawn(async move {
+            let _ = reply.send(rotate_alone(&writer, &r).await);
+        });
     }
     while alone.join_next().await.is_some() {}
+}
+
+/// Answers the jobs a group rotated (`rotated`, by index in `jobs`), after adding them
+/// to `grouped` (so that an answer implies the count); returns the others, in order.
+pub(super) fn answer_rotated(
+    jobs: Vec<RotateJob>,
+    mut rotated: HashMap<usize, Rotation>,
+    grouped: &AtomicU64,
+) -> Vec<RotateJob> {
+    grouped.fetch_add(rotated.len() as u64, AtomicOrdering::Relaxed);
+    let mut rest = Vec::new();
+    for (i, (r, reply)) in jobs.into_iter().enumerate() {
+        match rotated.remove(&i) {
+            Some(rotation) => {
+                let _ = reply.send(Ok(rotation));
+            }
+            None => rest.push((r, reply)),
+        }
+    }
+    rest
 }
 
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
@@ -1420,7 +1426,7 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
 /// token presented twice) one by one. The sqlx writer connection is held throughout, so
 /// that no other write interleaves (SQLite has one writer). Without a rotator (an
 /// in-memory database) every job goes one by one.
-async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&SqliteRotator>, jobs: Vec<RotateJob>) {
+async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&mut SqliteRotator>, jobs: Vec<RotateJob>) {
     let mut conn = match writer.acquire().await {
         Ok(conn) => conn,
         Err(e) => return fail_all(jobs, &e),
@@ -1458,25 +1464,25 @@ fn fail_all(jobs: Vec<RotateJob>, e: &sqlx::Error) {
 /// One transaction, each job in its own savepoint, in arrival order; one commit
 /// answers them all.
 async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
-    let mut results: Vec<Option<Result<Rotation, sqlx::Error>>> = jobs.iter().map(|_| None).collect();
+    let mut results: Vec<Result<Rotation, sqlx::Error>> = Vec::with_capacity(jobs.len());
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        for (i, (r, _)) in jobs.iter().enumerate() {
+        for (r, _) in &jobs {
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
             match rotate_in(&mut sp, r).await {
                 Ok(Rotation::Invalid) => {
                     sp.rollback().await?;
-                    results[i] = Some(Ok(Rotation::Invalid));
+                    results.push(Ok(Rotation::Invalid));
                 }
                 Ok(out) => {
                     sp.commit().await?;
-                    results[i] = Some(Ok(out));
+                    results.push(Ok(out));
                 }
                 Err(e) => {
                     sp.rollback().await?;
                     // Under load (busy, timeouts) the rest would only wait the same way.
                     let transient = is_transient_error(&e);
-                    results[i] = Some(Err(e));
+                    results.push(Err(e));
                     if transient {
                         break;
                     }
@@ -1489,8 +1495,9 @@ async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
     match committed {
         // Jobs after a transient failure get a pool timeout, answered 503.
         Ok(()) => {
-            for ((_, reply), result) in jobs.into_iter().zip(results) {
-                let _ = reply.send(result.unwrap_or(Err(sqlx::Error::PoolTimedOut)));
+            let mut results = results.into_iter();
+            for (_, reply) in jobs {
+                let _ = reply.send(results.next().unwrap_or(Err(sqlx::Error::PoolTimedOut)));
             }
         }
         Err(e) => fail_all(jobs, &e),

@@ -15,12 +15,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
-use super::sql::{rotated_answer, RotateJob, SESSION_COLS, USER_COLS};
+use super::sql::{answer_rotated, rotated_answer, RotateJob, SESSION_COLS, USER_COLS};
 use super::sqlite_reads::{err, session_and_user};
 use super::Rotation;
 
@@ -32,9 +32,10 @@ pub(super) enum Outcome {
     Failed(sqlx::Error, Vec<RotateJob>),
 }
 
-/// The rotation writer of one SQLite database file.
+/// The rotation writer of one SQLite database file, owned by the batcher.
 pub(super) struct SqliteRotator {
-    conn: Mutex<(Connection, Statements)>,
+    conn: Connection,
+    sql: Statements,
     grouped: Arc<AtomicU64>,
 }
 
@@ -92,19 +93,15 @@ impl SqliteRotator {
              PRAGMA busy_timeout = 10000;",
         )
         .map_err(err)?;
-        Ok(Self { conn: Mutex::new((conn, Statements::new())), grouped })
+        Ok(Self { conn, sql: Statements::new(), grouped })
     }
 
     /// Rotates what the group can of `jobs` and answers those; returns the rest. Runs on
     /// the calling thread: on a multi-threaded runtime its other tasks move to another
     /// thread meanwhile (handing the batch to a thread of its own cost a wake-up each
     /// way, more than the statements).
-    pub(super) fn rotate(&self, jobs: Vec<RotateJob>) -> Outcome {
-        let run = || {
-            let mut guard = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (conn, sql) = &mut *guard;
-            run(conn, sql, jobs, &self.grouped)
-        };
+    pub(super) fn rotate(&mut self, jobs: Vec<RotateJob>) -> Outcome {
+        let run = || run(&mut self.conn, &self.sql, jobs, &self.grouped);
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
             _ => run(),
@@ -112,29 +109,17 @@ impl SqliteRotator {
     }
 }
 
-/// One batch: the group in one transaction; on commit, its answers, counted first.
+/// One batch: the group in one transaction; on commit, its answers.
 fn run(conn: &mut Connection, sql: &Statements, jobs: Vec<RotateJob>, grouped: &AtomicU64) -> Outcome {
     let group = conn.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|tx| {
         let group = rotate_group(&tx, sql, &jobs)?;
         tx.commit()?;
         Ok(group)
     });
-    let mut group = match group {
-        Ok(group) => group,
-        Err(e) => return Outcome::Failed(err(e), jobs),
-    };
-    // Counted before anyone is answered, so that an answer implies the count.
-    grouped.fetch_add(group.len() as u64, Ordering::Relaxed);
-    let mut rest = Vec::new();
-    for (i, (r, reply)) in jobs.into_iter().enumerate() {
-        match group.remove(&i) {
-            Some(rotation) => {
-                let _ = reply.send(Ok(rotation));
-            }
-            None => rest.push((r, reply)),
-        }
+    match group {
+        Ok(group) => Outcome::Rest(answer_rotated(jobs, group, grouped)),
+        Err(e) => Outcome::Failed(err(e), jobs),
     }
-    Outcome::Rest(rest)
 }
 
 /// The ordinary rotations of a batch (token current, session live, account active), by

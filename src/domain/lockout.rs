@@ -101,6 +101,28 @@ impl LockoutPolicy {
         }
     }
 
+    /// [`lock_after`](Self::lock_after) as SQL, so that counting a failure and starting
+    /// its lock are one statement: the new `(locked_until, hard_locked)` of a row whose
+    /// count becomes `failures` at time `now`, keeping `until` when no lock starts (all
+    /// three SQL integer expressions). Only the policy's numbers go into the text.
+    pub fn lock_sql(&self, failures: &str, now: &str, until_now: &str) -> (String, String) {
+        let mut until = String::from("CASE");
+        let hard = if self.hard_limit > 0 {
+            until += &format!(" WHEN {failures} >= {} THEN 0", self.hard_limit);
+            format!("CASE WHEN {failures} >= {} THEN 1 ELSE 0 END", self.hard_limit)
+        } else {
+            "0".to_owned()
+        };
+        if let Some(&(last_f, last_s)) = self.tiers.0.last() {
+            until += &format!(" WHEN {failures} >= {last_f} THEN {now} + {last_s}");
+        }
+        for &(f, s) in &self.tiers.0 {
+            until += &format!(" WHEN {failures} = {f} THEN {now} + {s}");
+        }
+        let until = if until == "CASE" { until_now.to_owned() } else { format!("{until} ELSE {until_now} END") };
+        (until, hard)
+    }
+
     /// The `Retry-After` for a hard lock: the longest tier (or an hour without tiers).
     pub fn hard_retry_after(&self) -> u32 {
         self.tiers.0.iter().map(|t| t.1).max().unwrap_or(3600)
@@ -132,6 +154,31 @@ mod tests {
         assert_eq!(p.lock_after(99), Lock::For(3600));
         assert_eq!(p.lock_after(100), Lock::Hard);
         assert_eq!(p.lock_after(150), Lock::Hard);
+    }
+
+    /// The SQL form of the policy locks exactly where `lock_after` does, for every count.
+    #[test]
+    fn lock_sql_agrees_with_lock_after() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        let policies = [
+            policy(),
+            LockoutPolicy { tiers: "3:10".parse().unwrap(), hard_limit: 0 },
+            LockoutPolicy { tiers: LockoutTiers(vec![]), hard_limit: 7 },
+            LockoutPolicy { tiers: LockoutTiers(vec![]), hard_limit: 0 },
+        ];
+        for p in policies {
+            let (until, hard) = p.lock_sql("f", "1000", "locked_until");
+            let sql = format!("SELECT {until}, {hard} FROM (SELECT ?1 AS f, 17 AS locked_until)");
+            for f in 1..=120u32 {
+                let (u, h): (i64, i64) = db.query_row(&sql, [f], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+                let expected = match p.lock_after(f) {
+                    Lock::None => (17, 0),
+                    Lock::For(s) => (1000 + i64::from(s), 0),
+                    Lock::Hard => (0, 1),
+                };
+                assert_eq!((u, h), expected, "{p:?} at {f} failures");
+            }
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@ impl std::fmt::Debug for SqlStore {
 
 pub(super) const USER_COLS: &str = "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
     u.created_at, u.updated_at, u.last_login_at, u.last_login_geo, u.metadata";
+/// [`USER_COLS`] unqualified, for `RETURNING` (SQLite takes no table name there).
+static USER_FIELDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| USER_COLS.replace("u.", ""));
 pub(super) const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
     s.last_used_at AS s_last_used_at, s.expires_at AS s_expires_at, s.ip AS s_ip, \
     s.user_agent AS s_user_agent, s.ended_at AS s_ended_at";
@@ -669,58 +671,37 @@ impl Store for SqlStore {
     }
 
     async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation> {
-        let mut tx = self.begin().await?;
-        // One upsert counts the attempt under the row lock unless a lock is active: this
-        // is what keeps concurrent guesses exact, on every instance.
-        let counted = sqlx::query(
+        // One statement counts the attempt and starts the lock it earns, under the row's
+        // lock, unless a lock is active: this is what keeps concurrent guesses exact, on
+        // every instance, and costs one round trip.
+        let (until, hard) = policy.lock_sql("(login_throttle.failures + 1)", "$2", "login_throttle.locked_until");
+        let (first_until, first_hard): (i64, i64) = match policy.lock_after(1) {
+            Lock::None => (0, 0),
+            Lock::For(s) => (now + i64::from(s), 0),
+            Lock::Hard => (0, 1),
+        };
+        let counted = sqlx::query(&format!(
             "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
-             VALUES ($1, 1, 0, 0, $2) \
-             ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2 \
+             VALUES ($1, 1, $3, $4, $2) \
+             ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2, \
+               locked_until = {until}, hard_locked = {hard} \
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
-             RETURNING failures",
-        )
+             RETURNING failures"
+        ))
         .bind(email)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .bind(first_until)
+        .bind(first_hard)
+        .fetch_optional(&self.writer)
         .await?;
-        let out = match counted {
-            Some(row) => {
-                let failures = u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
-                let (until, hard) = match policy.lock_after(failures) {
-                    Lock::None => (0, 0),
-                    Lock::For(s) => (now + i64::from(s), 0),
-                    Lock::Hard => (0, 1),
-                };
-                if until > 0 || hard == 1 {
-                    sqlx::query("UPDATE login_throttle SET locked_until = $2, hard_locked = $3 WHERE email = $1")
-                        .bind(email)
-                        .bind(until)
-                        .bind(hard)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Reservation::Allowed { failures }
-            }
-            None => {
-                let row = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1")
-                    .bind(email)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                // The row always exists after the upsert; unlocks zero it, never delete.
-                let (hard, until): (i64, i64) = match &row {
-                    Some(r) => (r.try_get("hard_locked")?, r.try_get("locked_until")?),
-                    None => (0, now + 1),
-                };
-                let retry_after = if hard != 0 {
-                    policy.hard_retry_after()
-                } else {
-                    u32::try_from((until - now).max(1)).unwrap_or(u32::MAX)
-                };
-                Reservation::Locked { retry_after }
-            }
-        };
-        tx.commit().await?;
-        Ok(out)
+        if let Some(row) = counted {
+            let failures = u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
+            return Ok(Reservation::Allowed { failures });
+        }
+        // Locked. The row exists (unlocks zero it, never delete it); if the lock ended
+        // meanwhile, the answer is the shortest wait.
+        let retry_after = self.login_lock(email, policy, now).await?.unwrap_or(1);
+        Ok(Reservation::Locked { retry_after })
     }
 
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
@@ -780,65 +761,24 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         let mut tx = self.begin().await?;
-        // Writing the user row first serialises logins of the same user on every backend.
-        let touched = sqlx::query(
+        // Writing the user row first serialises logins of the same user on every backend;
+        // it returns the user as the login leaves it.
+        let row = sqlx::query(&format!(
             "UPDATE users SET last_login_at = $1, last_login_geo = $2 \
-             WHERE id = $3 AND status = 'active' AND ($4 = '' OR password_hash = $4)",
-        )
+             WHERE id = $3 AND status = 'active' AND ($4 = '' OR password_hash = $4) RETURNING {}",
+            *USER_FIELDS
+        ))
         .bind(s.now)
         .bind(s.geolocation.as_ref().map(|g| g.to_string()))
         .bind(s.user_id.to_string())
         .bind(s.verified_hash.clone().unwrap_or_default())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if touched.rows_affected() == 0 {
+        let Some(row) = row else {
             tx.rollback().await?;
             return Ok(None);
-        }
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
-             VALUES ($1, $2, $3, $3, $4, $5, $6)",
-        )
-        .bind(s.id.to_string())
-        .bind(s.user_id.to_string())
-        .bind(s.now)
-        .bind(s.expires_at)
-        .bind(&s.ip)
-        .bind(&s.user_agent)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&s.refresh_hash)
-        .bind(s.id.to_string())
-        .bind(s.now)
-        .bind(s.refresh_expires_at)
-        .execute(&mut *tx)
-        .await?;
-        let mut evicted = Vec::new();
-        if device_limit > 0 {
-            let rows = sqlx::query(
-                "SELECT id FROM sessions WHERE user_id = $1 AND ended_at IS NULL AND expires_at > $2 \
-                 ORDER BY created_at DESC, id DESC",
-            )
-            .bind(s.user_id.to_string())
-            .bind(s.now)
-            .fetch_all(&mut *tx)
-            .await?;
-            for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
-                sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2")
-                    .bind(s.now)
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                evicted.push(id);
-            }
-        }
-        let user = user_in(&mut tx, s.user_id).await?.ok_or(sqlx::Error::RowNotFound)?;
-        // The right password clears the email's failures; the login and any evictions
-        // go to the audit trail; all in this one transaction (one commit per login).
-        zero_throttle(&mut tx, &user.email, s.now).await?;
+        };
+        let user = user_from(&row)?;
         let event = |kind: &str, detail: serde_json::Value| Event {
             user_id: Some(user.id),
             email: Some(user.email.clone()),
@@ -848,7 +788,19 @@ impl Store for SqlStore {
             user_agent: s.user_agent.clone(),
             detail,
         };
-        insert_event(&mut tx, &event("login", serde_json::json!({"session_id": s.id}))).await?;
+        let login = event("login", serde_json::json!({"session_id": s.id}));
+        // The session, its refresh token, the cleared failures, the login's audit event
+        // and the evictions past the device limit, all in this one transaction (one
+        // commit per login).
+        let mut evicted = if self.backend == "postgres" {
+            pg_open_session(&mut tx, s, &login, device_limit).await?
+        } else {
+            insert_session(&mut tx, s).await?;
+            zero_throttle(&mut tx, &user.email, s.now).await?;
+            insert_event(&mut tx, &login).await?;
+            evict_past_limit(&mut tx, s, device_limit).await?
+        };
+        evicted.sort_unstable_by(|a, b| b.cmp(a));
         for id in &evicted {
             let ended = event("session_ended", serde_json::json!({"session_id": id, "reason": "evicted"}));
             insert_event(&mut tx, &ended).await?;
@@ -1384,10 +1336,12 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
     let sql = format!(
         // Token, then session, then user, each looked up by its key in a subquery the
         // planner may neither flatten nor reorder (OFFSET 0, LATERAL), so the plan
-        // never depends on table statistics.
+        // never depends on table statistics. The LIMIT tells the planner the batch's
+        // size: without it, it guesses 100 rows for the JSON and, on a young table whose
+        // statistics lag its growth, updates through a sequential scan and a hash join.
         "WITH j AS ( \
            SELECT * FROM json_to_recordset($1::json) \
-             AS j(i BIGINT, old_hash TEXT, new_hash TEXT, sealed TEXT, at BIGINT, ttl BIGINT)), \
+             AS j(i BIGINT, old_hash TEXT, new_hash TEXT, sealed TEXT, at BIGINT, ttl BIGINT) LIMIT {n}), \
          live AS MATERIALIZED ( \
            SELECT j.i, j.old_hash, j.new_hash, j.sealed, j.at, \
              LEAST(j.at + j.ttl, s.expires_at) AS refresh_expires_at, {SESSION_COLS}, {USER_COLS} \
@@ -1407,7 +1361,8 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
          touched AS ( \
            UPDATE sessions s SET last_used_at = r.at FROM rotated r \
            WHERE s.id = r.s_id AND r.at - s.last_used_at >= {LAST_USED_RESOLUTION}) \
-         SELECT * FROM rotated"
+         SELECT * FROM rotated",
+        n = jobs.len()
     );
     let rows = sqlx::query(&sql).bind(serde_json::Value::Array(input).to_string()).fetch_all(writer).await?;
     let mut out = HashMap::with_capacity(rows.len());
@@ -1507,6 +1462,101 @@ async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
 /// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
 /// concurrent reservation always finds it (PostgreSQL does not lock a row that
 /// `ON CONFLICT` merely saw).
+/// The login's writes after the user row, in one statement (PostgreSQL runs
+/// data-modifying CTEs): session, refresh token, cleared failures, login event, and the
+/// evictions past the device limit, whose ids it returns. The statement's snapshot is
+/// taken after the user row was locked, so it sees every earlier login of the user.
+async fn pg_open_session(
+    tx: &mut Tx,
+    s: &NewSession,
+    login: &Event,
+    device_limit: u32,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    // The new session is not in the statement's snapshot: keep `limit - 1` others.
+    let evict = if device_limit > 0 {
+        format!(
+            "UPDATE sessions SET ended_at = $3, end_reason = 'evicted' WHERE id IN ( \
+               SELECT id FROM sessions WHERE user_id = $2 AND ended_at IS NULL AND expires_at > $3 \
+               ORDER BY created_at DESC, id DESC OFFSET {}) RETURNING id",
+            device_limit - 1
+        )
+    } else {
+        "SELECT id FROM sessions WHERE false".to_owned()
+    };
+    let rows = sqlx::query(&format!(
+        "WITH s AS ( \
+           INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
+           VALUES ($1, $2, $3, $3, $4, $5, $6)), \
+         r AS (INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($7, $1, $3, $8)), \
+         z AS (UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $3 \
+           WHERE email = $9), \
+         e AS (INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
+           VALUES ($10, $2, $9, $11, $3, $5, $6, $12)), \
+         x AS ({evict}) \
+         SELECT id FROM x"
+    ))
+    .bind(s.id.to_string())
+    .bind(s.user_id.to_string())
+    .bind(s.now)
+    .bind(s.expires_at)
+    .bind(&s.ip)
+    .bind(&s.user_agent)
+    .bind(&s.refresh_hash)
+    .bind(s.refresh_expires_at)
+    .bind(&login.email)
+    .bind(Uuid::now_v7().to_string())
+    .bind(&login.kind)
+    .bind(login.detail.to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    ids(&rows)
+}
+
+/// A new session and its first refresh token.
+async fn insert_session(tx: &mut Tx, s: &NewSession) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
+         VALUES ($1, $2, $3, $3, $4, $5, $6)",
+    )
+    .bind(s.id.to_string())
+    .bind(s.user_id.to_string())
+    .bind(s.now)
+    .bind(s.expires_at)
+    .bind(&s.ip)
+    .bind(&s.user_agent)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+        .bind(&s.refresh_hash)
+        .bind(s.id.to_string())
+        .bind(s.now)
+        .bind(s.refresh_expires_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Ends the user's oldest live sessions past the device limit (0: no limit), counting
+/// the new one; returns their ids.
+async fn evict_past_limit(tx: &mut Tx, s: &NewSession, device_limit: u32) -> Result<Vec<Uuid>, sqlx::Error> {
+    if device_limit == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT id FROM sessions WHERE user_id = $1 AND ended_at IS NULL AND expires_at > $2 \
+         ORDER BY created_at DESC, id DESC",
+    )
+    .bind(s.user_id.to_string())
+    .bind(s.now)
+    .fetch_all(&mut **tx)
+    .await?;
+    let evicted: Vec<Uuid> = ids(&rows)?.into_iter().skip(device_limit as usize).collect();
+    for id in &evicted {
+        end_sessions_by_id(tx, *id, "evicted", s.now).await?;
+    }
+    Ok(evicted)
+}
+
 async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",

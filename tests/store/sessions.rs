@@ -14,6 +14,7 @@ both_backends!(
     the_session_list_has_only_live_sessions_newest_first,
     the_device_limit_ends_the_oldest_sessions_beyond_it,
     a_device_limit_of_zero_keeps_every_session,
+    every_session_ended_past_the_device_limit_is_in_the_audit_trail,
     ending_a_session_works_only_for_its_owner_and_only_once,
     ending_all_sessions_keeps_the_one_named_and_touches_no_other_user,
     a_login_checked_against_a_replaced_password_or_an_inactive_account_opens_nothing,
@@ -138,6 +139,52 @@ async fn the_device_limit_ends_the_oldest_sessions_beyond_it(b: Backend) {
     let (_, s) = new_session(v.id, T0 + 60);
     let (_, evicted) = db.store.open_session(&s, 1).await.unwrap().expect("session opened");
     assert!(evicted.is_empty());
+}
+
+/// Two evictions, then seven: on PostgreSQL the second is more than the login function
+/// has event ids for (migration 0004), so it takes the statement-by-statement path.
+async fn every_session_ended_past_the_device_limit_is_in_the_audit_trail(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "audited@example.test").await;
+    let mut opened = Vec::new();
+    for i in 0..3 {
+        opened.push(login(&*db.store, u.id, T0 + i).await.id);
+    }
+    let ended_in_trail = |events: &[gatehouse::store::Event]| -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = events
+            .iter()
+            .filter(|e| e.kind == "session_ended")
+            .map(|e| {
+                assert_eq!(e.detail["reason"], "evicted");
+                e.detail["session_id"].as_str().unwrap().parse().unwrap()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    for (limit, at, expected) in [(2, T0 + 10, 2), (1, T0 + 20, 0)] {
+        // Before the second round, seven sessions without a limit.
+        if expected == 0 {
+            for i in 0..7 {
+                opened.push(login(&*db.store, u.id, at - 10 + i).await.id);
+            }
+        }
+        let live_before: Vec<Uuid> =
+            db.store.list_sessions(u.id, at).await.unwrap().into_iter().map(|s| s.id).collect();
+        let (_, s) = new_session(u.id, at);
+        let (_, evicted) = db.store.open_session(&s, limit).await.unwrap().expect("session opened");
+        let expected_gone = live_before.len() + 1 - limit as usize;
+        assert_eq!(evicted.len(), expected_gone, "limit {limit}");
+        assert!(evicted.iter().all(|id| live_before.contains(id)));
+        let events = db.store.list_events(u.id, 100).await.unwrap();
+        let newest: Vec<&str> = events.iter().take(expected_gone + 1).map(|e| e.kind.as_str()).collect();
+        assert_eq!(newest.last(), Some(&"login"), "the login comes before its evictions: {newest:?}");
+        assert!(newest[..expected_gone].iter().all(|k| *k == "session_ended"), "{newest:?}");
+        assert_eq!(events[expected_gone].detail["session_id"], s.id.to_string());
+        let trail = ended_in_trail(&events[..expected_gone]);
+        assert_eq!(trail, sorted(evicted), "limit {limit}");
+        assert_eq!(db.store.list_sessions(u.id, at).await.unwrap().len(), limit as usize);
+    }
 }
 
 async fn a_device_limit_of_zero_keeps_every_session(b: Backend) {

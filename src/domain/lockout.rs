@@ -103,8 +103,10 @@ impl LockoutPolicy {
 
     /// [`lock_after`](Self::lock_after) as SQL, so that counting a failure and starting
     /// its lock are one statement: the new `(locked_until, hard_locked)` of a row whose
-    /// count becomes `failures` at time `now`, keeping `until` when no lock starts (all
-    /// three SQL integer expressions). Only the policy's numbers go into the text.
+    /// count becomes `failures` at time `now`, keeping `until_now` when no timed lock
+    /// starts (all three SQL integer expressions). `hard_locked` is 1 at the hard limit
+    /// and 0 below it: the caller counts only rows that are not hard-locked. Only the
+    /// policy's numbers go into the text.
     pub fn lock_sql(&self, failures: &str, now: &str, until_now: &str) -> (String, String) {
         let mut until = String::from("CASE");
         let hard = if self.hard_limit > 0 {

@@ -29,12 +29,14 @@ pub struct SqlStore {
     /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
     writer: AnyPool,
     /// Counters: lockout reservations and per-IP rate limits. On PostgreSQL their own
-    /// connections, which commit without waiting for the WAL flush
-    /// (`synchronous_commit = off`; a flush costs about 0.4 ms of CPU on these
-    /// machines). A reservation that let a password be checked is followed, before the
-    /// answer, by a commit that flushes the WAL up to it (the login's session, or the
-    /// failure's audit event). So only a crash of PostgreSQL itself (not of Gatehouse)
-    /// can lose counts, those of the last ~200 ms. On SQLite the writer.
+    /// connections (about a quarter of `max_connections` more), which commit without
+    /// waiting for the WAL flush (`synchronous_commit = off`; a flush costs about 0.4 ms
+    /// of CPU on these machines). A successful login's session commit, and the audit
+    /// event of a failed one when it is written, flush the WAL up to the reservation
+    /// (PostgreSQL flushes in order). What a crash of PostgreSQL itself, of its machine
+    /// or a failover can lose is the counts of up to three `wal_writer_delay`s (600 ms
+    /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
+    /// loses nothing. On SQLite the writer.
     counters: AnyPool,
     /// Refresh rotations go through a group-commit batcher.
     rotations: mpsc::Sender<RotateJob>,
@@ -711,8 +713,8 @@ impl Store for SqlStore {
             let failures = u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
             return Ok(Reservation::Allowed { failures });
         }
-        // Locked. The row exists (unlocks zero it, never delete it); if the lock ended
-        // meanwhile, the answer is the shortest wait.
+        // Locked. If the lock ended meanwhile (or the row was purged), the answer is the
+        // shortest wait.
         let retry_after = self.login_lock(email, policy, now).await?.unwrap_or(1);
         Ok(Reservation::Locked { retry_after })
     }
@@ -774,10 +776,7 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         if self.backend == "postgres" {
-            match pg_open_session(&self.writer, s, device_limit).await {
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(MORE_EVICTIONS_THAN_IDS) => {}
-                done => return Ok(done?),
-            }
+            return Ok(pg_open_session(&self.writer, s, device_limit).await?);
         }
         let mut tx = self.begin().await?;
         // Writing the user row first serialises logins of the same user on every backend;
@@ -1347,9 +1346,9 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
         .collect();
     let sql = format!(
         // Token, then session, then user, each looked up by its key in a subquery the
-        // planner may neither flatten nor reorder (OFFSET 0, LATERAL), so the plan
-        // never depends on table statistics. The LIMIT tells the planner the batch's
-        // size: without it, it guesses 100 rows for the JSON and, on a young table whose
+        // planner may neither flatten nor reorder (OFFSET 0, LATERAL). The LIMIT tells
+        // the planner the batch's size (at most 64, one prepared statement per size):
+        // without it, it guesses 100 rows for the JSON and, on a young table whose
         // statistics lag its growth, updates through a sequential scan and a hash join.
         "WITH j AS ( \
            SELECT * FROM json_to_recordset($1::json) \
@@ -1471,18 +1470,6 @@ async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
     }
 }
 
-/// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
-/// concurrent reservation always finds it (PostgreSQL does not lock a row that
-/// `ON CONFLICT` merely saw).
-/// The SQLSTATE with which `gatehouse_open_session` declines a login that would end
-/// more sessions than it was given event ids for (migration 0004).
-const MORE_EVICTIONS_THAN_IDS: &str = "GHEV1";
-
-/// Event ids handed to `gatehouse_open_session` for sessions ended past the device
-/// limit: one is the most a login ends while the limit holds; the rest cover a lowered
-/// limit. A login that must end more takes the statement-by-statement path.
-const EVICTION_EVENT_IDS: usize = 4;
-
 /// PostgreSQL: a login's writes in one call of `gatehouse_open_session` (migration
 /// 0004), the same steps as [`SqlStore::open_session`]'s transaction in one round trip.
 async fn pg_open_session(
@@ -1490,26 +1477,21 @@ async fn pg_open_session(
     s: &NewSession,
     device_limit: u32,
 ) -> Result<Option<(User, Vec<Uuid>)>, sqlx::Error> {
-    // Made in order here, so the login's event sorts before its evictions'.
-    let spare = if device_limit > 0 { EVICTION_EVENT_IDS } else { 0 };
-    let ids: Vec<String> = (0..=spare).map(|_| Uuid::now_v7().to_string()).collect();
-    let row =
-        sqlx::query("SELECT * FROM gatehouse_open_session($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
-            .bind(s.id.to_string())
-            .bind(s.user_id.to_string())
-            .bind(s.now)
-            .bind(s.expires_at)
-            .bind(&s.ip)
-            .bind(&s.user_agent)
-            .bind(&s.refresh_hash)
-            .bind(s.refresh_expires_at)
-            .bind(s.geolocation.as_ref().map(|g| g.to_string()))
-            .bind(s.verified_hash.clone().unwrap_or_default())
-            .bind(i64::from(device_limit))
-            .bind(ids.join(","))
-            .bind(login_detail(s).to_string())
-            .fetch_optional(writer)
-            .await?;
+    let row = sqlx::query("SELECT * FROM gatehouse_open_session($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .bind(s.id.to_string())
+        .bind(s.user_id.to_string())
+        .bind(s.now)
+        .bind(s.expires_at)
+        .bind(&s.ip)
+        .bind(&s.user_agent)
+        .bind(&s.refresh_hash)
+        .bind(s.refresh_expires_at)
+        .bind(s.geolocation.as_ref().map(|g| g.to_string()))
+        .bind(s.verified_hash.clone().unwrap_or_default())
+        .bind(i64::from(device_limit))
+        .bind(login_detail(s).to_string())
+        .fetch_optional(writer)
+        .await?;
     let Some(row) = row else { return Ok(None) };
     let evicted: Option<String> = row.try_get("evicted")?;
     let evicted = evicted
@@ -1567,13 +1549,25 @@ async fn evict_past_limit(tx: &mut Tx, s: &NewSession, device_limit: u32) -> Res
     .bind(s.now)
     .fetch_all(&mut **tx)
     .await?;
-    let evicted: Vec<Uuid> = ids(&rows)?.into_iter().skip(device_limit as usize).collect();
-    for id in &evicted {
-        end_sessions_by_id(tx, *id, "evicted", s.now).await?;
+    let mut evicted = Vec::new();
+    for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
+        // Only sessions this login ended: one ended meanwhile keeps its end.
+        let ended =
+            sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2 AND ended_at IS NULL")
+                .bind(s.now)
+                .bind(id.to_string())
+                .execute(&mut **tx)
+                .await?;
+        if ended.rows_affected() > 0 {
+            evicted.push(id);
+        }
     }
     Ok(evicted)
 }
 
+/// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
+/// concurrent reservation always finds it (PostgreSQL does not lock a row that
+/// `ON CONFLICT` merely saw).
 async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",

@@ -216,6 +216,21 @@ async fn ten_simultaneous_logins_with_a_device_limit_of_two_leave_exactly_two_li
         let (s, _) = db.store.session_with_user(*id).await.unwrap().unwrap();
         assert_eq!(s.ended_at, Some(T0));
     }
+    // The audit trail (newest first) has each session's login before its end, in the
+    // order the logins took effect, whichever waited for the other.
+    let trail = db.store.list_events(u.id, 100).await.unwrap();
+    let mut opened_at = std::collections::HashMap::new();
+    for (pos, e) in trail.iter().enumerate().rev() {
+        let sid = e.detail["session_id"].as_str().unwrap().to_owned();
+        match e.kind.as_str() {
+            "login" => {
+                opened_at.insert(sid, pos);
+            }
+            "session_ended" => assert!(opened_at.contains_key(&sid), "{sid} ended before its login: {trail:#?}"),
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    assert_eq!(opened_at.len(), 10);
 }
 
 async fn thirty_simultaneous_hits_on_a_limit_of_ten_let_exactly_ten_through(b: Backend) {

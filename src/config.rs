@@ -177,7 +177,8 @@ pub struct Settings {
     pub verify_code_ttl: u32,
     /// Lifetime of a password reset token, seconds.
     pub reset_token_ttl: u32,
-    /// Largest database pool.
+    /// Largest database pool (on PostgreSQL a quarter more, rounded up, for the counters,
+    /// and one listening connection for the session memory).
     pub db_max_connections: u32,
     /// Seconds to wait for a pooled connection before failing the request.
     pub db_acquire_timeout: u32,

@@ -1477,13 +1477,8 @@ async fn pg_open_session(
     s: &NewSession,
     device_limit: u32,
 ) -> Result<Option<(User, Vec<Uuid>)>, sqlx::Error> {
-    let row = sqlx::query("SELECT * FROM gatehouse_open_session($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-        .bind(s.id.to_string())
-        .bind(s.user_id.to_string())
-        .bind(s.now)
-        .bind(s.expires_at)
-        .bind(&s.ip)
-        .bind(&s.user_agent)
+    let call = sqlx::query("SELECT * FROM gatehouse_open_session($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
+    let row = bind_session(call, s)
         .bind(&s.refresh_hash)
         .bind(s.refresh_expires_at)
         .bind(s.geolocation.as_ref().map(|g| g.to_string()))
@@ -1511,20 +1506,20 @@ fn eviction_detail(id: Uuid) -> serde_json::Value {
     serde_json::json!({"session_id": id, "reason": "evicted"})
 }
 
+/// Binds a new session's row as `$1` to `$6`: id, user, now, expiry, IP, user agent.
+fn bind_session<'q>(q: AnyQuery<'q>, s: &'q NewSession) -> AnyQuery<'q> {
+    q.bind(s.id.to_string()).bind(s.user_id.to_string()).bind(s.now).bind(s.expires_at).bind(&s.ip).bind(&s.user_agent)
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
 /// A new session and its first refresh token.
 async fn insert_session(tx: &mut Tx, s: &NewSession) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
          VALUES ($1, $2, $3, $3, $4, $5, $6)",
-    )
-    .bind(s.id.to_string())
-    .bind(s.user_id.to_string())
-    .bind(s.now)
-    .bind(s.expires_at)
-    .bind(&s.ip)
-    .bind(&s.user_agent)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_session(insert, s).execute(&mut **tx).await?;
     sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
         .bind(&s.refresh_hash)
         .bind(s.id.to_string())

@@ -9,6 +9,7 @@
 
 mod session_cache;
 pub mod sql;
+mod sqlite_counters;
 mod sqlite_reads;
 mod sqlite_rotations;
 

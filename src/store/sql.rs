@@ -36,12 +36,15 @@ pub struct SqlStore {
     /// (PostgreSQL flushes in order). What a crash of PostgreSQL itself, of its machine
     /// or a failover can lose is the counts of up to three `wal_writer_delay`s (600 ms
     /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
-    /// loses nothing. On SQLite the writer.
+    /// loses nothing. On SQLite the writer, unused when `sqlite_counters` is there.
     counters: AnyPool,
     /// Refresh rotations go through a group-commit batcher.
     rotations: mpsc::Sender<RotateJob>,
     /// Rotations done by a group statement (the rest went one by one).
     grouped: Arc<AtomicU64>,
+    /// SQLite with a file: the counters' writes on a connection without fsync waits
+    /// (see `sqlite_counters`).
+    sqlite_counters: Option<super::sqlite_counters::SqliteCounters>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
@@ -349,6 +352,13 @@ impl SqlStore {
         }
         let sqlite_reads =
             if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
+        let sqlite_counters = match sqlite_path(url) {
+            Some(path) if backend == "sqlite" => Some(
+                super::sqlite_counters::SqliteCounters::open(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot open the sqlite database for counters: {e}"))?,
+            ),
+            _ => None,
+        };
         let grouped = Arc::new(AtomicU64::new(0));
         let rotator = match sqlite_path(url) {
             Some(path) if backend == "sqlite" => Some(
@@ -369,11 +379,40 @@ impl SqlStore {
                 tracing::warn!("not listening for session changes yet: reading every session from the database");
             }
         }
-        Ok(Self { pool, writer, counters, rotations, grouped, sqlite_reads, cache, _listener: listener, backend })
+        Ok(Self {
+            pool,
+            writer,
+            counters,
+            rotations,
+            grouped,
+            sqlite_counters,
+            sqlite_reads,
+            cache,
+            _listener: listener,
+            backend,
+        })
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
         self.writer.begin().await
+    }
+
+    /// A counter's statement (`$1` the key, then integers) and its first row's integers:
+    /// on SQLite with a file through `sqlite_counters` in the writer's turn, otherwise
+    /// through the counters' pool.
+    async fn count(&self, sql: &str, key: &str, ints: &[i64]) -> Result<Option<Vec<i64>>, sqlx::Error> {
+        if let Some(counters) = &self.sqlite_counters {
+            let _turn = self.writer.acquire().await?;
+            let mut params = vec![rusqlite::types::Value::Text(key.to_owned())];
+            params.extend(ints.iter().map(|&i| rusqlite::types::Value::Integer(i)));
+            return counters.first_row(sql, params);
+        }
+        let mut query = sqlx::query(sql).bind(key);
+        for &i in ints {
+            query = query.bind(i);
+        }
+        let row = query.fetch_optional(&self.counters).await?;
+        row.map(|r| (0..r.columns().len()).map(|i| r.try_get::<i64, _>(i)).collect()).transpose()
     }
 
     /// How many refresh rotations a group statement did since the store opened (the
@@ -695,22 +734,17 @@ impl Store for SqlStore {
             Lock::For(s) => (now + i64::from(s), 0),
             Lock::Hard => (0, 1),
         };
-        let counted = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
              VALUES ($1, 1, $3, $4, $2) \
              ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2, \
                locked_until = {until}, hard_locked = {hard} \
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
              RETURNING failures"
-        ))
-        .bind(email)
-        .bind(now)
-        .bind(first_until)
-        .bind(first_hard)
-        .fetch_optional(&self.counters)
-        .await?;
-        if let Some(row) = counted {
-            let failures = u32::try_from(row.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX);
+        );
+        if let Some(row) = self.count(&sql, email, &[now, first_until, first_hard]).await? {
+            let failures = row.first().copied().ok_or(sqlx::Error::RowNotFound)?;
+            let failures = u32::try_from(failures).unwrap_or(u32::MAX);
             return Ok(Reservation::Allowed { failures });
         }
         // Locked. If the lock ended meanwhile (or the row was purged), the answer is the
@@ -756,21 +790,21 @@ impl Store for SqlStore {
     async fn hit_rate_limit(&self, key: &str, limit: RateLimit, now: UnixTime) -> StoreResult<Option<u32>> {
         let per = i64::from(limit.per_seconds);
         let window = now - now.rem_euclid(per);
-        let row = sqlx::query(
-            "INSERT INTO rate_limits (key, window_start, hits) VALUES ($1, $2, 1) \
-             ON CONFLICT (key) DO UPDATE SET \
-               hits = CASE WHEN excluded.window_start > rate_limits.window_start THEN 1 ELSE rate_limits.hits + 1 END, \
-               window_start = CASE WHEN excluded.window_start > rate_limits.window_start \
-                              THEN excluded.window_start ELSE rate_limits.window_start END \
-             RETURNING hits, window_start",
-        )
-        .bind(key)
-        .bind(window)
-        .fetch_one(&self.counters)
-        .await?;
+        let row = self
+            .count(
+                "INSERT INTO rate_limits (key, window_start, hits) VALUES ($1, $2, 1) \
+                 ON CONFLICT (key) DO UPDATE SET \
+                   hits = CASE WHEN excluded.window_start > rate_limits.window_start THEN 1 ELSE rate_limits.hits + 1 END, \
+                   window_start = CASE WHEN excluded.window_start > rate_limits.window_start \
+                                  THEN excluded.window_start ELSE rate_limits.window_start END \
+                 RETURNING hits, window_start",
+                key,
+                &[window],
+            )
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
         // An instance whose clock lags counts into the newer window, never resets it.
-        let hits: i64 = row.try_get("hits")?;
-        let window: i64 = row.try_get("window_start")?;
+        let [hits, window] = row[..] else { return Err(sqlx::Error::RowNotFound.into()) };
         Ok((hits > i64::from(limit.requests)).then(|| u32::try_from((window + per - now).clamp(1, per)).unwrap_or(1)))
     }
 

@@ -101,11 +101,7 @@ impl SqliteRotator {
     /// thread meanwhile (handing the batch to a thread of its own cost a wake-up each
     /// way, more than the statements).
     pub(super) fn rotate(&mut self, jobs: Vec<RotateJob>) -> Outcome {
-        let run = || run(&mut self.conn, &self.sql, jobs, &self.grouped);
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
-            _ => run(),
-        }
+        super::sqlite_counters::on_this_thread(|| run(&mut self.conn, &self.sql, jobs, &self.grouped))
     }
 }
 

@@ -1,0 +1,64 @@
+//! SQLite: the counters' writes (lockout reservations, per-IP rate limits) on a rusqlite
+//! connection of their own that commits without an fsync (`synchronous = NORMAL`).
+//!
+//! The caller holds the sqlx writer connection meanwhile, so SQLite's writes stay one
+//! at a time (no busy waits) and a count is as exact as before. Durability: the commit
+//! is in the WAL file before the answer, so a crash of Gatehouse loses nothing; the next
+//! commit of the sqlx writer or the rotator (`synchronous = FULL`) fsyncs the WAL file,
+//! this commit's frames included. A login that checks a password makes such a commit
+//! before it answers (its session, or its failure's audit event when that is written),
+//! so only a power cut or an OS crash can lose counts, those since the last such commit.
+//! Before, each count cost an fsync of its own: one per login, and one per rate-limited
+//! request.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::sqlite_reads::err;
+
+/// The counters' connection to one SQLite database file.
+pub(super) struct SqliteCounters {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteCounters {
+    /// Opens the database file at `path` (already migrated).
+    pub(super) fn open(path: &Path) -> Result<Self, sqlx::Error> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+             PRAGMA busy_timeout = 10000;",
+        )
+        .map_err(err)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// Runs one statement written for sqlx (`$1` parameters) and returns the integer
+    /// columns of its first row, if any. The caller holds the sqlx writer connection.
+    pub(super) fn first_row(&self, sql: &str, params: Vec<Value>) -> Result<Option<Vec<i64>>, sqlx::Error> {
+        let run = || {
+            let conn = self.conn.lock().map_err(|_| sqlx::Error::PoolClosed)?;
+            // `$1` is a name to SQLite, numbered by first appearance; `?1` is a number.
+            let mut stmt = conn.prepare_cached(&sql.replace('$', "?")).map_err(err)?;
+            let columns = stmt.column_count();
+            stmt.query_row(rusqlite::params_from_iter(params), |row| (0..columns).map(|i| row.get(i)).collect())
+                .optional()
+                .map_err(err)
+        };
+        on_this_thread(run)
+    }
+}
+
+/// Runs blocking SQLite work on the calling thread: on a multi-threaded runtime its
+/// other tasks move to another thread meanwhile.
+pub(super) fn on_this_thread<T>(run: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+        _ => run(),
+    }
+}

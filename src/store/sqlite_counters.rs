@@ -27,15 +27,7 @@ pub(super) struct SqliteCounters {
 impl SqliteCounters {
     /// Opens the database file at `path` (already migrated).
     pub(super) fn open(path: &Path) -> Result<Self, sqlx::Error> {
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-             PRAGMA busy_timeout = 10000;",
-        )
-        .map_err(err)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self { conn: Mutex::new(open_writer(path, "NORMAL")?) })
     }
 
     /// Runs one statement written for sqlx (`$1` parameters) and returns the integer
@@ -52,6 +44,19 @@ impl SqliteCounters {
         };
         on_this_thread(run)
     }
+}
+
+/// A read-write rusqlite connection to the database file at `path` (already migrated),
+/// in WAL mode with the given `synchronous` level.
+pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, sqlx::Error> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(err)?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON; \
+         PRAGMA busy_timeout = 10000;"
+    ))
+    .map_err(err)?;
+    Ok(conn)
 }
 
 /// Runs blocking SQLite work on the calling thread: on a multi-threaded runtime its

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, TransactionBehavior};
 
 use super::sql::{answer_rotated, rotated_answer, RotateJob, SESSION_COLS, USER_COLS};
 use super::sqlite_reads::{err, session_and_user};
@@ -84,15 +84,8 @@ impl SqliteRotator {
     /// Opens the database file at `path` (already migrated). Rotations done by the
     /// group are added to `grouped`.
     pub(super) fn open(path: &Path, grouped: Arc<AtomicU64>) -> Result<Self, sqlx::Error> {
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(err)?;
         // As the sqlx connections: every commit durable (FULL), even after a power cut.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-             PRAGMA busy_timeout = 10000;",
-        )
-        .map_err(err)?;
+        let conn = super::sqlite_counters::open_writer(path, "FULL")?;
         Ok(Self { conn, sql: Statements::new(), grouped })
     }
 

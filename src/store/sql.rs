@@ -1581,13 +1581,7 @@ async fn evict_past_limit(tx: &mut Tx, s: &NewSession, device_limit: u32) -> Res
     let mut evicted = Vec::new();
     for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
         // Only sessions this login ended: one ended meanwhile keeps its end.
-        let ended =
-            sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = 'evicted' WHERE id = $2 AND ended_at IS NULL")
-                .bind(s.now)
-                .bind(id.to_string())
-                .execute(&mut **tx)
-                .await?;
-        if ended.rows_affected() > 0 {
+        if end_sessions_by_id(tx, id, "evicted", s.now).await? {
             evicted.push(id);
         }
     }
@@ -1608,17 +1602,18 @@ async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sq
     Ok(())
 }
 
+/// Ends the session `sid` unless it has ended already; says whether this ended it.
 async fn end_sessions_by_id(
     conn: &mut AnyConnection,
     sid: Uuid,
     reason: &str,
     now: UnixTime,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
+) -> Result<bool, sqlx::Error> {
+    let ended = sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
         .bind(now)
         .bind(reason)
         .bind(sid.to_string())
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(ended.rows_affected() > 0)
 }

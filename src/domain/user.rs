@@ -51,7 +51,7 @@ text_enum!(Role { User => "user", Admin => "admin" });
 text_enum!(Status { Active => "active", Deactivated => "deactivated", Suspended => "suspended", Deleted => "deleted" });
 
 /// A user as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct User {
     /// Stable id.
     pub id: Uuid,

@@ -222,11 +222,11 @@ impl Services {
                 return Err(lock.map_or(Error::Overloaded, |retry_after| Error::AccountLocked { retry_after }));
             }
         };
-        let failures = match self.store.reserve_login(email.as_str(), &self.policy.lockout, self.now()).await? {
-            Reservation::Locked { retry_after } => return Err(Error::AccountLocked { retry_after }),
-            Reservation::Allowed { failures } => failures,
-        };
-        let user = self.store.user_by_email(email.as_str()).await?;
+        let (failures, user) =
+            match self.store.reserve_login_for(email.as_str(), &self.policy.lockout, self.now()).await? {
+                (Reservation::Locked { retry_after }, _) => return Err(Error::AccountLocked { retry_after }),
+                (Reservation::Allowed { failures }, user) => (failures, user),
+            };
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };

@@ -10,6 +10,7 @@
 mod session_cache;
 pub mod sql;
 mod sqlite_counters;
+mod sqlite_logins;
 mod sqlite_reads;
 mod sqlite_rotations;
 
@@ -418,7 +419,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<(User, Vec<Uuid>)>>;
 
     /// Reserves a login attempt for `email` under `policy` (see `domain::lockout`).
-    async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation>;
+    async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation> {
+        Ok(self.reserve_login_for(email, policy, now).await?.0)
+    }
+    /// [`Store::reserve_login`], and when the attempt is allowed, the account with that
+    /// email (if any) as it was read after the reservation: a login's first two steps in
+    /// one call (on PostgreSQL one round trip).
+    async fn reserve_login_for(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<(Reservation, Option<User>)>;
     /// The lock in force for `email`, read only: `Some(retry_after)` when locked.
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>>;
     /// A right password: the count and every lock it started go (also a hard lock

@@ -42,9 +42,11 @@ pub struct SqlStore {
     rotations: mpsc::Sender<RotateJob>,
     /// Rotations done by a group statement (the rest went one by one).
     grouped: Arc<AtomicU64>,
-    /// SQLite with a file: the counters' writes on a connection without fsync waits
+    /// SQLite: the counters' writes on a connection without fsync waits
     /// (see `sqlite_counters`).
     sqlite_counters: Option<super::sqlite_counters::SqliteCounters>,
+    /// SQLite: a login's transaction on a connection of its own (see `sqlite_logins`).
+    sqlite_logins: Option<super::sqlite_logins::SqliteLogins>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
     /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
@@ -62,8 +64,10 @@ impl std::fmt::Debug for SqlStore {
 
 pub(super) const USER_COLS: &str = "u.id, u.email, u.name, u.password_hash, u.role, u.status, u.email_verified_at, \
     u.created_at, u.updated_at, u.last_login_at, u.last_login_geo, u.metadata";
+static USER_BY_EMAIL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {USER_COLS} FROM users u WHERE u.email = $1"));
 /// [`USER_COLS`] unqualified, for `RETURNING` (SQLite takes no table name there).
-static USER_FIELDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| USER_COLS.replace("u.", ""));
+pub(super) static USER_FIELDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| USER_COLS.replace("u.", ""));
 pub(super) const SESSION_COLS: &str = "s.id AS s_id, s.user_id AS s_user_id, s.created_at AS s_created_at, \
     s.last_used_at AS s_last_used_at, s.expires_at AS s_expires_at, s.ip AS s_ip, \
     s.user_agent AS s_user_agent, s.ended_at AS s_ended_at";
@@ -226,21 +230,22 @@ async fn insert_user(conn: &mut AnyConnection, u: &NewUser) -> Result<Option<Use
     row.as_ref().map(user_from).transpose()
 }
 
+pub(super) const INSERT_EVENT_SQL: &str =
+    "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
 /// Appends an audit event inside the caller's connection or transaction.
 async fn insert_event(conn: &mut AnyConnection, e: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(Uuid::now_v7().to_string())
-    .bind(e.user_id.map(|u| u.to_string()))
-    .bind(&e.email)
-    .bind(&e.kind)
-    .bind(e.at)
-    .bind(&e.ip)
-    .bind(&e.user_agent)
-    .bind(e.detail.to_string())
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(INSERT_EVENT_SQL)
+        .bind(Uuid::now_v7().to_string())
+        .bind(e.user_id.map(|u| u.to_string()))
+        .bind(&e.email)
+        .bind(&e.kind)
+        .bind(e.at)
+        .bind(&e.ip)
+        .bind(&e.user_agent)
+        .bind(e.detail.to_string())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -286,12 +291,20 @@ impl SqlStore {
         } else {
             anyhow::bail!("GATEHOUSE_DATABASE_URL must start with sqlite:// or postgres://");
         };
-        if backend == "sqlite" {
-            if let Some(parent) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf())) {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(&parent)
-                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
-                }
+        // SQLite needs a file: its hot paths open connections of their own to it (and an
+        // identity service in memory would lose every account when it stops).
+        let file = match backend {
+            "sqlite" => Some(sqlite_path(url).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "GATEHOUSE_DATABASE_URL: SQLite needs a file (sqlite://path/to/gatehouse.db), not memory"
+                )
+            })?),
+            _ => None,
+        };
+        if let Some(parent) = file.as_ref().and_then(|p| p.parent()) {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
             }
         }
         // No statement text in logs: slow statements would otherwise be logged with SQL.
@@ -350,23 +363,25 @@ impl SqlStore {
             tokio::time::sleep(Duration::from_millis(200)).await;
             migrator.run(&writer).await.map_err(|e| anyhow::anyhow!("migrating the {backend} database failed: {e}"))?;
         }
-        let sqlite_reads =
-            if backend == "sqlite" { sqlite_path(url).map(super::sqlite_reads::SqliteReads::new) } else { None };
-        let sqlite_counters = match sqlite_path(url) {
-            Some(path) if backend == "sqlite" => Some(
-                super::sqlite_counters::SqliteCounters::open(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot open the sqlite database for counters: {e}"))?,
-            ),
-            _ => None,
-        };
+        let sqlite_reads = file.clone().map(super::sqlite_reads::SqliteReads::new);
+        let cannot_open_for =
+            |what: &str, e: sqlx::Error| anyhow::anyhow!("cannot open the sqlite database for {what}: {e}");
+        let sqlite_counters = file
+            .as_deref()
+            .map(super::sqlite_counters::SqliteCounters::open)
+            .transpose()
+            .map_err(|e| cannot_open_for("counters", e))?;
+        let sqlite_logins = file
+            .as_deref()
+            .map(super::sqlite_logins::SqliteLogins::open)
+            .transpose()
+            .map_err(|e| cannot_open_for("logins", e))?;
         let grouped = Arc::new(AtomicU64::new(0));
-        let rotator = match sqlite_path(url) {
-            Some(path) if backend == "sqlite" => Some(
-                SqliteRotator::open(&path, grouped.clone())
-                    .map_err(|e| anyhow::anyhow!("cannot open the sqlite database for rotations: {e}"))?,
-            ),
-            _ => None,
-        };
+        let rotator = file
+            .as_deref()
+            .map(|path| SqliteRotator::open(path, grouped.clone()))
+            .transpose()
+            .map_err(|e| cannot_open_for("rotations", e))?;
         let rotations = spawn_rotation_batcher(writer.clone(), backend, rotator, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
@@ -386,6 +401,7 @@ impl SqlStore {
             rotations,
             grouped,
             sqlite_counters,
+            sqlite_logins,
             sqlite_reads,
             cache,
             _listener: listener,
@@ -398,7 +414,7 @@ impl SqlStore {
     }
 
     /// A counter's statement (`$1` the key, then integers) and its first row's integers:
-    /// on SQLite with a file through `sqlite_counters` in the writer's turn, otherwise
+    /// on SQLite through `sqlite_counters` in the writer's turn, otherwise
     /// through the counters' pool.
     async fn count(&self, sql: &str, key: &str, ints: &[i64]) -> Result<Option<Vec<i64>>, sqlx::Error> {
         if let Some(counters) = &self.sqlite_counters {
@@ -484,10 +500,10 @@ impl Store for SqlStore {
     }
 
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.email = $1"))
-            .bind(email)
-            .fetch_optional(&self.pool)
-            .await?;
+        if let Some(reads) = &self.sqlite_reads {
+            return Ok(reads.user_by_email(&USER_BY_EMAIL, email)?);
+        }
+        let row = sqlx::query(&USER_BY_EMAIL).bind(email).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(user_from).transpose()?)
     }
 
@@ -724,7 +740,12 @@ impl Store for SqlStore {
         Ok(user.map(|u| (u, ended)))
     }
 
-    async fn reserve_login(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Reservation> {
+    async fn reserve_login_for(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<(Reservation, Option<User>)> {
         // One statement counts the attempt and starts the lock it earns, under the row's
         // lock, unless a lock is active: this is what keeps concurrent guesses exact, on
         // every instance, and costs one round trip.
@@ -734,7 +755,7 @@ impl Store for SqlStore {
             Lock::For(s) => (now + i64::from(s), 0),
             Lock::Hard => (0, 1),
         };
-        let sql = format!(
+        let upsert = format!(
             "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
              VALUES ($1, 1, $3, $4, $2) \
              ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2, \
@@ -742,15 +763,42 @@ impl Store for SqlStore {
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
              RETURNING failures"
         );
-        if let Some(row) = self.count(&sql, email, &[now, first_until, first_hard]).await? {
-            let failures = row.first().copied().ok_or(sqlx::Error::RowNotFound)?;
-            let failures = u32::try_from(failures).unwrap_or(u32::MAX);
-            return Ok(Reservation::Allowed { failures });
+        let counted = if self.backend == "postgres" {
+            // The account is read in the same round trip.
+            let row = sqlx::query(&format!(
+                "WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1"
+            ))
+            .bind(email)
+            .bind(now)
+            .bind(first_until)
+            .bind(first_hard)
+            .fetch_optional(&self.counters)
+            .await?;
+            match row {
+                Some(row) => {
+                    let user =
+                        row.try_get::<Option<String>, _>("id")?.is_some().then(|| user_from(&row)).transpose()?;
+                    Some((row.try_get::<i64, _>("failures")?, user))
+                }
+                None => None,
+            }
+        } else {
+            // SQLite: the count on the counters' connection, the account on this
+            // thread's reader, neither a hand-off to another thread.
+            match self.count(&upsert, email, &[now, first_until, first_hard]).await? {
+                Some(row) => {
+                    Some((row.first().copied().ok_or(sqlx::Error::RowNotFound)?, self.user_by_email(email).await?))
+                }
+                None => None,
+            }
+        };
+        if let Some((failures, user)) = counted {
+            return Ok((Reservation::Allowed { failures: u32::try_from(failures).unwrap_or(u32::MAX) }, user));
         }
         // Locked. If the lock ended meanwhile (or the row was purged), the answer is the
         // shortest wait.
         let retry_after = self.login_lock(email, policy, now).await?.unwrap_or(1);
-        Ok(Reservation::Locked { retry_after })
+        Ok((Reservation::Locked { retry_after }, None))
     }
 
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
@@ -812,46 +860,9 @@ impl Store for SqlStore {
         if self.backend == "postgres" {
             return Ok(pg_open_session(&self.writer, s, device_limit).await?);
         }
-        let mut tx = self.begin().await?;
-        // Writing the user row first serialises logins of the same user on every backend;
-        // it returns the user as the login leaves it.
-        let row = sqlx::query(&format!(
-            "UPDATE users SET last_login_at = $1, last_login_geo = $2 \
-             WHERE id = $3 AND status = 'active' AND ($4 = '' OR password_hash = $4) RETURNING {}",
-            *USER_FIELDS
-        ))
-        .bind(s.now)
-        .bind(s.geolocation.as_ref().map(|g| g.to_string()))
-        .bind(s.user_id.to_string())
-        .bind(s.verified_hash.clone().unwrap_or_default())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let user = user_from(&row)?;
-        let event = |kind: &str, detail: serde_json::Value| Event {
-            user_id: Some(user.id),
-            email: Some(user.email.clone()),
-            kind: kind.to_owned(),
-            at: s.now,
-            ip: s.ip.clone(),
-            user_agent: s.user_agent.clone(),
-            detail,
-        };
-        // The session, its refresh token, the cleared failures, the login's audit event
-        // and the evictions past the device limit, all in this one transaction (one
-        // commit per login).
-        insert_session(&mut tx, s).await?;
-        zero_throttle(&mut tx, &user.email, s.now).await?;
-        insert_event(&mut tx, &event("login", login_detail(s))).await?;
-        let evicted = evict_past_limit(&mut tx, s, device_limit).await?;
-        for id in &evicted {
-            insert_event(&mut tx, &event("session_ended", eviction_detail(*id))).await?;
-        }
-        tx.commit().await?;
-        Ok(Some((user, evicted)))
+        let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
+        let _turn = self.writer.acquire().await?;
+        Ok(logins.open_session(s, device_limit)?)
     }
 
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
@@ -1424,8 +1435,7 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
 /// SQLite: the batch's ordinary rotations by the rotator (see `sqlite_rotations`),
 /// answered at its commit; then the others (grace, reuse, invalid, a
 /// token presented twice) one by one. The sqlx writer connection is held throughout, so
-/// that no other write interleaves (SQLite has one writer). Without a rotator (an
-/// in-memory database) every job goes one by one.
+/// that no other write interleaves (SQLite has one writer).
 async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&mut SqliteRotator>, jobs: Vec<RotateJob>) {
     let mut conn = match writer.acquire().await {
         Ok(conn) => conn,
@@ -1532,11 +1542,11 @@ async fn pg_open_session(
     Ok(Some((user_from(&row)?, evicted)))
 }
 
-fn login_detail(s: &NewSession) -> serde_json::Value {
+pub(super) fn login_detail(s: &NewSession) -> serde_json::Value {
     serde_json::json!({"session_id": s.id})
 }
 
-fn eviction_detail(id: Uuid) -> serde_json::Value {
+pub(super) fn eviction_detail(id: Uuid) -> serde_json::Value {
     serde_json::json!({"session_id": id, "reason": "evicted"})
 }
 
@@ -1547,60 +1557,19 @@ fn bind_session<'q>(q: AnyQuery<'q>, s: &'q NewSession) -> AnyQuery<'q> {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// A new session and its first refresh token.
-async fn insert_session(tx: &mut Tx, s: &NewSession) -> Result<(), sqlx::Error> {
-    let insert = sqlx::query(
-        "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, ip, user_agent) \
-         VALUES ($1, $2, $3, $3, $4, $5, $6)",
-    );
-    bind_session(insert, s).execute(&mut **tx).await?;
-    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-        .bind(&s.refresh_hash)
-        .bind(s.id.to_string())
-        .bind(s.now)
-        .bind(s.refresh_expires_at)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Ends the user's oldest live sessions past the device limit (0: no limit), counting
-/// the new one; returns their ids.
-async fn evict_past_limit(tx: &mut Tx, s: &NewSession, device_limit: u32) -> Result<Vec<Uuid>, sqlx::Error> {
-    if device_limit == 0 {
-        return Ok(Vec::new());
-    }
-    let rows = sqlx::query(
-        "SELECT id FROM sessions WHERE user_id = $1 AND ended_at IS NULL AND expires_at > $2 \
-         ORDER BY created_at DESC, id DESC",
-    )
-    .bind(s.user_id.to_string())
-    .bind(s.now)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut evicted = Vec::new();
-    for id in ids(&rows)?.into_iter().skip(device_limit as usize) {
-        // Only sessions this login ended: one ended meanwhile keeps its end.
-        if end_sessions_by_id(tx, id, "evicted", s.now).await? {
-            evicted.push(id);
-        }
-    }
-    Ok(evicted)
-}
+pub(super) const ZERO_THROTTLE_SQL: &str =
+    "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1";
 
 /// Clears an email's count and every lock. The row is zeroed, not deleted, so that a
 /// concurrent reservation always finds it (PostgreSQL does not lock a row that
 /// `ON CONFLICT` merely saw).
 async fn zero_throttle(tx: &mut Tx, email: &str, now: UnixTime) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",
-    )
-    .bind(email)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(ZERO_THROTTLE_SQL).bind(email).bind(now).execute(&mut **tx).await?;
     Ok(())
 }
+
+pub(super) const END_SESSION_SQL: &str =
+    "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL";
 
 /// Ends the session `sid` unless it has ended already; says whether this ended it.
 async fn end_sessions_by_id(
@@ -1609,11 +1578,6 @@ async fn end_sessions_by_id(
     reason: &str,
     now: UnixTime,
 ) -> Result<bool, sqlx::Error> {
-    let ended = sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
-        .bind(now)
-        .bind(reason)
-        .bind(sid.to_string())
-        .execute(&mut *conn)
-        .await?;
+    let ended = sqlx::query(END_SESSION_SQL).bind(now).bind(reason).bind(sid.to_string()).execute(&mut *conn).await?;
     Ok(ended.rows_affected() > 0)
 }

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use super::sqlite_logins::numbered;
 use super::sqlite_reads::err;
 
 /// The counters' connection to one SQLite database file.
@@ -35,14 +36,19 @@ impl SqliteCounters {
     pub(super) fn first_row(&self, sql: &str, params: Vec<Value>) -> Result<Option<Vec<i64>>, sqlx::Error> {
         let run = || {
             let conn = self.conn.lock().map_err(|_| sqlx::Error::PoolClosed)?;
-            // `$1` is a name to SQLite, numbered by first appearance; `?1` is a number.
-            let mut stmt = conn.prepare_cached(&sql.replace('$', "?")).map_err(err)?;
+            let mut stmt = conn.prepare_cached(&numbered(sql)).map_err(err)?;
             let columns = stmt.column_count();
             stmt.query_row(rusqlite::params_from_iter(params), |row| (0..columns).map(|i| row.get(i)).collect())
                 .optional()
                 .map_err(err)
         };
-        on_this_thread(run)
+        // Inline, not under `block_in_place` (which hands the runtime thread's work to
+        // another thread, a wake-up across CPUs): a commit without fsync is a write to
+        // the WAL file's page cache, microseconds. The exception is the commit that
+        // crosses the WAL's auto-checkpoint size (about once in a thousand), which
+        // checkpoints and fsyncs, about a millisecond on these disks; meanwhile the
+        // runtime's other threads take this one's tasks.
+        run()
     }
 }
 

@@ -1,5 +1,6 @@
-//! The hot read of every authenticated request (a session and its user) on SQLite,
-//! done with a read-only rusqlite connection owned by the calling thread.
+//! The hot reads on SQLite (a session and its user for every authenticated request, a
+//! user by email for every login), done with a read-only rusqlite connection owned by
+//! the calling thread.
 //!
 //! sqlx hands every SQLite query to a worker thread and back, which costs more than
 //! the query itself (a point select by primary key takes microseconds). Here each
@@ -89,6 +90,11 @@ impl SqliteReads {
             stmt.query_row([sid.to_string()], session_and_user).optional()
         })
     }
+
+    /// A user by email; `sql` selects `USER_COLS` with the email as its parameter.
+    pub fn user_by_email(&self, sql: &str, email: &str) -> Result<Option<User>, sqlx::Error> {
+        self.with(|c| c.prepare_cached(sql)?.query_row([email], |r| user_at(r, 0)).optional())
+    }
 }
 
 /// A session and its user from a row that starts with `SESSION_COLS` then `USER_COLS`,
@@ -104,19 +110,23 @@ pub(super) fn session_and_user(r: &Row<'_>) -> rusqlite::Result<(Session, User)>
         user_agent: r.get(6)?,
         ended_at: r.get(7)?,
     };
-    let user = User {
-        id: uuid(r, 8)?,
-        email: r.get(9)?,
-        name: r.get(10)?,
-        password_hash: r.get(11)?,
-        role: parsed(r, 12)?,
-        status: parsed(r, 13)?,
-        email_verified_at: r.get(14)?,
-        created_at: r.get(15)?,
-        updated_at: r.get(16)?,
-        last_login_at: r.get(17)?,
-        last_login_geolocation: json(r.get(18)?),
-        metadata: json(r.get(19)?).unwrap_or_else(|| serde_json::json!({})),
-    };
-    Ok((session, user))
+    Ok((session, user_at(r, 8)?))
+}
+
+/// A user from the columns of `USER_COLS`, in their order, starting at column `at`.
+pub(super) fn user_at(r: &Row<'_>, at: usize) -> rusqlite::Result<User> {
+    Ok(User {
+        id: uuid(r, at)?,
+        email: r.get(at + 1)?,
+        name: r.get(at + 2)?,
+        password_hash: r.get(at + 3)?,
+        role: parsed(r, at + 4)?,
+        status: parsed(r, at + 5)?,
+        email_verified_at: r.get(at + 6)?,
+        created_at: r.get(at + 7)?,
+        updated_at: r.get(at + 8)?,
+        last_login_at: r.get(at + 9)?,
+        last_login_geolocation: json(r.get(at + 10)?),
+        metadata: json(r.get(at + 11)?).unwrap_or_else(|| serde_json::json!({})),
+    })
 }

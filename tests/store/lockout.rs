@@ -17,6 +17,7 @@ both_backends!(
     a_policy_without_tiers_or_hard_limit_never_locks,
     counts_and_locks_survive_reopening_the_store,
     reservations_racing_unlocks_always_get_an_answer,
+    a_reservation_for_a_login_reads_the_account_with_the_count,
 );
 
 const E: &str = "guess@example.test";
@@ -216,4 +217,27 @@ async fn reservations_racing_unlocks_always_get_an_answer(b: Backend) {
     for t in tasks {
         t.await.unwrap().expect("every reservation and unlock answers");
     }
+}
+
+async fn a_reservation_for_a_login_reads_the_account_with_the_count(b: Backend) {
+    let db = Db::new(b).await;
+    let s = &*db.store;
+    let p = policy("2:60", 0);
+    let u = user(s, E).await;
+    // Allowed: the count and the account as it is now (here just renamed).
+    let renamed = s
+        .patch_user(u.id, &gatehouse::store::UserPatch { name: Some(Some("Renamed".into())), ..Default::default() }, T0)
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    let (r, read) = s.reserve_login_for(E, &p, T0).await.unwrap();
+    assert_eq!(r, allowed(1));
+    assert_eq!(read.as_ref(), Some(&renamed));
+    // An email without an account is counted the same, and reads nothing.
+    let (r, read) = s.reserve_login_for("nobody@example.test", &p, T0).await.unwrap();
+    assert_eq!((r, read), (allowed(1), None));
+    // Locked: no password will be checked, so no account is read.
+    assert_eq!(s.reserve_login_for(E, &p, T0).await.unwrap(), (allowed(2), Some(renamed)));
+    assert_eq!(s.reserve_login_for(E, &p, T0 + 1).await.unwrap(), (locked(59), None));
 }

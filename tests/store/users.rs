@@ -366,3 +366,16 @@ async fn registering_a_taken_email_creates_nothing_and_records_the_attempt_on_th
     assert_eq!(events[0].user_agent, None);
     assert!(db.store.list_events(second_id, 10).await.unwrap().is_empty());
 }
+
+/// SQLite's hot paths open connections of their own to the database file, and an
+/// identity service in memory would lose every account at exit: a URL without a file is
+/// refused at start-up with a message that says so.
+#[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused_with_a_clear_message() {
+    for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://"] {
+        let options =
+            gatehouse::store::StoreOptions { max_connections: 2, acquire_timeout_secs: 5, session_cache_entries: 0 };
+        let err = gatehouse::store::open(url, &options).await.err().unwrap_or_else(|| panic!("{url} was accepted"));
+        assert!(err.to_string().contains("SQLite needs a file"), "{url}: {err}");
+    }
+}

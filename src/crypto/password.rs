@@ -175,7 +175,29 @@ impl PasswordHasher {
     }
 }
 
+/// How much lower the hashing threads' scheduling priority is than the process's (the
+/// `nice` value added, up to 19).
+pub const HASH_NICE: i32 = 10;
+
+/// Lowers this thread's priority by [`HASH_NICE`]. Hashing takes every core at
+/// saturation; at equal priority a woken runtime or database thread waited behind it for
+/// its turn. Niced, a token check, a probe or a 503 runs as soon as it is woken, and
+/// hashing still has every cycle nothing else wants. (On Linux, where priority is per
+/// thread; elsewhere a no-op.)
+fn yield_to_the_rest() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let now = getpriority_process(me).unwrap_or(0);
+        if let Err(e) = setpriority_process(me, (now + HASH_NICE).min(19)) {
+            tracing::warn!(error = %e, "could not lower the priority of a hashing thread");
+        }
+    }
+}
+
 fn worker(rx: &Mutex<Receiver<Job>>) {
+    yield_to_the_rest();
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -286,6 +308,18 @@ mod tests {
         let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, b"correct horse");
         assert!(h.verify(h.admit().unwrap(), &pw, Some(&old)).await.unwrap(), "older parameters still verify");
         assert!(!h.verify(h.admit().unwrap(), &pw, None).await.unwrap(), "the dummy never matches");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_a_lower_priority_than_the_thread_that_started_them() {
+        use rustix::process::getpriority_process;
+        let nice = || getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let mine = nice();
+        let h = PasswordHasher::start(CHEAP, 1, 4);
+        let theirs = h.run(h.admit().unwrap(), nice).await.unwrap();
+        assert_eq!(theirs, (mine + HASH_NICE).min(19));
+        assert!(theirs > mine || mine == 19);
     }
 
     #[tokio::test]

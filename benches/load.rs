@@ -5,7 +5,8 @@
 //! seeds users, and drives it with the closed- and open-loop load generator below,
 //! each phase bounded in time. Every figure is reported next to a baseline measured in
 //! the same run: the raw argon2id verify rate on the same cores for logins, and a
-//! minimal axum handler served by the same binary for `/v1/me` and refresh. It prints a
+//! minimal axum handler served by the same binary for `/v1/me` and refresh (by two
+//! processes for the run with two instances, the load spread alike). It prints a
 //! table and writes `target/bench/results.json` and `target/bench/results.svg`.
 //!
 //! The load generator shares the machine's cores with the server, as it does with
@@ -330,10 +331,11 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
            "difference": (mu - mw).abs() / mu.max(mw)})
 }
 
-/// One run against the minimal handler (the framework's ceiling).
-async fn minimal_run(base: &str, d: Duration) -> Sample {
-    let b = base.to_owned();
-    closed_loop(32, d, Arc::new(move |c, _| c.get(format!("{b}/")))).await
+/// One run against the minimal handler (the framework's ceiling), served by as many
+/// processes as the phases it is compared with, the load spread the same way.
+async fn minimal_run(bases: &[String], d: Duration) -> Sample {
+    let b = bases.to_vec();
+    closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/", b[w % b.len()])))).await
 }
 
 /// Where profiles go: set when this run profiles (GATEHOUSE_BENCH_PROFILE=1 and perf).
@@ -391,7 +393,7 @@ async fn backend_run(
     data: &Path,
     instances: usize,
     full: bool,
-    minimal: &str,
+    minimal: &[String],
     d: Duration,
 ) -> Value {
     let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
@@ -657,18 +659,21 @@ fn main() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let minimal = start_minimal().await;
+        // Two processes of the minimal handler: the baseline of the two-instance run has
+        // the same shape as it (two processes sharing the cores).
+        let minimal = [start_minimal().await, start_minimal().await];
+        let (one, two) = (&[minimal[0].base.clone()][..], &[minimal[0].base.clone(), minimal[1].base.clone()][..]);
         let mut backends = Vec::new();
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display());
         eprintln!("sqlite ...");
-        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), 1, true, &minimal.base, d).await);
+        backends.push(backend_run("sqlite", &sqlite, &dir.path().join("sqlite"), 1, true, one, d).await);
         if let Ok(pg) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL") {
             eprintln!("postgres, one instance ...");
-            backends.push(backend_run("postgres", &pg, &dir.path().join("pg1"), 1, true, &minimal.base, d).await);
+            backends.push(backend_run("postgres", &pg, &dir.path().join("pg1"), 1, true, one, d).await);
             if let Ok(pg2) = std::env::var("GATEHOUSE_BENCH_POSTGRES_URL_2") {
                 eprintln!("postgres, two instances ...");
-                backends.push(backend_run("postgres", &pg2, &dir.path().join("pg2"), 2, false, &minimal.base, d).await);
+                backends.push(backend_run("postgres", &pg2, &dir.path().join("pg2"), 2, false, two, d).await);
             }
         }
         let results = json!({

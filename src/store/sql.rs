@@ -28,6 +28,8 @@ pub struct SqlStore {
     /// anyway, and queueing for it here (in order, asynchronously) avoids its busy
     /// handler, whose sleeps of up to 100 ms made the tail latency of writes.
     writer: AnyPool,
+    /// SQLite's writer's turn (see [`Turn`]).
+    turn: Turn,
     /// Counters: lockout reservations and per-IP rate limits. On PostgreSQL their own
     /// connections (about a quarter of `max_connections` more), which commit without
     /// waiting for the WAL flush (`synchronous_commit = off`; a flush costs about 0.4 ms
@@ -134,7 +136,62 @@ fn ids(rows: &[AnyRow]) -> Result<Vec<Uuid>, sqlx::Error> {
     rows.iter().map(|r| uuid(r, "id")).collect()
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+/// SQLite's one writer: every write takes this turn first, so that writes through sqlx
+/// and through the rusqlite connections run one at a time and none waits in SQLite's busy
+/// handler. Taking it is a lock; holding the sqlx writer connection as the turn, as
+/// before, cost a hand-off to sqlx's worker thread and back at every release (sqlx pings
+/// a connection it takes back). PostgreSQL has none: its writes lock rows.
+#[derive(Clone, Default)]
+struct Turn(Option<Arc<tokio::sync::Mutex<()>>>);
+
+impl Turn {
+    async fn take(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.0 {
+            Some(m) => Some(m.clone().lock_owned().await),
+            None => None,
+        }
+    }
+}
+
+/// A write transaction, in the writer's turn.
+struct Tx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Tx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+/// A write connection, in the writer's turn (fields drop in order: the connection goes
+/// back to the pool before the turn is given up).
+struct WriteConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+macro_rules! to_connection {
+    ($t:ty, $field:ident) => {
+        impl std::ops::Deref for $t {
+            type Target = AnyConnection;
+            fn deref(&self) -> &AnyConnection {
+                &self.$field
+            }
+        }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut AnyConnection {
+                &mut self.$field
+            }
+        }
+    };
+}
+to_connection!(Tx, tx);
+to_connection!(WriteConn, conn);
 
 /// Seconds within which a session's `last_used_at` is not rewritten on refresh.
 const LAST_USED_RESOLUTION: i64 = 60;
@@ -382,7 +439,9 @@ impl SqlStore {
             .map(|path| SqliteRotator::open(path, grouped.clone()))
             .transpose()
             .map_err(|e| cannot_open_for("rotations", e))?;
-        let rotations = spawn_rotation_batcher(writer.clone(), backend, rotator, grouped.clone());
+        let turn =
+            if backend == "sqlite" { Turn(Some(Arc::new(tokio::sync::Mutex::new(())))) } else { Turn::default() };
+        let rotations = spawn_rotation_batcher(writer.clone(), turn.clone(), backend, rotator, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
         // Held from here on, so that it stops even if this function is cancelled.
@@ -397,6 +456,7 @@ impl SqlStore {
         Ok(Self {
             pool,
             writer,
+            turn,
             counters,
             rotations,
             grouped,
@@ -410,7 +470,14 @@ impl SqlStore {
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        self.writer.begin().await
+        let turn = self.turn.take().await;
+        Ok(Tx { tx: self.writer.begin().await?, _turn: turn })
+    }
+
+    /// The write connection, in the writer's turn.
+    async fn write(&self) -> Result<WriteConn, sqlx::Error> {
+        let turn = self.turn.take().await;
+        Ok(WriteConn { conn: self.writer.acquire().await?, _turn: turn })
     }
 
     /// A counter's statement (`$1` the key, then integers) and its first row's integers:
@@ -418,7 +485,7 @@ impl SqlStore {
     /// through the counters' pool.
     async fn count(&self, sql: &str, key: &str, ints: &[i64]) -> Result<Option<Vec<i64>>, sqlx::Error> {
         if let Some(counters) = &self.sqlite_counters {
-            let _turn = self.writer.acquire().await?;
+            let _turn = self.turn.take().await;
             let mut params = vec![rusqlite::types::Value::Text(key.to_owned())];
             params.extend(ints.iter().map(|&i| rusqlite::types::Value::Integer(i)));
             return counters.first_row(sql, params);
@@ -465,8 +532,7 @@ impl Store for SqlStore {
     }
 
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>> {
-        let mut conn = self.writer.acquire().await?;
-        Ok(insert_user(&mut conn, &u).await?)
+        Ok(insert_user(&mut *self.write().await?, &u).await?)
     }
 
     async fn register(&self, u: NewUser, ip: Option<String>, user_agent: Option<String>) -> StoreResult<Option<User>> {
@@ -657,7 +723,7 @@ impl Store for SqlStore {
         .bind(email)
         .bind(now)
         .bind(i64::from(max_attempts))
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write().await?)
         .await?;
         Ok(match row {
             Some(r) => Some(CodeAttempt { token_id: uuid(&r, "id")?, code_hash: r.try_get("token_hash")? }),
@@ -823,7 +889,7 @@ impl Store for SqlStore {
         )
         .bind(email)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
@@ -861,7 +927,7 @@ impl Store for SqlStore {
             return Ok(pg_open_session(&self.writer, s, device_limit).await?);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
-        let _turn = self.writer.acquire().await?;
+        let _turn = self.turn.take().await;
         Ok(logins.open_session(s, device_limit)?)
     }
 
@@ -916,7 +982,7 @@ impl Store for SqlStore {
         .bind(reason)
         .bind(sid.to_string())
         .bind(user_id.to_string())
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -981,7 +1047,7 @@ impl Store for SqlStore {
                 .bind(now)
                 .bind(id.to_string())
                 .bind(user_id.to_string())
-                .execute(&self.writer)
+                .execute(&mut *self.write().await?)
                 .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -1001,7 +1067,7 @@ impl Store for SqlStore {
             sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(key.id.to_string())
-                .execute(&self.writer)
+                .execute(&mut *self.write().await?)
                 .await?;
         }
         Ok(Some((key, user)))
@@ -1016,7 +1082,7 @@ impl Store for SqlStore {
         .bind(kind.as_str())
         .bind(email)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
@@ -1036,7 +1102,7 @@ impl Store for SqlStore {
         ))
         .bind(now)
         .bind(now + lease)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write().await?)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let kind: String = row.try_get("kind")?;
@@ -1054,7 +1120,7 @@ impl Store for SqlStore {
         sqlx::query("DELETE FROM mail_jobs WHERE id = $1 AND claimed_until = $2")
             .bind(id.to_string())
             .bind(lease)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -1064,14 +1130,13 @@ impl Store for SqlStore {
             .bind(id.to_string())
             .bind(lease)
             .bind(run_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
 
     async fn record_event(&self, e: &Event) -> StoreResult<()> {
-        let mut conn = self.writer.acquire().await?;
-        Ok(insert_event(&mut conn, e).await?)
+        Ok(insert_event(&mut *self.write().await?, e).await?)
     }
 
     async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>> {
@@ -1109,7 +1174,7 @@ impl Store for SqlStore {
         .bind(STANDARD.encode(&candidate.private_pkcs8))
         .bind(STANDARD.encode(&candidate.public))
         .bind(candidate.created_at)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         let rows = sqlx::query(
             "SELECT kid, private_key, public_key, created_at, active_slot FROM signing_keys ORDER BY created_at",
@@ -1150,7 +1215,7 @@ impl Store for SqlStore {
                 now - 30 * 86_400,
             ),
         ] {
-            n += sqlx::query(sql).bind(arg).execute(&self.writer).await?.rows_affected();
+            n += sqlx::query(sql).bind(arg).execute(&mut *self.write().await?).await?.rows_affected();
         }
         Ok(n)
     }
@@ -1294,6 +1359,7 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 /// gathers while the other waits for its commit.
 fn spawn_rotation_batcher(
     writer: AnyPool,
+    turn: Turn,
     backend: &'static str,
     mut rotator: Option<SqliteRotator>,
     grouped: Arc<AtomicU64>,
@@ -1323,7 +1389,7 @@ fn spawn_rotation_batcher(
                 });
             } else {
                 // One batch at a time: run it here rather than hand it to another task.
-                run_sqlite_rotation_batch(&writer, rotator.as_mut(), jobs).await;
+                run_sqlite_rotation_batch(&writer, &turn, rotator.as_mut(), jobs).await;
                 drop(slot);
             }
         }
@@ -1433,14 +1499,16 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
 }
 
 /// SQLite: the batch's ordinary rotations by the rotator (see `sqlite_rotations`),
-/// answered at its commit; then the others (grace, reuse, invalid, a
-/// token presented twice) one by one. The sqlx writer connection is held throughout, so
-/// that no other write interleaves (SQLite has one writer).
-async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&mut SqliteRotator>, jobs: Vec<RotateJob>) {
-    let mut conn = match writer.acquire().await {
-        Ok(conn) => conn,
-        Err(e) => return fail_all(jobs, &e),
-    };
+/// answered at its commit; then the others (grace, reuse, invalid, a token presented
+/// twice) one by one through sqlx. The writer's turn is held throughout, so that no
+/// other write interleaves (SQLite has one writer).
+async fn run_sqlite_rotation_batch(
+    writer: &AnyPool,
+    turn: &Turn,
+    rotator: Option<&mut SqliteRotator>,
+    jobs: Vec<RotateJob>,
+) {
+    let _turn = turn.take().await;
     let rest = match rotator {
         None => jobs,
         Some(rotator) => match rotator.rotate(jobs) {
@@ -1453,8 +1521,12 @@ async fn run_sqlite_rotation_batch(writer: &AnyPool, rotator: Option<&mut Sqlite
             }
         },
     };
-    if !rest.is_empty() {
-        rotate_one_by_one(&mut conn, rest).await;
+    if rest.is_empty() {
+        return;
+    }
+    match writer.acquire().await {
+        Ok(mut conn) => rotate_one_by_one(&mut conn, rest).await,
+        Err(e) => fail_all(rest, &e),
     }
 }
 

@@ -1,7 +1,7 @@
 //! SQLite: the counters' writes (lockout reservations, per-IP rate limits) on a rusqlite
 //! connection of their own that commits without an fsync (`synchronous = NORMAL`).
 //!
-//! The caller holds the sqlx writer connection meanwhile, so SQLite's writes stay one
+//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay one
 //! at a time (no busy waits) and a count is as exact as before. Durability: the commit
 //! is in the WAL file before the answer, so a crash of Gatehouse loses nothing; the next
 //! commit of the sqlx writer or the rotator (`synchronous = FULL`) fsyncs the WAL file,
@@ -32,7 +32,7 @@ impl SqliteCounters {
     }
 
     /// Runs one statement written for sqlx (`$1` parameters) and returns the integer
-    /// columns of its first row, if any. The caller holds the sqlx writer connection.
+    /// columns of its first row, if any. The caller holds the writer's turn.
     pub(super) fn first_row(&self, sql: &str, params: Vec<Value>) -> Result<Option<Vec<i64>>, sqlx::Error> {
         let run = || {
             let conn = self.conn.lock().map_err(|_| sqlx::Error::PoolClosed)?;

@@ -7,7 +7,7 @@
 //! apiece on these machines, for statements that take microseconds. Here the whole
 //! transaction runs start to finish on one thread, under `block_in_place`.
 //!
-//! The caller holds the sqlx writer connection meanwhile, so SQLite's writes stay one at
+//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay one at
 //! a time and none waits in SQLite's busy handler. The commit is `synchronous = FULL`,
 //! like the sqlx writer's: an answered login survives a power cut.
 
@@ -56,7 +56,7 @@ impl SqliteLogins {
         })
     }
 
-    /// See [`super::Store::open_session`]. The caller holds the sqlx writer connection.
+    /// See [`super::Store::open_session`]. The caller holds the writer's turn.
     pub(super) fn open_session(
         &self,
         s: &NewSession,

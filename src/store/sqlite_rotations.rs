@@ -8,7 +8,7 @@
 //! partly idle. Here the group's transaction runs start to finish on one thread, and its
 //! rotations are answered as soon as it commits.
 //!
-//! SQLite has one writer. The batcher holds the sqlx writer connection while this
+//! SQLite has one writer. The batcher holds the writer's turn (`sql::Turn`) while this
 //! connection writes, so writes stay one at a time and none waits in SQLite's busy
 //! handler. What the group does not rotate (grace, reuse, invalid, a token presented
 //! twice) is handed back and goes one by one through sqlx.

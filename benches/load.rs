@@ -58,6 +58,94 @@ impl Server {
     }
 }
 
+/// User + system CPU seconds in a `/proc` stat file (a process's counts its ended
+/// threads too).
+fn stat_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
+    // USER_HZ
+}
+
+/// CPU seconds of process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds of the threads of process `pid` whose name starts with `prefix`.
+fn thread_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .map(|t| stat_seconds(&t.path().join("stat").to_string_lossy()))
+        .sum()
+}
+
+/// CPU seconds of every PostgreSQL process on this machine (0 where there are none).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0.0 };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(cpu_seconds)
+        .sum()
+}
+
+/// Where the machine's CPU went during a phase: the servers' hashing threads, their
+/// other threads, this load generator and PostgreSQL, in CPU seconds.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    hash: f64,
+    other: f64,
+    loadgen: f64,
+    postgres: f64,
+}
+
+impl Cpu {
+    fn now(servers: &[Server]) -> Self {
+        let ids = servers.iter().map(|s| s.child.id());
+        let hash: f64 = ids.clone().map(|id| thread_cpu_seconds(id, "gatehouse-hash")).sum();
+        Self {
+            hash,
+            other: ids.map(cpu_seconds).sum::<f64>() - hash,
+            loadgen: cpu_seconds(std::process::id()),
+            postgres: postgres_cpu_seconds(),
+        }
+    }
+    fn since(self, before: Self) -> Self {
+        Self {
+            hash: self.hash - before.hash,
+            other: self.other - before.other,
+            loadgen: self.loadgen - before.loadgen,
+            postgres: self.postgres - before.postgres,
+        }
+    }
+    fn add(&mut self, o: Self) {
+        self.hash += o.hash;
+        self.other += o.other;
+        self.loadgen += o.loadgen;
+        self.postgres += o.postgres;
+    }
+    /// Microseconds per request of each part.
+    fn per_request(&self, requests: u64) -> Value {
+        let us = |s: f64| s * 1e6 / requests.max(1) as f64;
+        json!({"hash_us": us(self.hash), "server_other_us": us(self.other),
+               "loadgen_us": us(self.loadgen), "postgres_us": us(self.postgres)})
+    }
+}
+
+/// A phase run with the CPU it took added to `cpu`.
+async fn measured(servers: &[Server], cpu: &mut Cpu, run: impl std::future::Future<Output = Sample>) -> Sample {
+    let before = Cpu::now(servers);
+    let sample = run.await;
+    cpu.add(Cpu::now(servers).since(before));
+    sample
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -424,16 +512,17 @@ async fn backend_run(
     let slice = d / ROUNDS;
     let (mut minimal_s, mut healthz, mut me, mut refresh) =
         (Sample::default(), Sample::default(), Sample::default(), Sample::default());
+    let (mut me_cpu, mut refresh_cpu, mut login_cpu) = (Cpu::default(), Cpu::default(), Cpu::default());
     for _ in 0..ROUNDS {
         minimal_s.absorb(minimal_run(minimal, slice).await);
         healthz.absorb(run_phase(Phase::Healthz, &ctx, slice).await);
-        me.absorb(run_phase(Phase::Me, &ctx, slice).await);
-        refresh.absorb(run_phase(Phase::Refresh, &ctx, slice).await);
+        me.absorb(measured(&servers, &mut me_cpu, run_phase(Phase::Me, &ctx, slice)).await);
+        refresh.absorb(measured(&servers, &mut refresh_cpu, run_phase(Phase::Refresh, &ctx, slice)).await);
     }
     let (mut hash, mut login) = (Sample::default(), Sample::default());
     for _ in 0..ROUNDS {
         hash.absorb(raw_hash(slice));
-        login.absorb(run_phase(Phase::Login, &ctx, slice * 2).await);
+        login.absorb(measured(&servers, &mut login_cpu, run_phase(Phase::Login, &ctx, slice * 2)).await);
     }
     let (minimal_rate, hash_rate) = (minimal_s.rate(), hash.rate());
     let capacity = login.rate();
@@ -447,6 +536,11 @@ async fn backend_run(
         },
         "login": login.summary(),
         "login_vs_raw_hash": capacity / hash_rate,
+        "cpu_per_request": {
+            "login": login_cpu.per_request(login.ok + login.other),
+            "me": me_cpu.per_request(me.ok + me.other),
+            "refresh": refresh_cpu.per_request(refresh.ok + refresh.other),
+        },
         "me": me.summary(),
         "me_vs_minimal": me.rate() / minimal_rate,
         "healthz": healthz.summary(),
@@ -586,6 +680,11 @@ fn table(results: &Value) -> String {
             );
         }
         row(&mut t, "login / raw hash rate", f(&b["login_vs_raw_hash"]));
+        for phase in ["login", "me", "refresh"] {
+            let c = &b["cpu_per_request"][phase];
+            let parts = ["hash_us", "server_other_us", "loadgen_us", "postgres_us"].map(|k| f(&c[k]));
+            row(&mut t, &format!("{phase} CPU µs: hash / server other / loadgen / pg"), parts.join(" / "));
+        }
         row(&mut t, "me / minimal handler", f(&b["me_vs_minimal"]));
         row(&mut t, "me / healthz", f(&b["me_vs_healthz"]));
         row(&mut t, "refresh / minimal handler", f(&b["refresh_vs_minimal"]));

@@ -18,6 +18,7 @@ both_backends!(
     with_no_grace_window_presenting_a_rotated_token_again_is_reuse,
     the_same_rotation_run_again_is_its_own_answer_not_reuse,
     a_rotation_run_again_among_others_spoils_none_of_them,
+    a_token_whose_session_an_operator_deleted_is_invalid,
 );
 
 fn is_invalid(r: &Rotation) -> bool {
@@ -256,4 +257,24 @@ async fn a_rotation_run_again_among_others_spoils_none_of_them(b: Backend) {
             }
         }
     }
+}
+
+/// (On PostgreSQL refresh tokens keep no foreign key to their session: migration 0005.)
+async fn a_token_whose_session_an_operator_deleted_is_invalid(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "gone@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    let other = login(&*db.store, u.id, T0).await;
+    sqlx::any::install_default_drivers();
+    let operator = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query(&format!("DELETE FROM sessions WHERE id = '{}'", s.id)).execute(&operator).await.unwrap();
+    operator.close().await;
+    // Both alone and among other rotations (PostgreSQL groups them in one statement).
+    let (r, _) = rotate(&s.refresh, T0 + 100);
+    assert!(is_invalid(&db.store.rotate_refresh(&r).await.unwrap()));
+    let (r, _) = rotate(&s.refresh, T0 + 101);
+    let (o, _) = rotate(&other.refresh, T0 + 101);
+    let (gone, kept) = tokio::join!(db.store.rotate_refresh(&r), db.store.rotate_refresh(&o));
+    assert!(is_invalid(&gone.unwrap()));
+    assert!(matches!(kept.unwrap(), Rotation::Rotated { .. }));
 }

@@ -153,7 +153,10 @@ impl Turn {
     }
 }
 
-/// A write transaction, in the writer's turn.
+/// A write transaction, in the writer's turn. One dropped without commit or rollback
+/// (an error on the way) gives up the turn at once; sqlx sends its rollback to the
+/// connection's worker at the drop, so a write that takes the turn next meets the
+/// transaction's lock for microseconds at most, in SQLite's busy handler.
 struct Tx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,

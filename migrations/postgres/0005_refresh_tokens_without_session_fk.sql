@@ -11,4 +11,4 @@
 -- session (sessions end; their rows stay). A token whose session an operator deleted by
 -- hand can never rotate (a rotation reads its session first) and is purged when it
 -- expires, like any other.
-ALTER TABLE refresh_tokens DROP CONSTRAINT refresh_tokens_session_id_fkey;
+ALTER TABLE refresh_tokens DROP CONSTRAINT IF EXISTS refresh_tokens_session_id_fkey;

@@ -423,8 +423,10 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.reserve_login_for(email, policy, now).await?.0)
     }
     /// [`Store::reserve_login`], and when the attempt is allowed, the account with that
-    /// email (if any) as it was read after the reservation: a login's first two steps in
-    /// one call (on PostgreSQL one round trip).
+    /// email (if any): a login's first two steps in one call (on PostgreSQL one round
+    /// trip, so the account is as of the statement's start; a password change that
+    /// committed while the reservation waited for the email's row is not seen, and
+    /// `open_session` refuses a session checked against a replaced hash).
     async fn reserve_login_for(
         &self,
         email: &str,

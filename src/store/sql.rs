@@ -140,61 +140,98 @@ fn ids(rows: &[AnyRow]) -> Result<Vec<Uuid>, sqlx::Error> {
 /// and through the rusqlite connections run one at a time and none waits in SQLite's busy
 /// handler. Taking it is a lock; holding the sqlx writer connection as the turn, as
 /// before, cost a hand-off to sqlx's worker thread and back at every release (sqlx pings
-/// a connection it takes back). PostgreSQL has none: its writes lock rows.
+/// a connection it takes back). A write that waits longer than the pool's acquire
+/// timeout for it gets the pool's timeout error (answered 503), as it did waiting for
+/// the connection. PostgreSQL has none: its writes lock rows.
 #[derive(Clone, Default)]
-struct Turn(Option<Arc<tokio::sync::Mutex<()>>>);
+struct Turn(Option<(Arc<tokio::sync::Mutex<()>>, Duration)>);
+
+type TurnGuard = tokio::sync::OwnedMutexGuard<()>;
 
 impl Turn {
-    async fn take(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        match &self.0 {
-            Some(m) => Some(m.clone().lock_owned().await),
-            None => None,
+    fn sqlite(acquire_timeout: Duration) -> Self {
+        Self(Some((Arc::new(tokio::sync::Mutex::new(())), acquire_timeout)))
+    }
+
+    async fn take(&self) -> Result<Option<TurnGuard>, sqlx::Error> {
+        let Some((lock, timeout)) = &self.0 else { return Ok(None) };
+        match tokio::time::timeout(*timeout, lock.clone().lock_owned()).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
         }
     }
 }
 
-/// A write transaction, in the writer's turn. One dropped without commit or rollback
-/// (an error on the way) gives up the turn at once; sqlx sends its rollback to the
-/// connection's worker at the drop, so a write that takes the turn next meets the
-/// transaction's lock for microseconds at most, in SQLite's busy handler.
+/// A write transaction, in the writer's turn.
 struct Tx {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Open until `commit` or `rollback` take it.
+    tx: Option<sqlx::Transaction<'static, sqlx::Any>>,
+    turn: Option<TurnGuard>,
+    writer: AnyPool,
 }
 
 impl Tx {
-    async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            Some(tx) => tx.commit().await,
+            None => Ok(()),
+        }
     }
-    async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+    async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            Some(tx) => tx.rollback().await,
+            None => Ok(()),
+        }
     }
 }
 
-/// A write connection, in the writer's turn (fields drop in order: the connection goes
-/// back to the pool before the turn is given up).
+impl Drop for Tx {
+    /// Dropped open (an early return, an error): sqlx rolls the transaction back on its
+    /// connection, asynchronously. The turn is kept until that connection is back in the
+    /// pool, after the rollback, so that the next writer never meets this transaction's
+    /// lock in SQLite's busy handler.
+    fn drop(&mut self) {
+        let (Some(tx), Some(turn)) = (self.tx.take(), self.turn.take()) else { return };
+        drop(tx);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let writer = self.writer.clone();
+            runtime.spawn(async move {
+                let _back = writer.acquire().await;
+                drop(turn);
+            });
+        }
+    }
+}
+
+/// A write connection, in the writer's turn (it runs single statements, so it holds no
+/// lock once a statement has answered).
 struct WriteConn {
     conn: sqlx::pool::PoolConnection<sqlx::Any>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _turn: Option<TurnGuard>,
 }
 
-macro_rules! to_connection {
-    ($t:ty, $field:ident) => {
-        impl std::ops::Deref for $t {
-            type Target = AnyConnection;
-            fn deref(&self) -> &AnyConnection {
-                &self.$field
-            }
-        }
-        impl std::ops::DerefMut for $t {
-            fn deref_mut(&mut self) -> &mut AnyConnection {
-                &mut self.$field
-            }
-        }
-    };
+impl std::ops::Deref for Tx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        self.tx.as_deref().expect("a transaction is open until commit or rollback take it")
+    }
 }
-to_connection!(Tx, tx);
-to_connection!(WriteConn, conn);
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.tx.as_deref_mut().expect("a transaction is open until commit or rollback take it")
+    }
+}
+impl std::ops::Deref for WriteConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
 
 /// Seconds within which a session's `last_used_at` is not rewritten on refresh.
 const LAST_USED_RESOLUTION: i64 = 60;
@@ -442,8 +479,11 @@ impl SqlStore {
             .map(|path| SqliteRotator::open(path, grouped.clone()))
             .transpose()
             .map_err(|e| cannot_open_for("rotations", e))?;
-        let turn =
-            if backend == "sqlite" { Turn(Some(Arc::new(tokio::sync::Mutex::new(())))) } else { Turn::default() };
+        let turn = if backend == "sqlite" {
+            Turn::sqlite(Duration::from_secs(acquire_timeout_secs.into()))
+        } else {
+            Turn::default()
+        };
         let rotations = spawn_rotation_batcher(writer.clone(), turn.clone(), backend, rotator, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
@@ -473,13 +513,13 @@ impl SqlStore {
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let turn = self.turn.take().await;
-        Ok(Tx { tx: self.writer.begin().await?, _turn: turn })
+        let turn = self.turn.take().await?;
+        Ok(Tx { tx: Some(self.writer.begin().await?), turn, writer: self.writer.clone() })
     }
 
     /// The write connection, in the writer's turn.
     async fn write(&self) -> Result<WriteConn, sqlx::Error> {
-        let turn = self.turn.take().await;
+        let turn = self.turn.take().await?;
         Ok(WriteConn { conn: self.writer.acquire().await?, _turn: turn })
     }
 
@@ -488,7 +528,7 @@ impl SqlStore {
     /// through the counters' pool.
     async fn count(&self, sql: &str, key: &str, ints: &[i64]) -> Result<Option<Vec<i64>>, sqlx::Error> {
         if let Some(counters) = &self.sqlite_counters {
-            let _turn = self.turn.take().await;
+            let _turn = self.turn.take().await?;
             let mut params = vec![rusqlite::types::Value::Text(key.to_owned())];
             params.extend(ints.iter().map(|&i| rusqlite::types::Value::Integer(i)));
             return counters.first_row(sql, params);
@@ -519,8 +559,9 @@ impl Drop for AbortOnDrop {
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = rest.split('?').next()?;
-    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let memory = path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
+    (!memory).then(|| std::path::PathBuf::from(path))
 }
 
 #[async_trait]
@@ -833,7 +874,8 @@ impl Store for SqlStore {
              RETURNING failures"
         );
         let counted = if self.backend == "postgres" {
-            // The account is read in the same round trip.
+            // The account is read in the same round trip (in the statement's snapshot,
+            // see the trait's doc).
             let row = sqlx::query(&format!(
                 "WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1"
             ))
@@ -930,7 +972,7 @@ impl Store for SqlStore {
             return Ok(pg_open_session(&self.writer, s, device_limit).await?);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
-        let _turn = self.turn.take().await;
+        let _turn = self.turn.take().await?;
         Ok(logins.open_session(s, device_limit)?)
     }
 
@@ -1511,7 +1553,10 @@ async fn run_sqlite_rotation_batch(
     rotator: Option<&mut SqliteRotator>,
     jobs: Vec<RotateJob>,
 ) {
-    let _turn = turn.take().await;
+    let _turn = match turn.take().await {
+        Ok(turn) => turn,
+        Err(e) => return fail_all(jobs, &e),
+    };
     let rest = match rotator {
         None => jobs,
         Some(rotator) => match rotator.rotate(jobs) {

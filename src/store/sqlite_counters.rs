@@ -12,7 +12,8 @@
 //! request.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -33,24 +34,36 @@ impl SqliteCounters {
 
     /// Runs one statement written for sqlx (`$1` parameters) and returns the integer
     /// columns of its first row, if any. The caller holds the writer's turn.
+    ///
+    /// Inline, not under `block_in_place` (which hands the runtime thread's work to
+    /// another thread, a wake-up across CPUs): a commit without fsync is a write to the
+    /// WAL file's page cache, microseconds. The commit that crosses the WAL's
+    /// auto-checkpoint size (about once in a thousand) checkpoints and fsyncs, about a
+    /// millisecond on these disks. Only when the database is locked by something outside
+    /// the turn (an operator's `sqlite3`, a backup, `gatehouse migrate`) does the statement
+    /// wait, and then under `block_in_place`, in SQLite's busy handler.
     pub(super) fn first_row(&self, sql: &str, params: Vec<Value>) -> Result<Option<Vec<i64>>, sqlx::Error> {
-        let run = || {
-            let conn = self.conn.lock().map_err(|_| sqlx::Error::PoolClosed)?;
-            let mut stmt = conn.prepare_cached(&numbered(sql)).map_err(err)?;
+        let run = |wait: Duration| {
+            // A panic elsewhere while it was held left nothing half done: rusqlite rolls
+            // back an unfinished statement.
+            let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            conn.busy_timeout(wait)?;
+            let mut stmt = conn.prepare_cached(&numbered(sql))?;
             let columns = stmt.column_count();
-            stmt.query_row(rusqlite::params_from_iter(params), |row| (0..columns).map(|i| row.get(i)).collect())
+            stmt.query_row(rusqlite::params_from_iter(params.iter()), |row| (0..columns).map(|i| row.get(i)).collect())
                 .optional()
-                .map_err(err)
         };
-        // Inline, not under `block_in_place` (which hands the runtime thread's work to
-        // another thread, a wake-up across CPUs): a commit without fsync is a write to
-        // the WAL file's page cache, microseconds. The exception is the commit that
-        // crosses the WAL's auto-checkpoint size (about once in a thousand), which
-        // checkpoints and fsyncs, about a millisecond on these disks; meanwhile the
-        // runtime's other threads take this one's tasks.
-        run()
+        match run(Duration::ZERO) {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                on_this_thread(|| run(BUSY_WAIT)).map_err(err)
+            }
+            other => other.map_err(err),
+        }
     }
 }
+
+/// How long a rusqlite writer waits for a lock held outside the writer's turn.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// A read-write rusqlite connection to the database file at `path` (already migrated),
 /// in WAL mode with the given `synchronous` level.

@@ -63,7 +63,9 @@ impl SqliteLogins {
         device_limit: u32,
     ) -> Result<Option<(User, Vec<Uuid>)>, sqlx::Error> {
         on_this_thread(|| {
-            let mut conn = self.conn.lock().map_err(|_| sqlx::Error::PoolClosed)?;
+            // A panic elsewhere while it was held left nothing half done: rusqlite rolls
+            // back a transaction it drops.
+            let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             self.write(&mut conn, s, device_limit).map_err(err)
         })
     }

@@ -372,7 +372,7 @@ async fn registering_a_taken_email_creates_nothing_and_records_the_attempt_on_th
 /// refused at start-up with a message that says so.
 #[tokio::test]
 async fn an_in_memory_sqlite_database_is_refused_with_a_clear_message() {
-    for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://"] {
+    for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://", "sqlite://x.db?mode=memory&cache=shared"] {
         let options =
             gatehouse::store::StoreOptions { max_connections: 2, acquire_timeout_secs: 5, session_cache_entries: 0 };
         let err = gatehouse::store::open(url, &options).await.err().unwrap_or_else(|| panic!("{url} was accepted"));

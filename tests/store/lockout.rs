@@ -241,3 +241,44 @@ async fn a_reservation_for_a_login_reads_the_account_with_the_count(b: Backend) 
     assert_eq!(s.reserve_login_for(E, &p, T0).await.unwrap(), (allowed(2), Some(renamed)));
     assert_eq!(s.reserve_login_for(E, &p, T0 + 1).await.unwrap(), (locked(59), None));
 }
+
+/// SQLite: a count meets the database locked by something outside the service (an
+/// operator's `sqlite3`, a backup). It waits for the lock and is then counted, and the
+/// runtime thread it started on is not held meanwhile: here the runtime has a single
+/// worker, and a task ticking every 10 ms keeps ticking while the count waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_count_waits_for_an_outside_lock_without_holding_the_runtime() {
+    let db = Db::new(Backend::Sqlite).await;
+    let path = db.url.trim_start_matches("sqlite://").split('?').next().unwrap().to_owned();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    // On the runtime's worker (the test's own body runs on another thread).
+    let store = db.store.clone();
+    let counted =
+        tokio::spawn(async move { store.reserve_login(E, &default_policy(), T0).await.unwrap() }).await.unwrap();
+    let waited = started.elapsed();
+    let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    ticker.abort();
+    holder.join().unwrap();
+    assert_eq!(counted, allowed(1));
+    assert!(waited >= std::time::Duration::from_millis(300), "the count did not wait for the lock: {waited:?}");
+    assert!(ticked >= 10, "the runtime's only worker was held while the count waited: {ticked} ticks in {waited:?}");
+}

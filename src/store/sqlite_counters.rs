@@ -1,8 +1,8 @@
 //! SQLite: the counters' writes (lockout reservations, per-IP rate limits) on a rusqlite
 //! connection of their own that commits without an fsync (`synchronous = NORMAL`).
 //!
-//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay one
-//! at a time (no busy waits) and a count is as exact as before. Durability: the commit
+//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay
+//! one at a time (no busy waits) and a count is as exact as before. Durability: the commit
 //! is in the WAL file before the answer, so a crash of Gatehouse loses nothing; the next
 //! commit of the sqlx writer or the rotator (`synchronous = FULL`) fsyncs the WAL file,
 //! this commit's frames included. A login that checks a password makes such a commit
@@ -18,7 +18,6 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use super::sqlite_logins::numbered;
 use super::sqlite_reads::err;
 
 /// The counters' connection to one SQLite database file.
@@ -64,6 +63,12 @@ impl SqliteCounters {
 
 /// How long a rusqlite writer waits for a lock held outside the writer's turn.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// A statement written for sqlx (`$1` parameters) in rusqlite's numbering: `$1` is a
+/// name to SQLite, numbered by first appearance; `?1` is a number.
+pub(super) fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
 
 /// A read-write rusqlite connection to the database file at `path` (already migrated),
 /// in WAL mode with the given `synchronous` level.

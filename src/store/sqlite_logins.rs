@@ -7,9 +7,9 @@
 //! apiece on these machines, for statements that take microseconds. Here the whole
 //! transaction runs start to finish on one thread, under `block_in_place`.
 //!
-//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay one at
-//! a time and none waits in SQLite's busy handler. The commit is `synchronous = FULL`,
-//! like the sqlx writer's: an answered login survives a power cut.
+//! The caller holds the writer's turn (`sql::Turn`) meanwhile, so SQLite's writes stay
+//! one at a time and none waits in SQLite's busy handler. The commit is
+//! `synchronous = FULL`, like the sqlx writer's: an answered login survives a power cut.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -18,8 +18,8 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
 use super::sql::{eviction_detail, login_detail, END_SESSION_SQL, INSERT_EVENT_SQL, USER_FIELDS, ZERO_THROTTLE_SQL};
-use super::sqlite_counters::{on_this_thread, open_writer};
-use super::sqlite_reads::{err, user_at};
+use super::sqlite_counters::{numbered, on_this_thread, open_writer};
+use super::sqlite_reads::{err, user_at, uuid};
 use super::NewSession;
 use crate::domain::user::User;
 
@@ -30,12 +30,6 @@ pub(super) struct SqliteLogins {
     zero_throttle: String,
     insert_event: String,
     end_session: String,
-}
-
-/// A statement written for sqlx (`$1` parameters) in rusqlite's numbering: `$1` is a
-/// name to SQLite, numbered by first appearance; `?1` is a number.
-pub(super) fn numbered(sql: &str) -> String {
-    sql.replace('$', "?")
 }
 
 impl SqliteLogins {
@@ -118,22 +112,19 @@ impl SqliteLogins {
         event("login", login_detail(s))?;
         let mut evicted = Vec::new();
         if device_limit > 0 {
-            let live: Vec<String> = tx
+            let live: Vec<Uuid> = tx
                 .prepare_cached(
                     "SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL AND expires_at > ?2 \
                      ORDER BY created_at DESC, id DESC",
                 )?
-                .query_map(params![uid, s.now], |r| r.get(0))?
+                .query_map(params![uid, s.now], |r| uuid(r, 0))?
                 .collect::<Result<_, _>>()?;
             let mut end = tx.prepare_cached(&self.end_session)?;
             for id in live.iter().skip(device_limit as usize) {
                 // Only sessions this login ended: one ended meanwhile keeps its end.
-                if end.execute(params![s.now, "evicted", id])? > 0 {
-                    let id = Uuid::parse_str(id).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-                    })?;
-                    event("session_ended", eviction_detail(id))?;
-                    evicted.push(id);
+                if end.execute(params![s.now, "evicted", id.to_string()])? > 0 {
+                    event("session_ended", eviction_detail(*id))?;
+                    evicted.push(*id);
                 }
             }
         }

@@ -41,7 +41,7 @@ pub(super) fn err(e: rusqlite::Error) -> sqlx::Error {
     }
 }
 
-fn uuid(row: &Row<'_>, col: usize) -> rusqlite::Result<Uuid> {
+pub(super) fn uuid(row: &Row<'_>, col: usize) -> rusqlite::Result<Uuid> {
     let s: String = row.get(col)?;
     Uuid::parse_str(&s)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))

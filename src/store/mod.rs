@@ -7,6 +7,7 @@
 //! starts with a write, so SQLite takes its write lock up front (no deferred upgrade
 //! that could fail under concurrency) and PostgreSQL locks the rows it then reads.
 
+mod pg_direct;
 mod session_cache;
 pub mod sql;
 mod sqlite_counters;
@@ -45,7 +46,12 @@ pub fn is_transient_error(e: &sqlx::Error) -> bool {
             // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
             // possibly extended (low byte).
             let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-            sqlite_busy || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
+            // PostgreSQL also: a connection lost (class 08) or ended by a shutting-down
+            // server (57P01 to 57P03): the next attempt gets a new one.
+            sqlite_busy
+                || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
+                || code.starts_with("08")
+                || code.starts_with("57P")
         }
         _ => false,
     }

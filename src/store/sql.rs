@@ -15,6 +15,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::pg_direct::{Direct, IDLE_BEFORE_PING};
 use super::session_cache::SessionCache;
 use super::sqlite_rotations::{Outcome, SqliteRotator};
 use super::*;
@@ -30,16 +31,8 @@ pub struct SqlStore {
     writer: AnyPool,
     /// SQLite's writer's turn (see [`Turn`]).
     turn: Turn,
-    /// Counters: lockout reservations and per-IP rate limits. On PostgreSQL their own
-    /// connections (about a quarter of `max_connections` more), which commit without
-    /// waiting for the WAL flush (`synchronous_commit = off`; a flush costs about 0.4 ms
-    /// of CPU on these machines). A successful login's session commit, and the audit
-    /// event of a failed one when it is written, flush the WAL up to the reservation
-    /// (PostgreSQL flushes in order). What a crash of PostgreSQL itself, of its machine
-    /// or a failover can lose is the counts of up to three `wal_writer_delay`s (600 ms
-    /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
-    /// loses nothing. On SQLite the writer, unused when `sqlite_counters` is there.
-    counters: AnyPool,
+    /// PostgreSQL: the hot statements' own connections (see [`PgHot`]).
+    pg_hot: Option<Arc<PgHot>>,
     /// Refresh rotations go through a group-commit batcher.
     rotations: mpsc::Sender<RotateJob>,
     /// Rotations done by a group statement (the rest went one by one).
@@ -57,6 +50,29 @@ pub struct SqlStore {
     _listener: Option<AbortOnDrop>,
     backend: &'static str,
 }
+
+/// PostgreSQL: the connections of the hottest statements, outside sqlx's pool (see
+/// `pg_direct`), each set a quarter of `max_connections` (at least two).
+struct PgHot {
+    /// Counters: lockout reservations and per-IP rate limits. They commit without
+    /// waiting for the WAL flush (`synchronous_commit = off`; a flush costs about 0.4 ms
+    /// of CPU on these machines). A successful login's session commit, and the audit
+    /// event of a failed one when it is written, flush the WAL up to the reservation
+    /// (PostgreSQL flushes in order). What a crash of PostgreSQL itself, of its machine
+    /// or a failover can lose is the counts of up to three `wal_writer_delay`s (600 ms
+    /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
+    /// loses nothing.
+    fast: Direct,
+    /// A login's session and the refresh rotation batches: durable at commit.
+    durable: Direct,
+}
+
+/// Every PostgreSQL connection's session settings.
+const PG_SETUP: &str = "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';";
+
+/// The counters' connections' settings (see [`PgHot::fast`]).
+const PG_FAST_SETUP: &str = "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s'; \
+                             SET synchronous_commit = off;";
 
 impl std::fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -409,13 +425,22 @@ impl SqlStore {
             .map_err(|_| anyhow::anyhow!("GATEHOUSE_DATABASE_URL is not a valid database URL"))?
             .log_statements(log::LevelFilter::Off)
             .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(1));
-        let pool_options = |max: u32, flush: bool| {
+        let pool_options = |max: u32| {
             AnyPoolOptions::new()
                 .max_connections(max)
                 .min_connections(u32::from(backend == "sqlite"))
-                // A SQLite connection is a file, not a socket: nothing to test, and the
-                // test is a hand-off to sqlx's worker thread and back.
-                .test_before_acquire(backend != "sqlite")
+                // A connection is tested before use only after lying idle (a restarted
+                // server), not on every use: under load that test was a round trip
+                // per statement. (A SQLite connection is a file: nothing to test.)
+                .test_before_acquire(false)
+                .before_acquire(move |conn, meta| {
+                    Box::pin(async move {
+                        if backend != "sqlite" && meta.idle_for > IDLE_BEFORE_PING {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .acquire_timeout(Duration::from_secs(acquire_timeout_secs.into()))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
@@ -428,26 +453,23 @@ impl SqlStore {
                             )
                             .await?;
                         } else {
-                            conn.execute(
-                                "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';",
-                            )
-                            .await?;
-                            if !flush {
-                                conn.execute("SET synchronous_commit = off").await?;
-                            }
+                            conn.execute(PG_SETUP).await?;
                         }
                         Ok(())
                     })
                 })
         };
         let cannot_open = |e: sqlx::Error| anyhow::anyhow!("cannot open the {backend} database: {e}");
-        let pool = pool_options(max_connections, true).connect_with(opts.clone()).await.map_err(cannot_open)?;
-        let (writer, counters) = if backend == "sqlite" {
-            let writer = pool_options(1, true).connect_with(opts).await.map_err(cannot_open)?;
-            (writer.clone(), writer)
+        let pool = pool_options(max_connections).connect_with(opts.clone()).await.map_err(cannot_open)?;
+        let (writer, pg_hot) = if backend == "sqlite" {
+            (pool_options(1).connect_with(opts).await.map_err(cannot_open)?, None)
         } else {
-            let counters = pool_options(max_connections.div_ceil(4), false).connect_lazy_with(opts);
-            (pool.clone(), counters)
+            let (size, wait) = (max_connections.div_ceil(4).max(2), Duration::from_secs(acquire_timeout_secs.into()));
+            let hot = PgHot {
+                fast: Direct::new(opts.clone(), size, PG_FAST_SETUP, wait),
+                durable: Direct::new(opts, size, PG_SETUP, wait),
+            };
+            (pool.clone(), Some(Arc::new(hot)))
         };
         let migrator = if backend == "sqlite" {
             sqlx::migrate!("migrations/sqlite")
@@ -484,7 +506,7 @@ impl SqlStore {
         } else {
             Turn::default()
         };
-        let rotations = spawn_rotation_batcher(writer.clone(), turn.clone(), backend, rotator, grouped.clone());
+        let rotations = spawn_rotation_batcher(writer.clone(), pg_hot.clone(), turn.clone(), rotator, grouped.clone());
         let cache = (backend == "postgres" && session_cache_entries > 0)
             .then(|| SessionCache::new(session_cache_entries as usize));
         // Held from here on, so that it stops even if this function is cancelled.
@@ -500,7 +522,7 @@ impl SqlStore {
             pool,
             writer,
             turn,
-            counters,
+            pg_hot: pg_hot.clone(),
             rotations,
             grouped,
             sqlite_counters,
@@ -517,6 +539,11 @@ impl SqlStore {
         Ok(Tx { tx: Some(self.writer.begin().await?), turn, writer: self.writer.clone() })
     }
 
+    /// PostgreSQL's hot connections; on SQLite, which has none, an error (no caller asks).
+    fn pg_hot(&self) -> Result<&PgHot, sqlx::Error> {
+        self.pg_hot.as_deref().ok_or_else(|| sqlx::Error::Configuration("no PostgreSQL connections".into()))
+    }
+
     /// The write connection, in the writer's turn.
     async fn write(&self) -> Result<WriteConn, sqlx::Error> {
         let turn = self.turn.take().await?;
@@ -524,8 +551,8 @@ impl SqlStore {
     }
 
     /// A counter's statement (`$1` the key, then integers) and its first row's integers:
-    /// on SQLite through `sqlite_counters` in the writer's turn, otherwise
-    /// through the counters' pool.
+    /// on SQLite through `sqlite_counters` in the writer's turn, on PostgreSQL on the
+    /// counters' connections.
     async fn count(&self, sql: &str, key: &str, ints: &[i64]) -> Result<Option<Vec<i64>>, sqlx::Error> {
         if let Some(counters) = &self.sqlite_counters {
             let _turn = self.turn.take().await?;
@@ -537,7 +564,9 @@ impl SqlStore {
         for &i in ints {
             query = query.bind(i);
         }
-        let row = query.fetch_optional(&self.counters).await?;
+        let mut lease = self.pg_hot()?.fast.acquire().await?;
+        let row = query.fetch_optional(lease.conn()).await;
+        let row = lease.give_back(row)?;
         row.map(|r| (0..r.columns().len()).map(|i| r.try_get::<i64, _>(i)).collect()).transpose()
     }
 
@@ -876,16 +905,12 @@ impl Store for SqlStore {
         let counted = if self.backend == "postgres" {
             // The account is read in the same round trip (in the statement's snapshot,
             // see the trait's doc).
-            let row = sqlx::query(&format!(
-                "WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1"
-            ))
-            .bind(email)
-            .bind(now)
-            .bind(first_until)
-            .bind(first_hard)
-            .fetch_optional(&self.counters)
-            .await?;
-            match row {
+            let sql =
+                format!("WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1");
+            let query = sqlx::query(&sql).bind(email).bind(now).bind(first_until).bind(first_hard);
+            let mut lease = self.pg_hot()?.fast.acquire().await?;
+            let row = query.fetch_optional(lease.conn()).await;
+            match lease.give_back(row)? {
                 Some(row) => {
                     let user =
                         row.try_get::<Option<String>, _>("id")?.is_some().then(|| user_from(&row)).transpose()?;
@@ -969,7 +994,7 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         if self.backend == "postgres" {
-            return Ok(pg_open_session(&self.writer, s, device_limit).await?);
+            return Ok(pg_open_session(&self.pg_hot()?.durable, s, device_limit).await?);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
         let _turn = self.turn.take().await?;
@@ -1404,13 +1429,13 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 /// gathers while the other waits for its commit.
 fn spawn_rotation_batcher(
     writer: AnyPool,
+    pg_hot: Option<Arc<PgHot>>,
     turn: Turn,
-    backend: &'static str,
     mut rotator: Option<SqliteRotator>,
     grouped: Arc<AtomicU64>,
 ) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
-    let slots = Arc::new(tokio::sync::Semaphore::new(if backend == "postgres" { 2 } else { 1 }));
+    let slots = Arc::new(tokio::sync::Semaphore::new(if pg_hot.is_some() { 2 } else { 1 }));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -1426,10 +1451,10 @@ fn spawn_rotation_batcher(
             if jobs.is_empty() {
                 continue;
             }
-            if backend == "postgres" {
-                let (writer, grouped) = (writer.clone(), grouped.clone());
+            if let Some(hot) = &pg_hot {
+                let (writer, hot, grouped) = (writer.clone(), hot.clone(), grouped.clone());
                 tokio::spawn(async move {
-                    run_pg_rotation_batch(&writer, jobs, &grouped).await;
+                    run_pg_rotation_batch(&writer, &hot.durable, jobs, &grouped).await;
                     drop(slot);
                 });
             } else {
@@ -1449,8 +1474,8 @@ fn spawn_rotation_batcher(
 /// each in its own transaction, concurrently; the batch's slot is held until they are
 /// done. If the statement committed before failing, [`rotate_in`] recognises each job's
 /// own rotation. Under load (a pool timeout) every job gets the error, answered 503.
-async fn run_pg_rotation_batch(writer: &AnyPool, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
-    let rotated = match pg_rotate_batch(writer, &jobs).await {
+async fn run_pg_rotation_batch(writer: &AnyPool, conns: &Direct, jobs: Vec<RotateJob>, grouped: &AtomicU64) {
+    let rotated = match pg_rotate_batch(conns, &jobs).await {
         Ok(rotated) => rotated,
         Err(e) if is_transient_error(&e) => return fail_all(jobs, &e),
         Err(e) => {
@@ -1491,7 +1516,7 @@ pub(super) fn answer_rotated(
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
 /// [`rotate_in`]; a token presented twice in one batch is rotated once (PostgreSQL
 /// updates a row once per statement), and the other presentation gets the grace answer.
-async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap<usize, Rotation>, sqlx::Error> {
+async fn pg_rotate_batch(conns: &Direct, jobs: &[RotateJob]) -> Result<HashMap<usize, Rotation>, sqlx::Error> {
     let input: Vec<serde_json::Value> = jobs
         .iter()
         .enumerate()
@@ -1531,7 +1556,10 @@ async fn pg_rotate_batch(writer: &AnyPool, jobs: &[RotateJob]) -> Result<HashMap
          SELECT * FROM rotated",
         n = jobs.len()
     );
-    let rows = sqlx::query(&sql).bind(serde_json::Value::Array(input).to_string()).fetch_all(writer).await?;
+    let query = sqlx::query(&sql).bind(serde_json::Value::Array(input).to_string());
+    let mut lease = conns.acquire().await?;
+    let rows = query.fetch_all(lease.conn()).await;
+    let rows = lease.give_back(rows)?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in &rows {
         let i: i64 = row.try_get("i")?;
@@ -1637,7 +1665,7 @@ async fn rotate_one_by_one(conn: &mut AnyConnection, jobs: Vec<RotateJob>) {
 /// PostgreSQL: a login's writes in one call of `gatehouse_open_session` (migration
 /// 0004), the same steps as [`SqlStore::open_session`]'s transaction in one round trip.
 async fn pg_open_session(
-    writer: &AnyPool,
+    conns: &Direct,
     s: &NewSession,
     device_limit: u32,
 ) -> Result<Option<(User, Vec<Uuid>)>, sqlx::Error> {
@@ -1648,10 +1676,10 @@ async fn pg_open_session(
         .bind(s.geolocation.as_ref().map(|g| g.to_string()))
         .bind(s.verified_hash.clone().unwrap_or_default())
         .bind(i64::from(device_limit))
-        .bind(login_detail(s).to_string())
-        .fetch_optional(writer)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
+        .bind(login_detail(s).to_string());
+    let mut lease = conns.acquire().await?;
+    let row = row.fetch_optional(lease.conn()).await;
+    let Some(row) = lease.give_back(row)? else { return Ok(None) };
     let evicted: Option<String> = row.try_get("evicted")?;
     let evicted = evicted
         .iter()

@@ -8,6 +8,7 @@ mod support;
 
 mod api_keys;
 mod concurrency;
+mod connections;
 mod lockout;
 mod mail_queue;
 mod maintenance;

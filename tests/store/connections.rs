@@ -1,0 +1,129 @@
+//! PostgreSQL only: the connections of the hot statements (src/store/pg_direct.rs),
+//! which skip sqlx's ping around every use, and the pool's ping only after idling.
+
+use std::time::Duration;
+
+use gatehouse::store::{Reservation, Rotation};
+
+use crate::support::*;
+
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
+            async fn postgres() {
+                super::$name().await
+            }
+        }
+    )*};
+}
+
+postgres_only!(
+    connections_the_server_closed_while_idle_are_replaced_before_use,
+    a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightly,
+);
+
+/// A fresh PostgreSQL database whose connections carry a name of their own, so that a
+/// test can end them without touching other tests' connections.
+async fn named_db() -> (Db, String) {
+    let mut db = Db::new(Backend::Postgres).await;
+    let name = format!("gh_{}", uuid::Uuid::new_v4().simple());
+    db.url = format!("{}&application_name={name}", db.url);
+    db.store = open(&db.url).await;
+    (db, name)
+}
+
+/// Ends every server process serving a connection named `name`; how many it ended.
+async fn terminate(url: &str, name: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()) t",
+    )
+    .bind(name)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    ended
+}
+
+async fn connections_the_server_closed_while_idle_are_replaced_before_use() {
+    let (db, name) = named_db().await;
+    let u = user(&*db.store, "idle@example.test").await;
+    let p = default_policy();
+    // Every kind of connection in use once: the counters', the durable ones, the pool's.
+    assert!(matches!(
+        db.store.reserve_login_for("idle@example.test", &p, T0).await.unwrap().0,
+        Reservation::Allowed { .. }
+    ));
+    let s = login(&*db.store, u.id, T0).await;
+    let (r, _) = rotate(&s.refresh, T0 + 1);
+    assert!(matches!(db.store.rotate_refresh(&r).await.unwrap(), Rotation::Rotated { .. }));
+
+    // A restarted server (or a failover) ends every connection while it lies idle.
+    assert!(terminate(&db.url, &name).await >= 3, "the store's connections carry the test's name");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Each kind is tested before use after idling, and replaced: no call fails.
+    let (reserved, read) = db.store.reserve_login_for("idle@example.test", &p, T0 + 2).await.unwrap();
+    assert_eq!(reserved, Reservation::Allowed { failures: 1 }, "the login's session cleared the first count");
+    assert_eq!(read.map(|u| u.id), Some(u.id));
+    let s2 = login(&*db.store, u.id, T0 + 2).await;
+    let (r2, _) = rotate(&s2.refresh, T0 + 3);
+    assert!(matches!(db.store.rotate_refresh(&r2).await.unwrap(), Rotation::Rotated { .. }));
+    assert!(db.store.session_with_user(s.id).await.unwrap().is_some());
+
+    // Ended while in recent use (not tested before use): a call may fail, as a
+    // transient error (answered 503), and the connection is closed, not reused: the
+    // next call succeeds.
+    assert!(terminate(&db.url, &name).await >= 3);
+    let first = db.store.reserve_login_for("idle@example.test", &p, T0 + 4).await;
+    assert!(first.as_ref().is_ok_or_else_transient(), "{first:?}");
+    assert!(db.store.reserve_login_for("idle@example.test", &p, T0 + 4).await.is_ok());
+    let (_, s3) = new_session(u.id, T0 + 4);
+    let first = db.store.open_session(&s3, 0).await;
+    assert!(first.as_ref().is_ok_or_else_transient(), "{first:?}");
+    let (_, s3) = new_session(u.id, T0 + 4);
+    assert!(db.store.open_session(&s3, 0).await.unwrap().is_some());
+}
+
+trait OkOrTransient {
+    fn is_ok_or_else_transient(&self) -> bool;
+}
+
+impl<T> OkOrTransient for Result<&T, &gatehouse::store::StoreError> {
+    fn is_ok_or_else_transient(&self) -> bool {
+        self.as_ref().map_or_else(|e| e.is_transient(), |_| true)
+    }
+}
+
+async fn a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightly() {
+    let db = Db::new(Backend::Postgres).await;
+    let u = user(&*db.store, "abandoned@example.test").await;
+    let other = user(&*db.store, "other@example.test").await;
+    // An operator's transaction holds the user's row: the login's write waits for it.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(u.id.to_string())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (_, waiting) = new_session(u.id, T0);
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), db.store.open_session(&waiting, 0)).await;
+    assert!(abandoned.is_err(), "the write waited for the row and was abandoned");
+    holder.rollback().await.unwrap();
+    pool.close().await;
+
+    // Every later call gets its own statement's answer, never the abandoned one's.
+    for k in 0..8 {
+        let who = if k % 2 == 0 { &u } else { &other };
+        let (opened, s) = new_session(who.id, T0 + 1 + k);
+        let (got, _) = db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+        assert_eq!(got.id, who.id);
+        let (session, owner) = db.store.session_with_user(opened.id).await.unwrap().expect("session stored");
+        assert_eq!((session.id, owner.id), (opened.id, who.id));
+    }
+}

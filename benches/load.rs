@@ -179,9 +179,14 @@ async fn wait_ready(url: &str) {
     panic!("{url} did not come up");
 }
 
-async fn start(db: &str, data: &Path) -> Server {
+/// A server on `db`; `hash_workers` its hashing threads (default: one per core).
+async fn start(db: &str, data: &Path, hash_workers: Option<usize>) -> Server {
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = env_cmd(db, data).env("GATEHOUSE_LISTEN", &listen).arg("serve").stdout(Stdio::null()).spawn().unwrap();
+    let mut cmd = env_cmd(db, data);
+    if let Some(n) = hash_workers {
+        cmd.env("GATEHOUSE_HASH_WORKERS", n.to_string());
+    }
+    let child = cmd.env("GATEHOUSE_LISTEN", &listen).arg("serve").stdout(Stdio::null()).spawn().unwrap();
     let s = Server { child, base: format!("http://{listen}") };
     wait_ready(&format!("{}/readyz", s.base)).await;
     s
@@ -488,9 +493,13 @@ async fn backend_run(
     for e in &emails {
         seed(db, data, e);
     }
+    // Instances sharing the machine share its cores for hashing, as the README advises
+    // for such a deployment: together they run one hash per core, as the baseline does.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let hash_workers = (instances > 1).then(|| (cores / instances).max(1));
     let mut servers = Vec::new();
     for i in 0..instances {
-        servers.push(start(db, &data.join(format!("i{i}"))).await);
+        servers.push(start(db, &data.join(format!("i{i}")), hash_workers).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = servers[0].rss_kib("VmRSS:");

@@ -43,14 +43,16 @@ pub fn is_transient_error(e: &sqlx::Error) -> bool {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
         sqlx::Error::Database(e) => {
             let code = e.code().unwrap_or_default();
-            // PostgreSQL: SQLSTATE; SQLite: primary result code (BUSY 5, LOCKED 6)
-            // possibly extended (low byte).
-            let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-            // PostgreSQL also: a connection lost (class 08) or ended by a shutting-down
-            // server (57P01 to 57P03): the next attempt gets a new one.
+            // SQLite: a primary result code (BUSY 5, LOCKED 6), possibly extended (low
+            // byte), at most four digits; PostgreSQL's SQLSTATEs have five characters
+            // (some all digits: 42501 must not read as SQLite's 5).
+            let sqlite_busy = code.len() < 5 && code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            // PostgreSQL: conflicts, timeouts, too many connections, no resources; a
+            // connection lost (class 08, but not 08P01, a protocol violation) or ended
+            // by a shutting-down server (57P01 to 57P03): the next attempt gets a new one.
             sqlite_busy
                 || ["40001", "40P01", "55P03", "57014", "53300", "53400"].contains(&code.as_ref())
-                || code.starts_with("08")
+                || (code.starts_with("08") && code != "08P01")
                 || code.starts_with("57P")
         }
         _ => false,
@@ -520,4 +522,67 @@ pub struct StoreOptions {
 /// Opens the store for `url` (`sqlite://` or `postgres://`) and runs its migrations.
 pub async fn open(url: &str, options: &StoreOptions) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     Ok(std::sync::Arc::new(sql::SqlStore::connect(url, options).await?))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::borrow::Cow;
+
+    use super::is_transient_error;
+
+    /// A database error with only a code, as a driver would report it.
+    #[derive(Debug)]
+    pub(crate) struct Coded(pub &'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    pub(crate) fn coded(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Coded(code)))
+    }
+
+    #[test]
+    fn load_and_lost_connections_are_transient_other_failures_are_not() {
+        // SQLite busy and locked, plain and extended (SQLITE_BUSY_TIMEOUT is 773).
+        for code in ["5", "6", "773", "261", "517"] {
+            assert!(is_transient_error(&coded(code)), "{code}");
+        }
+        // PostgreSQL: conflicts, timeouts, too many clients, lost or ended connections.
+        for code in ["40001", "40P01", "55P03", "57014", "53300", "08006", "08003", "57P01", "57P03"] {
+            assert!(is_transient_error(&coded(code)), "{code}");
+        }
+        // All-digit SQLSTATEs whose low byte is 5 or 6 are no SQLite busy; a protocol
+        // violation, a unique violation and a syntax error are bugs, not load.
+        for code in ["42501", "22021", "08P01", "23505", "42601", "19", "2067"] {
+            assert!(!is_transient_error(&coded(code)), "{code}");
+        }
+        assert!(is_transient_error(&sqlx::Error::PoolTimedOut));
+        assert!(!is_transient_error(&sqlx::Error::RowNotFound));
+    }
 }

@@ -15,7 +15,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::pg_direct::{Direct, IDLE_BEFORE_PING};
+use super::pg_direct::{AnyQuery, Direct, IDLE_BEFORE_PING};
 use super::session_cache::SessionCache;
 use super::sqlite_rotations::{Outcome, SqliteRotator};
 use super::*;
@@ -52,7 +52,8 @@ pub struct SqlStore {
 }
 
 /// PostgreSQL: the connections of the hottest statements, outside sqlx's pool (see
-/// `pg_direct`), each set a quarter of `max_connections` (at least two).
+/// `pg_direct`): the counters' and the logins' sets a quarter of `max_connections`
+/// each (at least two), the rotations' two.
 struct PgHot {
     /// Counters: lockout reservations and per-IP rate limits. They commit without
     /// waiting for the WAL flush (`synchronous_commit = off`; a flush costs about 0.4 ms
@@ -63,9 +64,16 @@ struct PgHot {
     /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
     /// loses nothing.
     fast: Direct,
-    /// A login's session and the refresh rotation batches: durable at commit.
-    durable: Direct,
+    /// A login's session write: durable at commit.
+    logins: Direct,
+    /// The refresh rotation batches (two run at once), durable at commit: apart from
+    /// the logins', so that logins waiting on a user's row lock cannot hold up
+    /// rotations, nor the other way round.
+    rotations: Direct,
 }
+
+/// PostgreSQL rotation batches in flight at once (one gathers while the other commits).
+const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 
 /// Every PostgreSQL connection's session settings.
 const PG_SETUP: &str = "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';";
@@ -467,7 +475,8 @@ impl SqlStore {
             let (size, wait) = (max_connections.div_ceil(4).max(2), Duration::from_secs(acquire_timeout_secs.into()));
             let hot = PgHot {
                 fast: Direct::new(opts.clone(), size, PG_FAST_SETUP, wait),
-                durable: Direct::new(opts, size, PG_SETUP, wait),
+                logins: Direct::new(opts.clone(), size, PG_SETUP, wait),
+                rotations: Direct::new(opts, ROTATION_BATCHES_AT_ONCE, PG_SETUP, wait),
             };
             (pool.clone(), Some(Arc::new(hot)))
         };
@@ -564,9 +573,7 @@ impl SqlStore {
         for &i in ints {
             query = query.bind(i);
         }
-        let mut lease = self.pg_hot()?.fast.acquire().await?;
-        let row = query.fetch_optional(lease.conn()).await;
-        let row = lease.give_back(row)?;
+        let row = self.pg_hot()?.fast.first_row(query).await?;
         row.map(|r| (0..r.columns().len()).map(|i| r.try_get::<i64, _>(i)).collect()).transpose()
     }
 
@@ -908,9 +915,7 @@ impl Store for SqlStore {
             let sql =
                 format!("WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1");
             let query = sqlx::query(&sql).bind(email).bind(now).bind(first_until).bind(first_hard);
-            let mut lease = self.pg_hot()?.fast.acquire().await?;
-            let row = query.fetch_optional(lease.conn()).await;
-            match lease.give_back(row)? {
+            match self.pg_hot()?.fast.first_row(query).await? {
                 Some(row) => {
                     let user =
                         row.try_get::<Option<String>, _>("id")?.is_some().then(|| user_from(&row)).transpose()?;
@@ -994,7 +999,7 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         if self.backend == "postgres" {
-            return Ok(pg_open_session(&self.pg_hot()?.durable, s, device_limit).await?);
+            return Ok(pg_open_session(&self.pg_hot()?.logins, s, device_limit).await?);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
         let _turn = self.turn.take().await?;
@@ -1435,7 +1440,8 @@ fn spawn_rotation_batcher(
     grouped: Arc<AtomicU64>,
 ) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
-    let slots = Arc::new(tokio::sync::Semaphore::new(if pg_hot.is_some() { 2 } else { 1 }));
+    let slots =
+        Arc::new(tokio::sync::Semaphore::new(if pg_hot.is_some() { ROTATION_BATCHES_AT_ONCE as usize } else { 1 }));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -1454,7 +1460,7 @@ fn spawn_rotation_batcher(
             if let Some(hot) = &pg_hot {
                 let (writer, hot, grouped) = (writer.clone(), hot.clone(), grouped.clone());
                 tokio::spawn(async move {
-                    run_pg_rotation_batch(&writer, &hot.durable, jobs, &grouped).await;
+                    run_pg_rotation_batch(&writer, &hot.rotations, jobs, &grouped).await;
                     drop(slot);
                 });
             } else {
@@ -1557,9 +1563,7 @@ async fn pg_rotate_batch(conns: &Direct, jobs: &[RotateJob]) -> Result<HashMap<u
         n = jobs.len()
     );
     let query = sqlx::query(&sql).bind(serde_json::Value::Array(input).to_string());
-    let mut lease = conns.acquire().await?;
-    let rows = query.fetch_all(lease.conn()).await;
-    let rows = lease.give_back(rows)?;
+    let rows = conns.all_rows(query).await?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in &rows {
         let i: i64 = row.try_get("i")?;
@@ -1677,9 +1681,7 @@ async fn pg_open_session(
         .bind(s.verified_hash.clone().unwrap_or_default())
         .bind(i64::from(device_limit))
         .bind(login_detail(s).to_string());
-    let mut lease = conns.acquire().await?;
-    let row = row.fetch_optional(lease.conn()).await;
-    let Some(row) = lease.give_back(row)? else { return Ok(None) };
+    let Some(row) = conns.first_row(row).await? else { return Ok(None) };
     let evicted: Option<String> = row.try_get("evicted")?;
     let evicted = evicted
         .iter()
@@ -1702,8 +1704,6 @@ pub(super) fn eviction_detail(id: Uuid) -> serde_json::Value {
 fn bind_session<'q>(q: AnyQuery<'q>, s: &'q NewSession) -> AnyQuery<'q> {
     q.bind(s.id.to_string()).bind(s.user_id.to_string()).bind(s.now).bind(s.expires_at).bind(&s.ip).bind(&s.user_agent)
 }
-
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 pub(super) const ZERO_THROTTLE_SQL: &str =
     "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1";

@@ -7,18 +7,6 @@ use gatehouse::store::{Reservation, Rotation};
 
 use crate::support::*;
 
-macro_rules! postgres_only {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
-            async fn postgres() {
-                super::$name().await
-            }
-        }
-    )*};
-}
-
 postgres_only!(
     connections_the_server_closed_while_idle_are_replaced_before_use,
     a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightly,

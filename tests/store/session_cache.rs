@@ -9,18 +9,6 @@ use uuid::Uuid;
 
 use crate::support::*;
 
-macro_rules! postgres_only {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
-            async fn postgres() {
-                super::$name().await
-            }
-        }
-    )*};
-}
-
 postgres_only!(
     a_remembered_session_is_answered_from_memory_until_postgresql_reports_a_change,
     a_change_is_seen_at_once_by_the_instance_that_made_it,

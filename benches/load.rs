@@ -448,10 +448,13 @@ async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std:
     let rec = Command::new("perf")
         .args(["record", "-F", "499", "-g", "-q", "-p", &pid.to_string(), "-o"])
         .arg(&data)
-        .args(["--", "sleep", &d.as_secs().max(1).to_string()])
+        .args(["--", "sleep", &(d.as_secs().max(1) + 1).to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
+    // perf takes a moment to attach: a phase started at once was sometimes not sampled
+    // at all (an empty profile of /healthz on 2026-12-06).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let out = phase.await;
     if let Ok(mut rec) = rec {
         let _ = rec.wait();

@@ -9,7 +9,8 @@ use crate::support::*;
 
 postgres_only!(
     connections_the_server_closed_while_idle_are_replaced_before_use,
-    a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightly,
+    a_login_write_abandoned_mid_statement_keeps_its_connection_and_leaves_answers_right,
+    an_error_raised_at_commit_after_the_row_is_the_login_s_own,
 );
 
 /// A fresh PostgreSQL database whose connections carry a name of their own, so that a
@@ -87,8 +88,8 @@ impl<T> OkOrTransient for Result<&T, &gatehouse::store::StoreError> {
     }
 }
 
-async fn a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightly() {
-    let db = Db::new(Backend::Postgres).await;
+async fn a_login_write_abandoned_mid_statement_keeps_its_connection_and_leaves_answers_right() {
+    let (db, name) = named_db().await;
     let u = user(&*db.store, "abandoned@example.test").await;
     let other = user(&*db.store, "other@example.test").await;
     // An operator's transaction holds the user's row: the login's write waits for it.
@@ -102,8 +103,14 @@ async fn a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightl
     let (_, waiting) = new_session(u.id, T0);
     let abandoned = tokio::time::timeout(Duration::from_millis(300), db.store.open_session(&waiting, 0)).await;
     assert!(abandoned.is_err(), "the write waited for the row and was abandoned");
+    // The server process still running the abandoned statement.
+    let waiter: i32 =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     holder.rollback().await.unwrap();
-    pool.close().await;
 
     // Every later call gets its own statement's answer, never the abandoned one's.
     for k in 0..8 {
@@ -114,4 +121,40 @@ async fn a_login_write_abandoned_mid_statement_leaves_the_store_answering_rightl
         let (session, owner) = db.store.session_with_user(opened.id).await.unwrap().expect("session stored");
         assert_eq!((session.id, owner.id), (opened.id, who.id));
     }
+    // The abandoned statement's connection waited for it to end and serves again
+    // (closed, its server process would have ended when it wrote its answer).
+    let alive: bool = sqlx::query_scalar("SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $1")
+        .bind(waiter)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(alive, "the abandoned statement's connection was closed instead of reused");
+    pool.close().await;
+}
+
+async fn an_error_raised_at_commit_after_the_row_is_the_login_s_own() {
+    let db = Db::new(Backend::Postgres).await;
+    let u = user(&*db.store, "deferred@example.test").await;
+    let other = user(&*db.store, "bystander@example.test").await;
+    // An operator's deferred constraint: one login event per user, checked at commit,
+    // after the session function has sent its row.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "ALTER TABLE events ADD CONSTRAINT one_login_each UNIQUE (user_id, kind) DEFERRABLE INITIALLY DEFERRED",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    login(&*db.store, u.id, T0).await;
+
+    // The second login of the user fails at commit: it must hear so itself...
+    let (refused, s) = new_session(u.id, T0 + 1);
+    assert!(db.store.open_session(&s, 0).await.is_err(), "a login whose commit failed was answered as opened");
+    assert!(db.store.session_with_user(refused.id).await.unwrap().is_none());
+    // ...and the next login on that connection must not hear it instead.
+    let (opened, s) = new_session(other.id, T0 + 2);
+    let (got, _) = db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+    assert_eq!(got.id, other.id);
+    assert!(db.store.session_with_user(opened.id).await.unwrap().is_some());
 }

@@ -438,15 +438,19 @@ fn profile_dir() -> Option<PathBuf> {
     wanted.then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/profiles")).filter(|_| has_perf)
 }
 
-/// Samples the server's stacks with perf while `phase` runs, then keeps a text report
-/// of where the time went (`<name>.txt`, functions by share of samples) and a flame
-/// graph (`<name>.svg`).
+/// Samples stacks with perf while `phase` runs, those of process `pid` or, without one,
+/// of the whole machine (PostgreSQL's processes and the load generator too), then keeps
+/// a text report of where the time went (`<name>.txt`, functions by share of samples)
+/// and a flame graph (`<name>.svg`).
 async fn profiled<T>(pid: Option<u32>, name: &str, d: Duration, phase: impl std::future::Future<Output = T>) -> T {
-    let (Some(pid), Some(dir)) = (pid, profile_dir()) else { return phase.await };
+    let Some(dir) = profile_dir() else { return phase.await };
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join(format!("{name}.data"));
+    let target = pid.map_or_else(|| vec!["-a".to_owned()], |pid| vec!["-p".to_owned(), pid.to_string()]);
     let rec = Command::new("perf")
-        .args(["record", "-F", "499", "-g", "-q", "-p", &pid.to_string(), "-o"])
+        .args(["record", "-F", "499", "-g", "-q"])
+        .args(&target)
+        .arg("-o")
         .arg(&data)
         .args(["--", "sleep", &(d.as_secs().max(1) + 1).to_string()])
         .stdout(Stdio::null())
@@ -566,15 +570,14 @@ async fn backend_run(
         out["rss_idle_mib"] = json!(idle_rss as f64 / 1024.0);
         out["rss_peak_mib"] = json!(servers[0].rss_kib("VmHWM:") as f64 / 1024.0);
         // Profiles come from separate, shorter runs: sampling slows the server down,
-        // so no figure above was measured under it.
-        if name == "sqlite" {
-            let pid = Some(servers[0].child.id());
-            let short = d.min(Duration::from_secs(3));
-            for (phase, label) in
-                [(Phase::Healthz, "healthz"), (Phase::Me, "me"), (Phase::Refresh, "refresh"), (Phase::Login, "login")]
-            {
-                profiled(pid, label, short, run_phase(phase, &ctx, short)).await;
-            }
+        // so no figure above was measured under it. On SQLite of the server; on
+        // PostgreSQL of the whole machine, where PostgreSQL's share is the question.
+        let (pid, prefix) = if name == "sqlite" { (Some(servers[0].child.id()), "") } else { (None, "postgres-") };
+        let short = d.min(Duration::from_secs(3));
+        for (phase, label) in
+            [(Phase::Healthz, "healthz"), (Phase::Me, "me"), (Phase::Refresh, "refresh"), (Phase::Login, "login")]
+        {
+            profiled(pid, &format!("{prefix}{label}"), short, run_phase(phase, &ctx, short)).await;
         }
     }
     out

@@ -46,6 +46,9 @@ struct Idle {
 
 type IdleList = Arc<Mutex<Vec<Idle>>>;
 
+/// A statement with its arguments, for the Any driver.
+pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
 fn locked(idle: &IdleList) -> std::sync::MutexGuard<'_, Vec<Idle>> {
     idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -80,7 +83,7 @@ impl Direct {
 
     /// A connection, waiting at most the acquire timeout for one to be free and to
     /// open ([`sqlx::Error::PoolTimedOut`], as from sqlx's pool, answered 503).
-    pub async fn acquire(&self) -> Result<Lease, sqlx::Error> {
+    async fn acquire(&self) -> Result<Lease, sqlx::Error> {
         let deadline = tokio::time::Instant::now() + self.acquire_timeout;
         let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
             .await
@@ -111,9 +114,7 @@ impl Direct {
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
         Ok(lease(conn, Instant::now()))
     }
-}
 
-impl Direct {
     /// Runs `query` on a connection of the set, reading it to its end; its first row.
     pub async fn first_row<'q>(&self, query: AnyQuery<'q>) -> Result<Option<AnyRow>, sqlx::Error> {
         Ok(self.all_rows(query).await?.into_iter().next())
@@ -127,18 +128,15 @@ impl Direct {
     }
 }
 
-/// A statement with its arguments, for the Any driver.
-pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
-
 impl Lease {
     /// The connection, for one or more statements, each read to its end.
-    pub fn conn(&mut self) -> &mut AnyConnection {
+    fn conn(&mut self) -> &mut AnyConnection {
         &mut self.conn.as_mut().expect("a lease holds its connection until it ends").0
     }
 
     /// Ends the lease with the result of its last statement: the connection goes back
     /// for reuse unless that result says it may be broken.
-    pub fn give_back<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+    fn give_back<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         let conn = self.conn.take();
         if result.as_ref().err().is_none_or(|e| !may_be_broken(e)) {
             if let Some((conn, opened)) = conn {

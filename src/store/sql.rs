@@ -76,11 +76,15 @@ struct PgHot {
 const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 
 /// Every PostgreSQL connection's session settings.
-const PG_SETUP: &str = "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';";
+macro_rules! pg_setup {
+    () => {
+        "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s';"
+    };
+}
+const PG_SETUP: &str = pg_setup!();
 
 /// The counters' connections' settings (see [`PgHot::fast`]).
-const PG_FAST_SETUP: &str = "SET statement_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s'; \
-                             SET synchronous_commit = off;";
+const PG_FAST_SETUP: &str = concat!(pg_setup!(), " SET synchronous_commit = off;");
 
 impl std::fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -548,11 +552,6 @@ impl SqlStore {
         Ok(Tx { tx: Some(self.writer.begin().await?), turn, writer: self.writer.clone() })
     }
 
-    /// PostgreSQL's hot connections; on SQLite, which has none, an error (no caller asks).
-    fn pg_hot(&self) -> Result<&PgHot, sqlx::Error> {
-        self.pg_hot.as_deref().ok_or_else(|| sqlx::Error::Configuration("no PostgreSQL connections".into()))
-    }
-
     /// The write connection, in the writer's turn.
     async fn write(&self) -> Result<WriteConn, sqlx::Error> {
         let turn = self.turn.take().await?;
@@ -573,7 +572,8 @@ impl SqlStore {
         for &i in ints {
             query = query.bind(i);
         }
-        let row = self.pg_hot()?.fast.first_row(query).await?;
+        let hot = self.pg_hot.as_ref().ok_or(sqlx::Error::PoolClosed)?;
+        let row = hot.fast.first_row(query).await?;
         row.map(|r| (0..r.columns().len()).map(|i| r.try_get::<i64, _>(i)).collect()).transpose()
     }
 
@@ -909,13 +909,13 @@ impl Store for SqlStore {
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
              RETURNING failures"
         );
-        let counted = if self.backend == "postgres" {
+        let counted = if let Some(hot) = &self.pg_hot {
             // The account is read in the same round trip (in the statement's snapshot,
             // see the trait's doc).
             let sql =
                 format!("WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1");
             let query = sqlx::query(&sql).bind(email).bind(now).bind(first_until).bind(first_hard);
-            match self.pg_hot()?.fast.first_row(query).await? {
+            match hot.fast.first_row(query).await? {
                 Some(row) => {
                     let user =
                         row.try_get::<Option<String>, _>("id")?.is_some().then(|| user_from(&row)).transpose()?;
@@ -998,8 +998,8 @@ impl Store for SqlStore {
     }
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
-        if self.backend == "postgres" {
-            return Ok(pg_open_session(&self.pg_hot()?.logins, s, device_limit).await?);
+        if let Some(hot) = &self.pg_hot {
+            return Ok(pg_open_session(&hot.logins, s, device_limit).await?);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
         let _turn = self.turn.take().await?;

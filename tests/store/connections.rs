@@ -69,23 +69,18 @@ async fn connections_the_server_closed_while_idle_are_replaced_before_use() {
     // next call succeeds.
     assert!(terminate(&db.url, &name).await >= 3);
     let first = db.store.reserve_login_for("idle@example.test", &p, T0 + 4).await;
-    assert!(first.as_ref().is_ok_or_else_transient(), "{first:?}");
+    assert!(ok_or_transient(&first), "{first:?}");
     assert!(db.store.reserve_login_for("idle@example.test", &p, T0 + 4).await.is_ok());
     let (_, s3) = new_session(u.id, T0 + 4);
     let first = db.store.open_session(&s3, 0).await;
-    assert!(first.as_ref().is_ok_or_else_transient(), "{first:?}");
+    assert!(ok_or_transient(&first), "{first:?}");
     let (_, s3) = new_session(u.id, T0 + 4);
     assert!(db.store.open_session(&s3, 0).await.unwrap().is_some());
 }
 
-trait OkOrTransient {
-    fn is_ok_or_else_transient(&self) -> bool;
-}
-
-impl<T> OkOrTransient for Result<&T, &gatehouse::store::StoreError> {
-    fn is_ok_or_else_transient(&self) -> bool {
-        self.as_ref().map_or_else(|e| e.is_transient(), |_| true)
-    }
+/// Whether `r` succeeded or failed only transiently (answered 503).
+fn ok_or_transient<T>(r: &gatehouse::store::StoreResult<T>) -> bool {
+    r.as_ref().map_or_else(|e| e.is_transient(), |_| true)
 }
 
 async fn a_login_write_abandoned_mid_statement_keeps_its_connection_and_leaves_answers_right() {

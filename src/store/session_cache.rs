@@ -3,100 +3,150 @@
 //! Every authenticated request reads its session and user. On PostgreSQL that read is a
 //! query through a pool, which held `GET /v1/me` to a quarter of the throughput it has on
 //! SQLite (see the README's Performance section). Here each instance remembers what it
-//! read, and forgets a user's entries when PostgreSQL reports a change, without ever
-//! answering from memory a session that was ended before the request arrived, on this
+//! read and answers from memory with no round trip at all, without ever answering a
+//! session that a write through Gatehouse ended before the request arrived, on this
 //! instance or any other:
 //!
 //! - Triggers on `users` and `sessions` (migration 0003) send the user's id on the
 //!   channel `gatehouse_cache` with every change, whoever makes it (any instance, an
-//!   operator's SQL). PostgreSQL delivers notifications at commit, to every listening
-//!   connection, in commit order.
-//! - Read barrier: before a remembered entry is used, the request waits for a *fence*, a
-//!   notification this instance sends after the request arrived. Whatever committed
-//!   before the request arrived committed before the fence, so its notification has
-//!   been handled when the fence comes back. One fence serves every request waiting at
-//!   the time, so under load it costs one tiny transaction per batch of requests instead
-//!   of a query per request; it adds about one notification round trip to the answer.
+//!   operator's SQL). PostgreSQL queues notifications in commit order and each listening
+//!   connection receives them in that order.
+//! - Leases (migration 0006): an instance answers from memory only within a lease that
+//!   its listening connection renews every second in `gatehouse_instances`. A renewal
+//!   counts only when a notification sent in the same transaction (a *fence*) comes
+//!   back: by then every change committed before the renewal has been handled. The
+//!   instance counts its lease from before it sent the renewal, and ends it
+//!   [`LEASE_MARGIN`] sooner than PostgreSQL does.
+//! - Acknowledged writes ([`SessionCache::settle`]): a write that ends a session or
+//!   changes a user, once committed, sends an acknowledgement request on the same
+//!   channel (so it is queued after the change) and reads the live leases in the same
+//!   statement. Each instance answers the request when it handles it, so after the
+//!   change; the writer answers its client only when every live instance has answered
+//!   or its lease has run out. An instance that regains a lease did so by a fence queued
+//!   after any such write it was not waited for.
 //! - A read that began before a notification was handled does not keep its (possibly
 //!   older) result: every notification moves an epoch, and a result is kept only if the
 //!   epoch is the one seen before the read.
-//! - Without a listening connection (at start, after a lost connection) the memory is
-//!   empty and unused until listening starts again: every read goes to the database. A
-//!   fence that does not come back in time sends the request to the database too.
+//! - Without a listening connection (at start, after a lost connection) or a lease, the
+//!   memory is unused: every read goes to the database.
+//!
+//! Changes made outside Gatehouse (an operator's SQL) are not acknowledged: an instance
+//! sees them when their notification arrives, normally within a millisecond.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
-use sqlx::Executor;
-use tokio::sync::{watch, Notify};
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::Session;
 use crate::domain::user::User;
 
-/// The notification channel the triggers of migration 0003 use.
+/// The notification channel the triggers of migration 0003 use; also carries the
+/// acknowledgement requests of [`SessionCache::settle`].
 pub const CHANNEL: &str = "gatehouse_cache";
 
 /// The payload of migration 0003's TRUNCATE triggers: forget everything.
 const FORGET_ALL: &str = "all";
 
-/// Fence timeouts in a row after which the listening connection is presumed dead.
-const MISSED_FENCES_LIMIT: u32 = 3;
+/// An acknowledgement request's payload: `ack:<instance>:<number>`.
+const ACK_REQUEST: &str = "ack:";
 
-/// How long a request waits for its fence before reading the database instead.
-const FENCE_WAIT: Duration = Duration::from_millis(250);
+/// How long a lease lasts, in PostgreSQL's clock. Also the longest a write waits for an
+/// instance that stopped answering (a killed process, a lost network).
+pub const LEASE: Duration = Duration::from_secs(3);
 
-/// How long sending one fence may take before the connection is presumed dead.
-const FENCE_SEND_LIMIT: Duration = Duration::from_secs(5);
+/// How often the listening connection renews the lease.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-/// "Listening stopped": releases every request waiting for a fence.
-const NOT_LISTENING: u64 = u64::MAX;
+/// How much sooner than PostgreSQL an instance counts its lease as over, for clocks that
+/// run at slightly different rates.
+const LEASE_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long one statement on the listening connection may take before it is presumed dead.
+const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Old leases' rows are deleted this long after they ran out.
+const FORGET_LEASES_AFTER: &str = "1 hour";
 
 /// Sessions and their users, forgotten by user.
 pub struct SessionCache {
     state: Mutex<State>,
     capacity: usize,
-    /// This instance's own channel, for its fences only: other instances never see them
-    /// (PostgreSQL has one queue, so they stay in commit order with the triggers'
+    /// This instance's name in `gatehouse_instances` and in acknowledgements.
+    id: Uuid,
+    /// This instance's own channel for its renewals' fences (other instances never see
+    /// them; PostgreSQL has one queue, so they stay in commit order with the triggers'
     /// notifications on the same connection).
     fence_channel: String,
-    /// The number of the last fence sent; a request needs the one after.
-    fence_sent: AtomicU64,
-    /// The number of the last fence that came back ([`NOT_LISTENING`] when not listening).
-    fence_arrived: watch::Sender<u64>,
-    /// Wakes the listener to send a fence when a request waits.
-    fence_wanted: Notify,
-    /// Fences that did not come back in time, in a row.
-    fences_missed: AtomicU32,
-    /// Tells the listener to drop its connection and listen anew.
-    relisten: Notify,
+    /// This instance's own channel for the acknowledgements of its writes.
+    ack_channel: String,
+    /// Whether the memory may be used at all: listening and, with a capacity, leased.
+    ready: watch::Sender<bool>,
+    /// The number of the last acknowledgement request.
+    acks_asked: AtomicU64,
+    /// Writes waiting for acknowledgements: the instances' ids go to the request's number.
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Uuid>>>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Whether the listener is listening; entries are kept and used only then.
+    /// Whether the listener is listening; entries are kept only then.
     listening: bool,
+    /// Until when entries may be used: this instance's lease as it counts it.
+    lease: Option<Instant>,
     /// Moves with every notification and every reset.
     epoch: u64,
     sessions: HashMap<Uuid, (Session, User)>,
     by_user: HashMap<Uuid, Vec<Uuid>>,
 }
 
+impl State {
+    fn forget_user(&mut self, uid: Uuid) {
+        self.epoch += 1;
+        if let Some(sids) = self.by_user.remove(&uid) {
+            for sid in sids {
+                self.sessions.remove(&sid);
+            }
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.epoch += 1;
+        self.sessions.clear();
+        self.by_user.clear();
+    }
+}
+
+/// Removes a write's wait when it ends, however it ends.
+struct Waiting<'a>(&'a SessionCache, u64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting().remove(&self.1);
+    }
+}
+
 impl SessionCache {
-    /// A memory of at most `capacity` sessions, unused until [`listen`] starts.
+    /// A memory of at most `capacity` sessions, unused until [`listen`] holds a lease.
+    /// With no capacity it remembers nothing and holds no lease, but still listens, for
+    /// the acknowledgements its writes wait for.
     pub fn new(capacity: usize) -> Arc<Self> {
+        let id = Uuid::new_v4();
         Arc::new(Self {
             state: Mutex::new(State::default()),
             capacity,
-            fence_channel: format!("gatehouse_fence_{}", Uuid::new_v4().simple()),
-            fence_sent: AtomicU64::new(0),
-            fence_arrived: watch::Sender::new(NOT_LISTENING),
-            fence_wanted: Notify::new(),
-            fences_missed: AtomicU32::new(0),
-            relisten: Notify::new(),
+            id,
+            fence_channel: format!("gatehouse_fence_{}", id.simple()),
+            ack_channel: ack_channel(id),
+            ready: watch::Sender::new(false),
+            acks_asked: AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
         })
     }
 
@@ -105,54 +155,31 @@ impl SessionCache {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The remembered session and user, if any, as of this call: waits for a fence sent
-    /// after the call began (see the module's read barrier).
-    pub async fn get(&self, sid: Uuid) -> Option<(Session, User)> {
-        if !self.state().sessions.contains_key(&sid) {
-            return None;
-        }
-        if !self.barrier().await {
-            return None;
-        }
+    fn waiting(&self) -> MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<Uuid>>> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The remembered session and user, if any, when this instance holds its lease.
+    pub fn get(&self, sid: Uuid) -> Option<(Session, User)> {
         let state = self.state();
-        if !state.listening {
+        let leased = state.lease.is_some_and(|until| Instant::now() < until);
+        if !(state.listening && leased) {
             return None;
         }
         state.sessions.get(&sid).cloned()
     }
 
-    /// Waits until every change committed before the call has been handled; false if
-    /// that could not be established in time.
-    async fn barrier(&self) -> bool {
-        let mut arrived = self.fence_arrived.subscribe();
-        let needed = self.fence_sent.load(Ordering::SeqCst) + 1;
-        self.fence_wanted.notify_one();
-        let came = tokio::time::timeout(FENCE_WAIT, arrived.wait_for(|a| *a >= needed)).await;
-        let passed = matches!(came, Ok(Ok(ref a)) if **a != NOT_LISTENING);
-        if came.is_err() {
-            // A connection can die silently (a failover that drops packets): after a few
-            // fences lost in a row, listen anew rather than wait on every request.
-            if self.fences_missed.fetch_add(1, Ordering::Relaxed) + 1 >= MISSED_FENCES_LIMIT {
-                self.fences_missed.store(0, Ordering::Relaxed);
-                self.relisten.notify_one();
-            }
-        } else {
-            self.fences_missed.store(0, Ordering::Relaxed);
-        }
-        passed
-    }
-
     /// The epoch to pass to [`put`] before reading the database; `None` when not listening.
     pub fn epoch(&self) -> Option<u64> {
         let state = self.state();
-        state.listening.then_some(state.epoch)
+        (state.listening && self.capacity > 0).then_some(state.epoch)
     }
 
     /// Remembers a session read after [`epoch`] returned `epoch`, unless a change was
     /// handled since (then the read may predate the change).
     pub fn put(&self, epoch: u64, session: Session, user: User) {
         let mut state = self.state();
-        if !state.listening || state.epoch != epoch {
+        if !state.listening || state.epoch != epoch || self.capacity == 0 {
             return;
         }
         if state.sessions.len() >= self.capacity && !state.sessions.contains_key(&session.id) {
@@ -166,64 +193,111 @@ impl SessionCache {
         }
     }
 
-    /// Handles one notification: on the shared channel a user id (or "forget all"), on
-    /// this instance's channel a fence.
-    fn notified(&self, channel: &str, payload: &str) {
-        if channel == self.fence_channel {
-            self.fence_arrived_n(payload);
+    /// Forgets a user's entries at once, for this instance's own write (the
+    /// notification comes later).
+    pub fn forget_user(&self, uid: Uuid) {
+        self.state().forget_user(uid);
+    }
+
+    /// Handles one notification on the shared channel or on this instance's
+    /// acknowledgement channel; returns an acknowledgement to send, as a channel and a
+    /// payload, when another instance asked for one.
+    fn notified(&self, channel: &str, payload: &str) -> Option<(String, String)> {
+        if channel == self.ack_channel {
+            let (from, n) = payload.split_once(':')?;
+            self.acknowledged(Uuid::parse_str(from).ok()?, n.parse().ok()?);
+        } else if channel != CHANNEL {
+        } else if let Some(request) = payload.strip_prefix(ACK_REQUEST) {
+            // Everything queued before the request has been handled: acknowledge it.
+            let (from, n) = request.split_once(':')?;
+            let (from, n) = (Uuid::parse_str(from).ok()?, n.parse::<u64>().ok()?);
+            if from == self.id {
+                self.acknowledged(self.id, n);
+            } else if self.capacity > 0 {
+                // Without a capacity this instance holds no lease: nobody waits for it.
+                return Some((ack_channel(from), format!("{}:{n}", self.id)));
+            }
         } else if payload == FORGET_ALL {
-            let mut state = self.state();
-            state.epoch += 1;
-            state.sessions.clear();
-            state.by_user.clear();
+            self.state().forget_all();
         } else if let Ok(uid) = Uuid::parse_str(payload) {
-            let mut state = self.state();
-            state.epoch += 1;
-            if let Some(sids) = state.by_user.remove(&uid) {
-                for sid in sids {
-                    state.sessions.remove(&sid);
-                }
-            }
+            self.state().forget_user(uid);
+        }
+        None
+    }
+
+    /// Instance `from` handled this instance's acknowledgement request `n`.
+    fn acknowledged(&self, from: Uuid, n: u64) {
+        if let Some(waiting) = self.waiting().get(&n) {
+            let _ = waiting.send(from);
         }
     }
 
-    /// A fence came back. Only a number already sent counts: anything else on the
-    /// channel (which only this instance's fences should use) is ignored.
-    fn fence_arrived_n(&self, payload: &str) {
-        let Ok(n) = payload.parse::<u64>() else { return };
-        if n == NOT_LISTENING || n > self.fence_sent.load(Ordering::SeqCst) {
-            return;
+    /// The renewal sent at `sent` came back: the lease holds until `sent` plus the
+    /// lease, less the margin.
+    fn renewed(&self, sent: Instant) {
+        let mut state = self.state();
+        if state.listening {
+            state.lease = Some(sent + LEASE - LEASE_MARGIN);
+            self.ready.send_replace(true);
         }
-        self.fence_arrived.send_if_modified(|a| {
-            let newer = *a != NOT_LISTENING && *a < n;
-            if newer {
-                *a = n;
-            }
-            newer
-        });
     }
 
-    /// Forgets everything; uses the memory again only if `listening`.
+    /// Forgets everything and gives up the lease; uses the memory again only if
+    /// `listening`, once a lease is held.
     fn reset(&self, listening: bool) {
         let mut state = self.state();
-        state.epoch += 1;
-        state.sessions.clear();
-        state.by_user.clear();
+        state.forget_all();
         state.listening = listening;
-        // Not listening: waiting requests go to the database. Listening again: fences
-        // sent before are void, the next one counts. Published under the lock, so a
-        // request released by this value finds the memory as this reset left it.
-        let arrived = if listening { self.fence_sent.load(Ordering::SeqCst) } else { NOT_LISTENING };
-        self.fence_arrived.send_replace(arrived);
-        drop(state);
+        state.lease = None;
+        self.ready.send_replace(listening && self.capacity == 0);
     }
 
-    /// Waits up to `limit` for the listener to listen; whether it does.
+    /// Waits up to `limit` for the listener to listen (and, with a capacity, to hold a
+    /// lease); whether it does.
     pub async fn wait_listening(&self, limit: Duration) -> bool {
-        let mut rx = self.fence_arrived.subscribe();
-        let listening =
-            tokio::time::timeout(limit, rx.wait_for(|a| *a != NOT_LISTENING)).await.is_ok_and(|r| r.is_ok());
-        listening
+        let mut rx = self.ready.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|ready| *ready)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Returns when every instance that may answer from memory has handled every change
+    /// committed before this call, or can no longer answer from memory: call it after
+    /// committing a write that ends a session or changes a user, before answering.
+    pub async fn settle(&self, pool: &AnyPool) {
+        let n = self.acks_asked.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, acks) = mpsc::unbounded_channel();
+        self.waiting().insert(n, tx);
+        let _waiting = Waiting(self, n);
+        // The request is queued after the change (it commits after it); the leases are
+        // read after the change committed, so an instance that is not among them can
+        // only gain a lease by a fence queued after the change.
+        let asked = sqlx::query(SETTLE_SQL)
+            .bind(CHANNEL)
+            .bind(format!("{ACK_REQUEST}{}:{n}", self.id))
+            .fetch_all(pool)
+            .await
+            .and_then(|rows| {
+                let now = Instant::now();
+                let mut leases = HashMap::new();
+                for row in rows {
+                    let (Some(id), Some(ms)) =
+                        (row.try_get::<Option<String>, _>("id")?, row.try_get::<Option<i64>, _>("ms")?)
+                    else {
+                        continue;
+                    };
+                    let id = Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                    leases.insert(id, now + Duration::from_millis(ms.max(0).unsigned_abs()));
+                }
+                Ok(leases)
+            });
+        match asked {
+            Ok(leases) => wait_for_acks(leases, acks).await,
+            Err(e) => {
+                // Any lease that can miss the change was granted before it committed, so
+                // ends within a lease from now.
+                tracing::warn!(error = %e, "cannot ask the instances to acknowledge a change; waiting out their leases");
+                tokio::time::sleep(LEASE).await;
+            }
+        }
     }
 
     /// Listens on `url` for as long as the task runs, reconnecting after a loss.
@@ -244,52 +318,116 @@ impl SessionCache {
 
     /// One connection's life: returns when it is lost (or presumed lost).
     ///
-    /// The same connection sends the fences, whenever a request waits for one sent after
-    /// it arrived. PostgreSQL hands a session its own notifications at commit, after all
-    /// those committed before, so a fence needs one statement's round trip; whatever
-    /// arrives meanwhile is buffered in order and handled before the fence.
+    /// The same connection renews the lease, with a fence in the renewal's transaction,
+    /// and sends the acknowledgements that other instances' writes ask for.
     async fn listen_once(&self, url: &str) -> Result<(), sqlx::Error> {
         let mut listener = PgListener::connect(url).await?;
         listener.eager_reconnect(false);
-        // A fence carries no data: its commit need not wait for the disk.
-        (&mut listener).execute("SET synchronous_commit = off").await?;
-        listener.listen_all([CHANNEL, self.fence_channel.as_str()]).await?;
+        listener.listen_all([CHANNEL, self.fence_channel.as_str(), self.ack_channel.as_str()]).await?;
         // Listening from here on: what is read from now on will be reported if it changes.
         self.reset(true);
-        // A request to listen anew made before this connection is void (polled once).
-        let _ = tokio::time::timeout(Duration::ZERO, self.relisten.notified()).await;
+        if self.capacity > 0 {
+            let forget =
+                format!("DELETE FROM gatehouse_instances WHERE lease_until < now() - interval '{FORGET_LEASES_AFTER}'");
+            within_limit(sqlx::query(&forget).execute(&mut listener)).await?;
+        }
+        let mut renew = tokio::time::interval(RENEW_EVERY);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Renewals sent whose fence has not come back: their numbers and when they were sent.
+        let mut renewals: VecDeque<(u64, Instant)> = VecDeque::new();
+        let (mut sent, mut last_renewed) = (0u64, Instant::now());
         loop {
             tokio::select! {
-                biased;
-                () = self.relisten.notified() => {
-                    tracing::warn!("session memory: fences are not coming back; listening anew");
-                    return Ok(());
-                }
                 n = listener.try_recv() => match n? {
-                    Some(n) => self.notified(n.channel(), n.payload()),
-                    None => break,
-                },
-                () = self.fence_wanted.notified() => {
-                    let n = self.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-                    // NOTIFY takes no parameters; the channel and payload are hex and digits.
-                    let sql = format!("NOTIFY {}, '{n}'", self.fence_channel);
-                    // A slow fence only delays the requests waiting for it (they read the
-                    // database after FENCE_WAIT); fences that keep failing to come back
-                    // make `barrier` ask for a new connection.
-                    match tokio::time::timeout(FENCE_SEND_LIMIT, (&mut listener).execute(sql.as_str())).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(e),
-                        Err(_) => {
-                            tracing::warn!("session memory: a fence took too long to send; listening anew");
-                            return Ok(());
+                    Some(n) if n.channel() == self.fence_channel => {
+                        let Ok(k) = n.payload().parse::<u64>() else { continue };
+                        let mut at = None;
+                        while renewals.front().is_some_and(|(r, _)| *r <= k) {
+                            at = renewals.pop_front().filter(|(r, _)| *r == k).map(|(_, t)| t);
+                        }
+                        if let Some(at) = at {
+                            self.renewed(at);
+                            last_renewed = Instant::now();
                         }
                     }
+                    Some(n) => {
+                        if let Some((channel, payload)) = self.notified(n.channel(), n.payload()) {
+                            let ack = sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload);
+                            within_limit(ack.execute(&mut listener)).await?;
+                        }
+                    }
+                    None => break,
+                },
+                _ = renew.tick(), if self.capacity > 0 => {
+                    if last_renewed.elapsed() > 2 * LEASE {
+                        tracing::warn!("session memory: renewals are not coming back; listening anew");
+                        return Ok(());
+                    }
+                    sent += 1;
+                    let at = Instant::now();
+                    let renewal = sqlx::query(&RENEW_SQL)
+                        .bind(self.id.to_string())
+                        .bind(&self.fence_channel)
+                        .bind(sent.to_string());
+                    within_limit(renewal.execute(&mut listener)).await?;
+                    renewals.push_back((sent, at));
                 }
             }
         }
         tracing::warn!("session memory: connection lost; reading sessions from the database until it is back");
         Ok(())
     }
+}
+
+/// The channel of instance `id`'s acknowledgements.
+fn ack_channel(id: Uuid) -> String {
+    format!("gatehouse_ack_{}", id.simple())
+}
+
+/// Renews (or takes) the lease of `$1` and sends the fence `$3` on `$2` in the same
+/// transaction. Durable at commit (the connection keeps `synchronous_commit` on): a
+/// lease this instance counts on is never lost by a crash of PostgreSQL.
+static RENEW_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH lease AS (INSERT INTO gatehouse_instances (id, lease_until) \
+           VALUES ($1, now() + interval '{} milliseconds') \
+           ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until RETURNING id) \
+         SELECT pg_notify($2, $3) FROM lease",
+        LEASE.as_millis()
+    )
+});
+
+/// Sends the acknowledgement request `$2` on `$1` and reads the live leases with what
+/// is left of each, in milliseconds (one row with NULLs when there are none).
+const SETTLE_SQL: &str = "SELECT i.id, (extract(epoch FROM i.lease_until - now()) * 1000)::BIGINT AS ms \
+     FROM (SELECT pg_notify($1, $2) AS sent) request \
+     LEFT JOIN gatehouse_instances i ON i.lease_until > now()";
+
+/// Waits until every instance in `leases` has acknowledged (its id arrives on `acks`)
+/// or its lease has run out.
+async fn wait_for_acks(mut leases: HashMap<Uuid, Instant>, mut acks: mpsc::UnboundedReceiver<Uuid>) {
+    loop {
+        let now = Instant::now();
+        leases.retain(|_, until| *until > now);
+        let Some(next) = leases.values().min().copied() else { return };
+        match tokio::time::timeout_at(next, acks.recv()).await {
+            Ok(Some(from)) => {
+                leases.remove(&from);
+            }
+            Ok(None) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Runs one statement of the listening connection, presuming the connection dead if it
+/// takes longer than [`STATEMENT_LIMIT`].
+async fn within_limit<T>(
+    statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(STATEMENT_LIMIT, statement)
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())))
 }
 
 #[cfg(test)]
@@ -325,98 +463,129 @@ mod tests {
         (session, user)
     }
 
-    /// Plays the listener for one fence, without a database.
-    async fn answer_one_fence(cache: Arc<SessionCache>) {
-        cache.fence_wanted.notified().await;
-        let n = cache.fence_sent.fetch_add(1, Ordering::SeqCst) + 1;
-        cache.notified(&cache.fence_channel, &n.to_string());
+    /// A memory that listens and holds a lease from now, with one entry; its session id.
+    fn leased_with_one_entry(uid: Uuid) -> (Arc<SessionCache>, Uuid) {
+        let cache = SessionCache::new(10);
+        cache.reset(true);
+        let (s, u) = entry(uid);
+        let sid = s.id;
+        cache.put(cache.epoch().expect("listening"), s, u);
+        cache.renewed(Instant::now());
+        (cache, sid)
     }
 
-    #[tokio::test]
-    async fn unused_until_listening() {
+    #[test]
+    fn unused_until_listening() {
         let cache = SessionCache::new(10);
         assert_eq!(cache.epoch(), None);
         let (s, u) = entry(Uuid::new_v4());
         let sid = s.id;
         cache.put(0, s, u);
-        assert!(cache.get(sid).await.is_none());
-    }
-
-    #[tokio::test]
-    async fn an_entry_is_answered_only_after_a_fence_sent_after_the_request() {
-        let cache = SessionCache::new(10);
-        cache.reset(true);
-        let (s, u) = entry(Uuid::new_v4());
-        let sid = s.id;
-        cache.put(cache.epoch().expect("listening"), s, u);
-        // A fence that came back before the request does not count.
-        cache.notified(&cache.fence_channel, "0");
-        let (got, ()) = tokio::join!(cache.get(sid), answer_one_fence(cache.clone()));
-        assert_eq!(got.map(|(s, _)| s.id), Some(sid));
+        cache.renewed(Instant::now());
+        assert!(cache.get(sid).is_none());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_its_fence_a_request_reads_the_database() {
+    async fn an_entry_is_answered_only_within_the_lease() {
         let cache = SessionCache::new(10);
         cache.reset(true);
         let (s, u) = entry(Uuid::new_v4());
         let sid = s.id;
         cache.put(cache.epoch().expect("listening"), s, u);
-        // Another instance's fence, a number never sent (as someone else could send on
-        // this channel), or none at all, releases nothing.
-        cache.notified("gatehouse_fence_other", "1");
-        cache.notified(&cache.fence_channel, "1");
-        cache.notified(&cache.fence_channel, &u64::MAX.to_string());
-        assert!(cache.get(sid).await.is_none());
+        assert!(cache.get(sid).is_none(), "listening, but no lease yet");
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        cache.renewed(sent);
+        assert_eq!(cache.get(sid).map(|(s, _)| s.id), Some(sid));
+        // Counted from when the renewal was sent, less the margin.
+        tokio::time::advance(LEASE - LEASE_MARGIN - Duration::from_millis(101)).await;
+        assert!(cache.get(sid).is_some());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(cache.get(sid).is_none(), "the lease ran out");
     }
 
-    #[tokio::test]
-    async fn a_notification_forgets_the_users_sessions_and_refuses_reads_begun_before_it() {
-        let cache = SessionCache::new(10);
-        cache.reset(true);
+    #[test]
+    fn a_notification_forgets_the_users_sessions_and_refuses_reads_begun_before_it() {
         let uid = Uuid::new_v4();
-        let (s1, u1) = entry(uid);
+        let (cache, sid1) = leased_with_one_entry(uid);
         let (s2, u2) = entry(uid);
         let (other, other_user) = entry(Uuid::new_v4());
-        let (sid1, sid2, other_sid) = (s1.id, s2.id, other.id);
+        let (sid2, other_sid) = (s2.id, other.id);
         let epoch = cache.epoch().expect("listening");
-        cache.put(epoch, s1, u1);
         cache.put(epoch, other, other_user);
 
-        cache.notified(CHANNEL, &uid.to_string());
-        assert!(cache.get(sid1).await.is_none(), "the user's session is forgotten");
-        let (kept, ()) = tokio::join!(cache.get(other_sid), answer_one_fence(cache.clone()));
-        assert!(kept.is_some(), "other users' sessions are kept");
+        assert_eq!(cache.notified(CHANNEL, &uid.to_string()), None);
+        assert!(cache.get(sid1).is_none(), "the user's session is forgotten");
+        assert!(cache.get(other_sid).is_some(), "other users' sessions are kept");
         cache.put(epoch, s2, u2);
         assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the notification is not kept");
     }
 
-    #[tokio::test]
-    async fn losing_the_listener_forgets_everything_and_releases_waiting_requests() {
-        let cache = SessionCache::new(10);
-        cache.reset(true);
-        let (s, u) = entry(Uuid::new_v4());
-        let sid = s.id;
-        cache.put(cache.epoch().expect("listening"), s, u);
-        let lose = async {
-            tokio::task::yield_now().await;
-            cache.reset(false);
-        };
-        let started = std::time::Instant::now();
-        let (got, ()) = tokio::join!(cache.get(sid), lose);
-        assert!(got.is_none());
-        assert!(started.elapsed() < FENCE_WAIT, "released at once, not by the timeout");
+    #[test]
+    fn losing_the_listener_forgets_everything_and_the_lease() {
+        let (cache, sid) = leased_with_one_entry(Uuid::new_v4());
+        cache.reset(false);
+        assert!(cache.get(sid).is_none());
+        cache.renewed(Instant::now());
+        assert!(cache.state().lease.is_none(), "a renewal that comes back after the loss counts for nothing");
     }
 
-    #[tokio::test]
-    async fn a_truncation_forgets_everything() {
-        let cache = SessionCache::new(10);
-        cache.reset(true);
-        let (s, u) = entry(Uuid::new_v4());
-        let sid = s.id;
-        cache.put(cache.epoch().expect("listening"), s, u);
+    #[test]
+    fn a_truncation_forgets_everything() {
+        let (cache, sid) = leased_with_one_entry(Uuid::new_v4());
         cache.notified(CHANNEL, FORGET_ALL);
-        assert!(cache.get(sid).await.is_none());
+        assert!(cache.get(sid).is_none());
+    }
+
+    #[test]
+    fn another_instances_request_is_acknowledged_on_its_channel_and_ones_own_at_once() {
+        let (cache, _) = leased_with_one_entry(Uuid::new_v4());
+        let other = Uuid::new_v4();
+        let reply = cache.notified(CHANNEL, &format!("ack:{other}:7"));
+        assert_eq!(reply, Some((ack_channel(other), format!("{}:7", cache.id))));
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        cache.waiting().insert(3, tx);
+        assert_eq!(cache.notified(CHANNEL, &format!("ack:{}:3", cache.id)), None);
+        assert_eq!(rx.try_recv().ok(), Some(cache.id));
+        // An acknowledgement from another instance on this instance's channel.
+        assert_eq!(cache.notified(&cache.ack_channel, &format!("{other}:3")), None);
+        assert_eq!(rx.try_recv().ok(), Some(other));
+        // Garbage is ignored.
+        assert_eq!(cache.notified(CHANNEL, "ack:nonsense"), None);
+        assert_eq!(cache.notified(&cache.ack_channel, "x:y"), None);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn without_a_capacity_nothing_is_remembered_nor_acknowledged() {
+        let cache = SessionCache::new(0);
+        cache.reset(true);
+        assert!(*cache.ready.borrow(), "ready to hear acknowledgements once listening");
+        assert_eq!(cache.epoch(), None);
+        assert_eq!(cache.notified(CHANNEL, &format!("ack:{}:1", Uuid::new_v4())), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_waits_for_every_acknowledgement_or_lease_end() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let start = Instant::now();
+        let leases = HashMap::from([(a, start + Duration::from_secs(2)), (b, start + Duration::from_secs(3))]);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(b).unwrap();
+        wait_for_acks(leases.clone(), rx).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(2), "a's lease ran out; b answered");
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let answer = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tx.send(a).unwrap();
+            tx.send(b).unwrap();
+        };
+        let start = Instant::now();
+        let leases = HashMap::from([(a, start + Duration::from_secs(2)), (b, start + Duration::from_secs(3))]);
+        tokio::join!(wait_for_acks(leases, rx), answer);
+        assert_eq!(Instant::now() - start, Duration::from_millis(5), "both answered");
     }
 
     #[test]

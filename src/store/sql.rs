@@ -44,9 +44,10 @@ pub struct SqlStore {
     sqlite_logins: Option<super::sqlite_logins::SqliteLogins>,
     /// SQLite only: the hot read on the calling thread (see `sqlite_reads`).
     sqlite_reads: Option<super::sqlite_reads::SqliteReads>,
-    /// PostgreSQL only: remembered sessions, kept exact by notifications (see `session_cache`).
+    /// PostgreSQL only: remembered sessions, kept exact by notifications, leases and
+    /// acknowledged writes (see `session_cache`).
     cache: Option<Arc<SessionCache>>,
-    /// The task that listens for those notifications and sends fences; stopped with the store.
+    /// The task that listens for those notifications and renews the lease; stopped with the store.
     _listener: Option<AbortOnDrop>,
     backend: &'static str,
 }
@@ -520,8 +521,9 @@ impl SqlStore {
             Turn::default()
         };
         let rotations = spawn_rotation_batcher(writer.clone(), pg_hot.clone(), turn.clone(), rotator, grouped.clone());
-        let cache = (backend == "postgres" && session_cache_entries > 0)
-            .then(|| SessionCache::new(session_cache_entries as usize));
+        // On PostgreSQL always: without a capacity it remembers nothing, but its writes
+        // still wait for the other instances' acknowledgements.
+        let cache = (backend == "postgres").then(|| SessionCache::new(session_cache_entries as usize));
         // Held from here on, so that it stops even if this function is cancelled.
         let listener = cache.as_ref().map(|c| AbortOnDrop(tokio::spawn(c.clone().listen(url.to_owned()))));
         if let Some(cache) = &cache {
@@ -545,6 +547,15 @@ impl SqlStore {
             _listener: listener,
             backend,
         })
+    }
+
+    /// After committing a write that ends a session or changes a user: returns when no
+    /// instance can answer a Bearer check from a memory older than the write (see
+    /// `session_cache`).
+    async fn settle(&self) {
+        if let Some(cache) = &self.cache {
+            cache.settle(&self.pool).await;
+        }
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
@@ -712,6 +723,7 @@ impl Store for SqlStore {
         };
         let user = user_in(&mut tx, id).await?;
         tx.commit().await?;
+        self.settle().await;
         Ok(user.map(|u| (u, ended)))
     }
 
@@ -736,6 +748,7 @@ impl Store for SqlStore {
             insert_mail_job(&mut tx, MailKind::PasswordChanged, &email, now).await?;
         }
         tx.commit().await?;
+        self.settle().await;
         Ok(ended)
     }
 
@@ -781,6 +794,7 @@ impl Store for SqlStore {
         };
         let user = mark_verified(&mut tx, user_id, now).await?;
         tx.commit().await?;
+        self.settle().await;
         Ok(user)
     }
 
@@ -820,6 +834,7 @@ impl Store for SqlStore {
         };
         let user = mark_verified(&mut tx, user_id, now).await?;
         tx.commit().await?;
+        self.settle().await;
         Ok(user)
     }
 
@@ -883,6 +898,7 @@ impl Store for SqlStore {
             .await?;
         let user = user_in(&mut tx, user_id).await?;
         tx.commit().await?;
+        self.settle().await;
         Ok(user.map(|u| (u, ended)))
     }
 
@@ -999,7 +1015,16 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         if let Some(hot) = &self.pg_hot {
-            return Ok(pg_open_session(&hot.logins, s, device_limit).await?);
+            let opened = pg_open_session(&hot.logins, s, device_limit).await?;
+            match &opened {
+                // Sessions ended by the device limit: as any other end.
+                Some((_, evicted)) if !evicted.is_empty() => self.settle().await,
+                // Only the user's last login changed: this instance's own answers show
+                // it at once, the others' when the notification arrives.
+                Some((user, _)) => self.cache.iter().for_each(|c| c.forget_user(user.id)),
+                None => {}
+            }
+            return Ok(opened);
         }
         let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
         let _turn = self.turn.take().await?;
@@ -1009,7 +1034,12 @@ impl Store for SqlStore {
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation> {
         let (reply, rx) = oneshot::channel();
         self.rotations.send((r.clone(), reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
-        Ok(rx.await.map_err(|_| sqlx::Error::PoolClosed)??)
+        let rotation = rx.await.map_err(|_| sqlx::Error::PoolClosed)??;
+        if matches!(rotation, Rotation::Reused { .. }) {
+            // The reuse ended the session.
+            self.settle().await;
+        }
+        Ok(rotation)
     }
 
     async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>> {
@@ -1021,7 +1051,7 @@ impl Store for SqlStore {
         }
         let cache = self.cache.as_deref();
         if let Some(cache) = cache {
-            if let Some(hit) = cache.get(sid).await {
+            if let Some(hit) = cache.get(sid) {
                 return Ok(Some(hit));
             }
         }
@@ -1059,7 +1089,11 @@ impl Store for SqlStore {
         .bind(user_id.to_string())
         .execute(&mut *self.write().await?)
         .await?;
-        Ok(r.rows_affected() > 0)
+        let ended = r.rows_affected() > 0;
+        if ended {
+            self.settle().await;
+        }
+        Ok(ended)
     }
 
     async fn end_sessions(
@@ -1072,6 +1106,9 @@ impl Store for SqlStore {
         let mut tx = self.begin().await?;
         let ended = end_sessions_in(&mut tx, user_id, keep, reason, now).await?;
         tx.commit().await?;
+        if !ended.is_empty() {
+            self.settle().await;
+        }
         Ok(ended)
     }
 

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use gatehouse::domain::user::Status;
 use gatehouse::store::{Store, UserPatch};
+use sqlx::Connection;
 use uuid::Uuid;
+
+use gatehouse::store::Rotation;
 
 use crate::support::*;
 
@@ -13,6 +16,8 @@ postgres_only!(
     a_remembered_session_is_answered_from_memory_until_postgresql_reports_a_change,
     a_change_is_seen_at_once_by_the_instance_that_made_it,
     a_session_ended_on_one_instance_is_refused_by_another_at_once,
+    an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and_writes_wait_for_it,
+    every_write_that_ends_a_session_is_refused_by_another_instance_at_once,
 );
 
 /// Runs `sql` on the database directly, as an operator would; with `quiet`, with
@@ -122,5 +127,87 @@ async fn a_session_ended_on_one_instance_is_refused_by_another_at_once() {
         assert_eq!(ended_at(&*other, s.id).await, None);
         assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
         assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 1), "round {round}");
+    }
+}
+
+async fn an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and_writes_wait_for_it() {
+    let db = Db::new(Backend::Postgres).await;
+    let other = db.another_instance().await;
+    let u = user(&*db.store, "lease@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    until_remembered(&db.url, &*other, s.id).await;
+
+    // An operator's lock on the leases' table: every instance's next renewal waits for
+    // it, and so does everything else its listening connection would do (handle the
+    // logout's notification, acknowledge it). Reading the table still works.
+    let mut operator = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut operator).await.unwrap();
+    sqlx::query("LOCK TABLE gatehouse_instances IN EXCLUSIVE MODE").execute(&mut operator).await.unwrap();
+    // Past a renewal period: both listeners are now stuck in a renewal.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let started = Instant::now();
+    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+    let took = started.elapsed();
+    // The other instance did not handle the change, but its lease has run out: it reads
+    // the database.
+    assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 1));
+    // No acknowledgement could come: the write waited for the leases to run out.
+    assert!(took >= Duration::from_millis(300), "the write waited {took:?} only");
+    assert!(took <= Duration::from_secs(4), "the write waited {took:?}, longer than a lease");
+
+    sqlx::query("ROLLBACK").execute(&mut operator).await.unwrap();
+    // Renewing again, the other instance answers from memory again.
+    let s2 = login(&*db.store, u.id, T0 + 2).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for k in 0.. {
+        let marker = format!("after-the-lock-{k}");
+        operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{marker}' WHERE id = '{}'", s2.id), true)
+            .await;
+        let (session, _) = other.session_with_user(s2.id).await.unwrap().expect("session exists");
+        if session.user_agent.as_deref() != Some(marker.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other instance never used its memory again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn every_write_that_ends_a_session_is_refused_by_another_instance_at_once() {
+    let db = Db::new(Backend::Postgres).await;
+    let other = db.another_instance().await;
+    for round in 0..10 {
+        let u = user(&*db.store, &format!("writes-{round}@example.test")).await;
+        let remembered = |s: Uuid| until_remembered(&db.url, &*other, s);
+
+        // A login over the device limit evicts the oldest session.
+        let old = login(&*db.store, u.id, T0).await;
+        remembered(old.id).await;
+        let (_, newer) = new_session(u.id, T0 + 1);
+        db.store.open_session(&newer, 1).await.unwrap().expect("session opened");
+        assert_eq!(ended_at(&*other, old.id).await, Some(T0 + 1), "eviction, round {round}");
+
+        // A refresh token used twice, past the grace window, ends its session.
+        let s = login(&*db.store, u.id, T0 + 2).await;
+        remembered(s.id).await;
+        let (first, _) = rotate(&s.refresh, T0 + 3);
+        assert!(matches!(db.store.rotate_refresh(&first).await.unwrap(), Rotation::Rotated { .. }));
+        let (again, _) = rotate(&s.refresh, T0 + 3 + GRACE + 1);
+        assert!(matches!(db.store.rotate_refresh(&again).await.unwrap(), Rotation::Reused { .. }));
+        assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 3 + GRACE + 1), "reuse, round {round}");
+
+        // A password change ends the other sessions.
+        let s = login(&*db.store, u.id, T0 + 40).await;
+        remembered(s.id).await;
+        db.store.change_password(u.id, "$argon2id$changed", None, T0 + 41).await.unwrap();
+        assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 41), "password change, round {round}");
+
+        // An administrator's suspension ends them all and is seen on the user at once.
+        let s = login(&*db.store, u.id, T0 + 50).await;
+        remembered(s.id).await;
+        let suspend = UserPatch { status: Some(Status::Suspended), ..Default::default() };
+        db.store.patch_user(u.id, &suspend, T0 + 51).await.unwrap().expect("user exists");
+        let (session, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
+        assert_eq!((session.ended_at, owner.status), (Some(T0 + 51), Status::Suspended), "suspension, round {round}");
     }
 }

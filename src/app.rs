@@ -65,6 +65,7 @@ impl App {
             .with_graceful_shutdown(shutdown)
             .await;
         housekeeping.abort();
+        self.state.services.store.close().await;
         Ok(served?)
     }
 }

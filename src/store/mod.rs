@@ -362,6 +362,10 @@ pub trait Store: Send + Sync + 'static {
     /// `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
 
+    /// Before the process stops: gives up what other instances would otherwise wait for
+    /// (on PostgreSQL, the session memory's lease).
+    async fn close(&self) {}
+
     /// Creates a user; `None` if the email is taken.
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>>;
     /// Registration: creates the user, or not if the email is taken, and in the same

@@ -34,7 +34,7 @@
 //! sees them when their notification arrives, normally within a millisecond.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -92,6 +92,8 @@ pub struct SessionCache {
     acks_asked: AtomicU64,
     /// Writes waiting for acknowledgements: the instances' ids go to the request's number.
     waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Uuid>>>,
+    /// Stopping: the lease was given up and is not taken again.
+    retired: AtomicBool,
 }
 
 #[derive(Default)]
@@ -147,6 +149,7 @@ impl SessionCache {
             ready: watch::Sender::new(false),
             acks_asked: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -236,7 +239,7 @@ impl SessionCache {
     /// lease, less the margin.
     fn renewed(&self, sent: Instant) {
         let mut state = self.state();
-        if state.listening {
+        if state.listening && !self.retired.load(Ordering::SeqCst) {
             state.lease = Some(sent + LEASE - LEASE_MARGIN);
             self.ready.send_replace(true);
         }
@@ -300,6 +303,19 @@ impl SessionCache {
         }
     }
 
+    /// Gives up the lease for good, so that no write waits for this instance once it
+    /// stops: the memory is no longer used, then the lease's row is deleted. (A renewal
+    /// already under way may still write the row again: that lease then runs out.)
+    pub async fn retire(&self, pool: &AnyPool) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.state().lease = None;
+        let gone =
+            sqlx::query("DELETE FROM gatehouse_instances WHERE id = $1").bind(self.id.to_string()).execute(pool).await;
+        if let Err(e) = gone {
+            tracing::warn!(error = %e, "could not give up this instance's lease; it runs out within seconds");
+        }
+    }
+
     /// Listens on `url` for as long as the task runs, reconnecting after a loss.
     pub async fn listen(self: Arc<Self>, url: String) {
         let mut backoff = Duration::from_millis(100);
@@ -358,7 +374,7 @@ impl SessionCache {
                     }
                     None => break,
                 },
-                _ = renew.tick(), if self.capacity > 0 => {
+                _ = renew.tick(), if self.capacity > 0 && !self.retired.load(Ordering::SeqCst) => {
                     if last_renewed.elapsed() > 2 * LEASE {
                         tracing::warn!("session memory: renewals are not coming back; listening anew");
                         return Ok(());

@@ -622,6 +622,12 @@ impl Store for SqlStore {
         self.backend
     }
 
+    async fn close(&self) {
+        if let Some(cache) = &self.cache {
+            cache.retire(&self.pool).await;
+        }
+    }
+
     async fn create_user(&self, u: NewUser) -> StoreResult<Option<User>> {
         Ok(insert_user(&mut *self.write().await?, &u).await?)
     }

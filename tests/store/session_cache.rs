@@ -18,6 +18,7 @@ postgres_only!(
     a_session_ended_on_one_instance_is_refused_by_another_at_once,
     an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and_writes_wait_for_it,
     every_write_that_ends_a_session_is_refused_by_another_instance_at_once,
+    a_stopped_instance_is_not_waited_for,
 );
 
 /// Runs `sql` on the database directly, as an operator would; with `quiet`, with
@@ -210,4 +211,18 @@ async fn every_write_that_ends_a_session_is_refused_by_another_instance_at_once(
         let (session, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
         assert_eq!((session.ended_at, owner.status), (Some(T0 + 51), Status::Suspended), "suspension, round {round}");
     }
+}
+
+async fn a_stopped_instance_is_not_waited_for() {
+    let db = Db::new(Backend::Postgres).await;
+    let u = user(&*db.store, "stopped@example.test").await;
+    let other = db.another_instance().await;
+    other.close().await;
+    // Gone: it can acknowledge nothing any more.
+    drop(other);
+    let s = login(&*db.store, u.id, T0).await;
+    let started = Instant::now();
+    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the write waited {took:?} for a stopped instance");
 }

@@ -5,8 +5,10 @@
 -- out; an instance answers from memory only within its lease. So requests need no
 -- round trip to PostgreSQL to know that what they remember is still true.
 --
--- The lease is in PostgreSQL's clock (now()), the only clock all instances share. Rows
--- of leases that ran out long ago are deleted when an instance starts listening.
+-- Each side counts the lease on its own clock (the instance from before it asked for
+-- the renewal, a waiting write from after it read this table); lease_until, in
+-- PostgreSQL's clock, only tells which rows are recent enough to matter. Rows of leases
+-- that ran out long ago are deleted when an instance starts listening.
 CREATE TABLE gatehouse_instances (
     id TEXT PRIMARY KEY,
     lease_until TIMESTAMPTZ NOT NULL

@@ -57,19 +57,26 @@ const FORGET_ALL: &str = "all";
 /// An acknowledgement request's payload: `ack:<instance>:<number>`.
 const ACK_REQUEST: &str = "ack:";
 
-/// How long a lease lasts, in PostgreSQL's clock. Also the longest a write waits for an
-/// instance that stopped answering (a killed process, a lost network).
+/// How long a lease lasts. The instance counts it on its own clock from before it sent
+/// the renewal (less [`LEASE_MARGIN`]); a write waits this long, on its own clock, for
+/// an instance that does not acknowledge (a killed process, a lost network). No two
+/// clocks need to agree, only to run at about the same rate.
 pub const LEASE: Duration = Duration::from_secs(3);
 
 /// How often the listening connection renews the lease.
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-/// How much sooner than PostgreSQL an instance counts its lease as over, for clocks that
-/// run at slightly different rates.
+/// How much sooner than a waiting write an instance counts its lease as over, for clocks
+/// that run at slightly different rates.
 const LEASE_MARGIN: Duration = Duration::from_millis(500);
 
 /// How long one statement on the listening connection may take before it is presumed dead.
 const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long after its lease ran out, by PostgreSQL's clock, an instance is still waited
+/// for. PostgreSQL's clock only decides which rows are recent enough to matter: a step
+/// forward of up to this much does not drop a live lease.
+const CLOCK_STEP_TOLERANCE: &str = "10 seconds";
 
 /// Old leases' rows are deleted this long after they ran out.
 const FORGET_LEASES_AFTER: &str = "1 hour";
@@ -272,23 +279,21 @@ impl SessionCache {
         let _waiting = Waiting(self, n);
         // The request is queued after the change (it commits after it); the leases are
         // read after the change committed, so an instance that is not among them can
-        // only gain a lease by a fence queued after the change.
-        let asked = sqlx::query(SETTLE_SQL)
+        // only gain a lease by a fence queued after the change. One that is among them
+        // counts its lease from before its renewal, which committed before this read:
+        // a lease from now on this clock outlasts it.
+        let asked = sqlx::query(&SETTLE_SQL)
             .bind(CHANNEL)
             .bind(format!("{ACK_REQUEST}{}:{n}", self.id))
             .fetch_all(pool)
             .await
             .and_then(|rows| {
-                let now = Instant::now();
+                let until = Instant::now() + LEASE;
                 let mut leases = HashMap::new();
                 for row in rows {
-                    let (Some(id), Some(ms)) =
-                        (row.try_get::<Option<String>, _>("id")?, row.try_get::<Option<i64>, _>("ms")?)
-                    else {
-                        continue;
-                    };
+                    let Some(id) = row.try_get::<Option<String>, _>("id")? else { continue };
                     let id = Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-                    leases.insert(id, now + Duration::from_millis(ms.max(0).unsigned_abs()));
+                    leases.insert(id, until);
                 }
                 Ok(leases)
             });
@@ -413,11 +418,14 @@ static RENEW_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Sends the acknowledgement request `$2` on `$1` and reads the live leases with what
-/// is left of each, in milliseconds (one row with NULLs when there are none).
-const SETTLE_SQL: &str = "SELECT i.id, (extract(epoch FROM i.lease_until - now()) * 1000)::BIGINT AS ms \
-     FROM (SELECT pg_notify($1, $2) AS sent) request \
-     LEFT JOIN gatehouse_instances i ON i.lease_until > now()";
+/// Sends the acknowledgement request `$2` on `$1` and reads the instances whose lease
+/// may still hold (one row with a NULL when there are none).
+static SETTLE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT i.id FROM (SELECT pg_notify($1, $2) AS sent) request \
+         LEFT JOIN gatehouse_instances i ON i.lease_until > now() - interval '{CLOCK_STEP_TOLERANCE}'"
+    )
+});
 
 /// Waits until every instance in `leases` has acknowledged (its id arrives on `acks`)
 /// or its lease has run out.

@@ -106,10 +106,12 @@ fn init_tracing(settings: &Settings) {
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve => {
-            let app = App::build(&settings).await?;
+            // The address first: a store once opened takes a lease that only serving's
+            // end gives up (see `Store::close`).
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {} (GATEHOUSE_LISTEN): {e}", settings.listen))?;
+            let app = App::build(&settings).await?;
             tracing::info!(
                 listen = %listener.local_addr()?,
                 database = app.state.services.store.backend(),
@@ -138,6 +140,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             std::io::stdin().read_to_string(&mut pw)?;
             let pw = SecretString::from(pw.trim_end_matches(['\r', '\n']).to_owned());
             let role = if role == "admin" { Role::Admin } else { Role::User };
+            // A one-shot command answers no Bearer check: no session memory, no lease.
+            let settings = Settings { session_cache_entries: 0, ..settings };
             let services = app::services(&settings, Arc::new(SystemClock), false).await?;
             let user = services.create_user_directly(&email, pw, role, verified).await.map_err(|e| match e {
                 crate::service::Error::Validation(errs) => anyhow::anyhow!(

@@ -101,6 +101,9 @@ pub struct SessionCache {
     waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Uuid>>>,
     /// Stopping: the lease was given up and is not taken again.
     retired: AtomicBool,
+    /// Held by the listener while it renews, so that giving the lease up waits for a
+    /// renewal under way rather than be undone by it.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -157,6 +160,7 @@ impl SessionCache {
             acks_asked: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
             retired: AtomicBool::new(false),
+            renewing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -309,11 +313,12 @@ impl SessionCache {
     }
 
     /// Gives up the lease for good, so that no write waits for this instance once it
-    /// stops: the memory is no longer used, then the lease's row is deleted. (A renewal
-    /// already under way may still write the row again: that lease then runs out.)
+    /// stops: the memory is no longer used, then, once a renewal under way has ended, the
+    /// lease's row is deleted.
     pub async fn retire(&self, pool: &AnyPool) {
         self.retired.store(true, Ordering::SeqCst);
         self.state().lease = None;
+        let _no_renewal = self.renewing.lock().await;
         let gone =
             sqlx::query("DELETE FROM gatehouse_instances WHERE id = $1").bind(self.id.to_string()).execute(pool).await;
         if let Err(e) = gone {
@@ -359,27 +364,39 @@ impl SessionCache {
         let (mut sent, mut last_renewed) = (0u64, Instant::now());
         loop {
             tokio::select! {
-                n = listener.try_recv() => match n? {
-                    Some(n) if n.channel() == self.fence_channel => {
-                        let Ok(k) = n.payload().parse::<u64>() else { continue };
-                        let mut at = None;
-                        while renewals.front().is_some_and(|(r, _)| *r <= k) {
-                            at = renewals.pop_front().filter(|(r, _)| *r == k).map(|(_, t)| t);
+                n = listener.try_recv() => {
+                    let Some(first) = n? else { break };
+                    // This one and those already buffered behind it, in order; their
+                    // acknowledgements go out together.
+                    let mut acks = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(n) = next {
+                        if n.channel() == self.fence_channel {
+                            if let Some(at) = n.payload().parse().ok().and_then(|k| fence_came_back(&mut renewals, k)) {
+                                self.renewed(at);
+                                last_renewed = Instant::now();
+                            }
+                        } else if let Some(ack) = self.notified(n.channel(), n.payload()) {
+                            acks.push(ack);
                         }
-                        if let Some(at) = at {
-                            self.renewed(at);
-                            last_renewed = Instant::now();
-                        }
+                        next = listener.next_buffered();
                     }
-                    Some(n) => {
-                        if let Some((channel, payload)) = self.notified(n.channel(), n.payload()) {
-                            let ack = sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload);
-                            within_limit(ack.execute(&mut listener)).await?;
-                        }
+                    if !acks.is_empty() {
+                        let (channels, payloads): (Vec<String>, Vec<String>) = acks.into_iter().unzip();
+                        let send = sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::TEXT[], $2::TEXT[]) AS a(c, p)")
+                            .bind(channels)
+                            .bind(payloads);
+                        within_limit(send.execute(&mut listener)).await?;
                     }
-                    None => break,
-                },
-                _ = renew.tick(), if self.capacity > 0 && !self.retired.load(Ordering::SeqCst) => {
+                }
+                _ = renew.tick() => {
+                    // Without a lease to renew, the tick still checks the connection: a
+                    // connection that died silently would otherwise never be noticed.
+                    let renewing = self.renewing.lock().await;
+                    if self.capacity == 0 || self.retired.load(Ordering::SeqCst) {
+                        within_limit(sqlx::query("SELECT 1").execute(&mut listener)).await?;
+                        continue;
+                    }
                     if last_renewed.elapsed() > 2 * LEASE {
                         tracing::warn!("session memory: renewals are not coming back; listening anew");
                         return Ok(());
@@ -391,6 +408,7 @@ impl SessionCache {
                         .bind(&self.fence_channel)
                         .bind(sent.to_string());
                     within_limit(renewal.execute(&mut listener)).await?;
+                    drop(renewing);
                     renewals.push_back((sent, at));
                 }
             }
@@ -398,6 +416,16 @@ impl SessionCache {
         tracing::warn!("session memory: connection lost; reading sessions from the database until it is back");
         Ok(())
     }
+}
+
+/// The renewal whose fence `k` came back, if it is one still awaited: when it was sent.
+/// Earlier renewals still awaited will never come back on this connection.
+fn fence_came_back(renewals: &mut VecDeque<(u64, Instant)>, k: u64) -> Option<Instant> {
+    let mut at = None;
+    while renewals.front().is_some_and(|(r, _)| *r <= k) {
+        at = renewals.pop_front().filter(|(r, _)| *r == k).map(|(_, t)| t);
+    }
+    at
 }
 
 /// The channel of instance `id`'s acknowledgements.
@@ -610,6 +638,27 @@ mod tests {
         let leases = HashMap::from([(a, start + Duration::from_secs(2)), (b, start + Duration::from_secs(3))]);
         tokio::join!(wait_for_acks(leases, rx), answer);
         assert_eq!(Instant::now() - start, Duration::from_millis(5), "both answered");
+    }
+
+    #[test]
+    fn a_renewal_counts_from_when_it_was_sent_and_earlier_ones_are_dropped() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut renewals = VecDeque::from([(1, at(0)), (2, at(1000)), (3, at(2000))]);
+        assert_eq!(fence_came_back(&mut renewals, 2), Some(at(1000)));
+        assert_eq!(renewals, VecDeque::from([(3, at(2000))]), "renewal 1 will not come back now");
+        assert_eq!(fence_came_back(&mut renewals, 1), None, "an old fence counts for nothing");
+        assert_eq!(fence_came_back(&mut renewals, 7), None, "nor one never sent");
+        assert!(renewals.is_empty());
+    }
+
+    #[test]
+    fn a_retired_instance_takes_no_lease_again() {
+        let (cache, sid) = leased_with_one_entry(Uuid::new_v4());
+        cache.retired.store(true, Ordering::SeqCst);
+        cache.state().lease = None;
+        cache.renewed(Instant::now());
+        assert!(cache.get(sid).is_none());
     }
 
     #[test]

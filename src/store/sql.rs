@@ -1095,11 +1095,10 @@ impl Store for SqlStore {
         .bind(user_id.to_string())
         .execute(&mut *self.write().await?)
         .await?;
-        let ended = r.rows_affected() > 0;
-        if ended {
-            self.settle().await;
-        }
-        Ok(ended)
+        // Even when another request ended it first (or this one's earlier try, whose
+        // wait was cut short): the answer must not come before every instance knows.
+        self.settle().await;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn end_sessions(
@@ -1112,9 +1111,8 @@ impl Store for SqlStore {
         let mut tx = self.begin().await?;
         let ended = end_sessions_in(&mut tx, user_id, keep, reason, now).await?;
         tx.commit().await?;
-        if !ended.is_empty() {
-            self.settle().await;
-        }
+        // Even when nothing was left to end (see `end_session`).
+        self.settle().await;
         Ok(ended)
     }
 

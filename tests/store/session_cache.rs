@@ -153,9 +153,9 @@ async fn an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and
     // The other instance did not handle the change, but its lease has run out: it reads
     // the database.
     assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 1));
-    // No acknowledgement could come: the write waited for the leases to run out.
-    assert!(took >= Duration::from_millis(300), "the write waited {took:?} only");
-    assert!(took <= Duration::from_secs(4), "the write waited {took:?}, longer than a lease");
+    // No acknowledgement could come: the write waited a whole lease (3 s) for them.
+    assert!(took >= Duration::from_millis(2900), "the write waited {took:?} only");
+    assert!(took <= Duration::from_secs(5), "the write waited {took:?}, much longer than a lease");
 
     sqlx::query("ROLLBACK").execute(&mut operator).await.unwrap();
     // Renewing again, the other instance answers from memory again.
@@ -203,13 +203,42 @@ async fn every_write_that_ends_a_session_is_refused_by_another_instance_at_once(
         db.store.change_password(u.id, "$argon2id$changed", None, T0 + 41).await.unwrap();
         assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 41), "password change, round {round}");
 
+        // Ending all but one, as "log out everywhere else" does.
+        let (s, kept) = (login(&*db.store, u.id, T0 + 42).await, login(&*db.store, u.id, T0 + 42).await);
+        remembered(s.id).await;
+        db.store.end_sessions(u.id, Some(kept.id), "ended_by_user", T0 + 43).await.unwrap();
+        assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 43), "end all others, round {round}");
+
+        // A verified email and a new name are seen on the user at once (before the
+        // reset below, which also marks the email verified).
+        let s = login(&*db.store, u.id, T0 + 46).await;
+        remembered(s.id).await;
+        let ((_, link), (_, code)) = (one_time(T0 + 3600), one_time_code(T0 + 3600));
+        db.store.issue_verification(u.id, &link, &code, T0 + 46).await.unwrap();
+        db.store.verify_email_by_link(&link.token_hash, T0 + 47).await.unwrap().expect("verified");
+        let (_, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
+        assert!(owner.email_verified_at.is_some(), "verification, round {round}");
+        remembered(s.id).await;
+        let rename = UserPatch { name: Some(Some(format!("Renamed {round}"))), ..Default::default() };
+        db.store.patch_user(u.id, &rename, T0 + 48).await.unwrap().expect("user exists");
+        let (_, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
+        assert_eq!(owner.name, Some(format!("Renamed {round}")), "rename, round {round}");
+
+        // A password reset ends every session.
+        let s = login(&*db.store, u.id, T0 + 49).await;
+        remembered(s.id).await;
+        let (_, reset) = one_time(T0 + 3600);
+        db.store.issue_reset(u.id, &reset, T0 + 49).await.unwrap();
+        db.store.reset_password(&reset.token_hash, "$argon2id$reset", T0 + 50).await.unwrap().expect("reset");
+        assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 50), "password reset, round {round}");
+
         // An administrator's suspension ends them all and is seen on the user at once.
-        let s = login(&*db.store, u.id, T0 + 50).await;
+        let s = login(&*db.store, u.id, T0 + 51).await;
         remembered(s.id).await;
         let suspend = UserPatch { status: Some(Status::Suspended), ..Default::default() };
-        db.store.patch_user(u.id, &suspend, T0 + 51).await.unwrap().expect("user exists");
+        db.store.patch_user(u.id, &suspend, T0 + 52).await.unwrap().expect("user exists");
         let (session, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
-        assert_eq!((session.ended_at, owner.status), (Some(T0 + 51), Status::Suspended), "suspension, round {round}");
+        assert_eq!((session.ended_at, owner.status), (Some(T0 + 52), Status::Suspended), "suspension, round {round}");
     }
 }
 
@@ -217,7 +246,15 @@ async fn a_stopped_instance_is_not_waited_for() {
     let db = Db::new(Backend::Postgres).await;
     let u = user(&*db.store, "stopped@example.test").await;
     let other = db.another_instance().await;
+    let remembered = login(&*db.store, u.id, T0).await;
+    until_remembered(&db.url, &*other, remembered.id).await;
     other.close().await;
+    // It answers from memory no more.
+    let marker = "after-close";
+    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{marker}' WHERE id = '{}'", remembered.id), true)
+        .await;
+    let (session, _) = other.session_with_user(remembered.id).await.unwrap().expect("session exists");
+    assert_eq!(session.user_agent.as_deref(), Some(marker));
     // Gone: it can acknowledge nothing any more.
     drop(other);
     let s = login(&*db.store, u.id, T0).await;

@@ -15,14 +15,15 @@
 //!   its listening connection renews every second in `gatehouse_instances`. A renewal
 //!   counts only when a notification sent in the same transaction (a *fence*) comes
 //!   back: by then every change committed before the renewal has been handled. The
-//!   instance counts its lease from before it sent the renewal, and ends it
-//!   [`LEASE_MARGIN`] sooner than PostgreSQL does.
+//!   instance counts its lease on its own clock from before it sent the renewal, less
+//!   [`LEASE_MARGIN`].
 //! - Acknowledged writes ([`SessionCache::settle`]): a write that ends a session or
 //!   changes a user, once committed, sends an acknowledgement request on the same
 //!   channel (so it is queued after the change) and reads the live leases in the same
 //!   statement. Each instance answers the request when it handles it, so after the
-//!   change; the writer answers its client only when every live instance has answered
-//!   or its lease has run out. An instance that regains a lease did so by a fence queued
+//!   change; the writer answers its client only when every instance read has answered
+//!   or a whole [`LEASE`] has passed on the writer's clock (which outlasts any lease
+//!   that instance holds). An instance that regains a lease did so by a fence queued
 //!   after any such write it was not waited for.
 //! - A read that began before a notification was handled does not keep its (possibly
 //!   older) result: every notification moves an epoch, and a result is kept only if the
@@ -456,7 +457,7 @@ static SETTLE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 /// Waits until every instance in `leases` has acknowledged (its id arrives on `acks`)
-/// or its lease has run out.
+/// or the time given for it has passed.
 async fn wait_for_acks(mut leases: HashMap<Uuid, Instant>, mut acks: mpsc::UnboundedReceiver<Uuid>) {
     loop {
         let now = Instant::now();

@@ -187,7 +187,7 @@ impl SessionCache {
     /// The epoch to pass to [`put`] before reading the database; `None` when not listening.
     pub fn epoch(&self) -> Option<u64> {
         let state = self.state();
-        (state.listening && self.capacity > 0).then_some(state.epoch)
+        state.listening.then_some(state.epoch)
     }
 
     /// Remembers a session read after [`epoch`] returned `epoch`, unless a change was
@@ -615,7 +615,9 @@ mod tests {
         let cache = SessionCache::new(0);
         cache.reset(true);
         assert!(*cache.ready.borrow(), "ready to hear acknowledgements once listening");
-        assert_eq!(cache.epoch(), None);
+        let (s, u) = entry(Uuid::new_v4());
+        cache.put(cache.epoch().expect("listening"), s, u);
+        assert!(cache.state().sessions.is_empty());
         assert_eq!(cache.notified(CHANNEL, &format!("ack:{}:1", Uuid::new_v4())), None);
     }
 

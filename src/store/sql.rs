@@ -537,7 +537,7 @@ impl SqlStore {
             pool,
             writer,
             turn,
-            pg_hot: pg_hot.clone(),
+            pg_hot,
             rotations,
             grouped,
             sqlite_counters,

@@ -49,3 +49,18 @@ macro_rules! both_backends {
         }
     )*};
 }
+
+/// Tests of what only PostgreSQL has, as ignored tests that `--include-ignored` runs
+/// (as `both_backends!`'s PostgreSQL half).
+#[macro_export]
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
+            async fn postgres() {
+                super::$name().await
+            }
+        }
+    )*};
+}

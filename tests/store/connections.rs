@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use gatehouse::store::{Reservation, Rotation};
 
+use crate::postgres_only;
 use crate::support::*;
 
 postgres_only!(

@@ -6,20 +6,6 @@
 mod common;
 mod support;
 
-/// Tests of what only PostgreSQL has, as ignored tests that `--include-ignored` runs
-/// (defined before the modules that use it).
-macro_rules! postgres_only {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "PostgreSQL: run with GATEHOUSE_TEST_POSTGRES_URL and --include-ignored (scripts/test.sh does)"]
-            async fn postgres() {
-                super::$name().await
-            }
-        }
-    )*};
-}
-
 mod api_keys;
 mod concurrency;
 mod connections;

@@ -8,6 +8,7 @@ use gatehouse::store::{Rotation, Store, UserPatch};
 use sqlx::Connection;
 use uuid::Uuid;
 
+use crate::postgres_only;
 use crate::support::*;
 
 postgres_only!(

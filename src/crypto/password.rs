@@ -165,9 +165,18 @@ impl PasswordHasher {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
         let job: Job = Box::new(move || {
+            // A request dropped while its job waited (its client went away, or timed
+            // out under overload) wants no answer: its hash would only delay the
+            // queued ones behind it.
+            if reply.is_closed() {
+                drop(permit);
+                return;
+            }
             let _g = span.enter();
-            let _ = reply.send(f());
+            let out = f();
+            // The place is free before the answer is: whoever reads it sees it free.
             drop(permit);
+            let _ = reply.send(out);
         });
         // The worker threads end when the last handle drops the sender.
         self.inner.tx.send(job).map_err(|_| Overloaded)?;
@@ -329,6 +338,35 @@ mod tests {
         let results = futures_join(&h, &pw, 8).await;
         assert!(results.iter().any(|r| r.is_err()), "some of 8 jobs on 1 worker + 1 slot must be refused");
         assert!(results.iter().any(|r| r.is_ok()));
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_caller_left_while_it_waited_is_not_run() {
+        let h = PasswordHasher::start(CHEAP, 1, 4);
+        // The one worker is held until `release` is sent.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, is_started) = tokio::sync::oneshot::channel();
+        let h2 = h.clone();
+        let holding = tokio::spawn(async move {
+            h2.run(h2.admit().unwrap(), move || {
+                let _ = started.send(());
+                let _ = held.recv();
+            })
+            .await
+        });
+        is_started.await.unwrap();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let left = h.run(h.admit().unwrap(), move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+        // Queued, then dropped: the caller went away.
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), left).await.is_err());
+        assert_eq!(h.in_flight(), 2, "the job left behind keeps its place until the worker reaches it");
+        release.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        // The next job runs after the dropped one was reached.
+        assert!(h.run(h.admit().unwrap(), || true).await.unwrap());
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the abandoned job must not run");
+        assert_eq!(h.in_flight(), 0, "its place was given back");
     }
 
     async fn futures_join(h: &PasswordHasher, pw: &SecretString, n: usize) -> Vec<Result<bool, Overloaded>> {

@@ -29,6 +29,41 @@ const HASH: &str = "argon2id:m=19456,t=2,p=1";
 /// the same code gave login / raw hash 0.88 and 0.83 on SQLite, 0.86 and 0.90 on
 /// PostgreSQL: other guests take this machine's cores for seconds at a time.)
 const ROUNDS: u32 = 5;
+/// Logins and raw hashes alternate in this many slices per second of
+/// GATEHOUSE_BENCH_SECONDS. Their rates are the noisiest: a verify takes 10-30 ms, the
+/// machine's hash rate moves by 10% from one second to the next, and five slices each
+/// gave ratios from 0.83 to 1.00 for the same code (2026-12-06, seventh session).
+const LOGIN_ROUNDS_PER_SECOND: u32 = 3;
+/// A login slice counts only what is answered after this: the queue of 16 logins is
+/// full and both hashing threads busy by then.
+const LOGIN_WARM_UP: Duration = Duration::from_millis(200);
+/// A raw hash slice counts only what ends after this (a verify or two per thread).
+const HASH_WARM_UP: Duration = Duration::from_millis(100);
+
+/// The part of a slice whose answers count: from `warm` after its start, for `len`.
+/// The slice's rate is what ended within it over `len`. Neither its start (requests
+/// not yet queued, threads not yet busy) nor its end (the last requests draining, one
+/// hashing thread idle while the other finishes) counts: at 25 ms a verify, these
+/// ramps were about 1% of a slice of two seconds.
+#[derive(Clone, Copy)]
+struct Window {
+    warm: Duration,
+    len: Duration,
+}
+
+impl Window {
+    fn plain(len: Duration) -> Self {
+        Self { warm: Duration::ZERO, len }
+    }
+    /// When no new request may start.
+    fn end(self) -> Duration {
+        self.warm + self.len
+    }
+    /// Whether an answer at `t` after the start counts.
+    fn counts(self, t: Duration) -> bool {
+        t >= self.warm && t < self.end()
+    }
+}
 
 fn secs(name: &str, default: u64) -> Duration {
     Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
@@ -130,6 +165,12 @@ impl Cpu {
         self.loadgen += o.loadgen;
         self.postgres += o.postgres;
     }
+    /// Hashing's share of all the CPU measured: what a login could reach of the raw
+    /// hash rate if every hash ran as fast as the baseline's. Steadier than the rate
+    /// itself, which moves with the machine's speed.
+    fn hash_share(&self) -> f64 {
+        self.hash / (self.hash + self.other + self.loadgen + self.postgres).max(f64::MIN_POSITIVE)
+    }
     /// Microseconds per request of each part.
     fn per_request(&self, requests: u64) -> Value {
         let us = |s: f64| s * 1e6 / requests.max(1) as f64;
@@ -218,6 +259,8 @@ struct Sample {
     ok: u64,
     other: u64,
     elapsed: f64,
+    /// Every answer of the slice, counted or not (the CPU per request divides by it).
+    answered: u64,
 }
 
 impl Sample {
@@ -225,6 +268,20 @@ impl Sample {
         self.lat.extend(o.lat);
         self.ok += o.ok;
         self.other += o.other;
+        self.answered += o.answered;
+    }
+    /// Records an answer that came `at` after the slice's start, `lat` after its request.
+    fn answer(&mut self, w: Window, at: Duration, ok: bool, lat: Duration) {
+        self.answered += 1;
+        if !w.counts(at) {
+            return;
+        }
+        if ok {
+            self.ok += 1;
+            self.lat.push(lat.as_micros() as u64);
+        } else {
+            self.other += 1;
+        }
     }
     /// Adds one slice of a phase measured in rounds: its requests and its time.
     fn absorb(&mut self, o: Sample) {
@@ -250,25 +307,23 @@ impl Sample {
 
 type Req = Arc<dyn Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync>;
 
-/// Closed loop: `conns` workers each send the next request when the last is answered.
-async fn closed_loop(conns: usize, dur: Duration, req: Req) -> Sample {
+/// Closed loop: `conns` workers each send the next request when the last is answered,
+/// until the window's end; the requests then in flight are awaited but not counted.
+async fn closed_loop(conns: usize, w: Window, req: Req) -> Sample {
     let client = reqwest::Client::builder().pool_max_idle_per_host(conns).build().unwrap();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..conns {
+    for i in 0..conns {
         let (client, req) = (client.clone(), req.clone());
         tasks.push(tokio::spawn(async move {
             let mut s = Sample::default();
-            while start.elapsed() < dur {
+            while start.elapsed() < w.end() {
                 let t = Instant::now();
-                match req(&client, w).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        s.ok += 1;
-                        s.lat.push(t.elapsed().as_micros() as u64);
-                    }
-                    _ => s.other += 1,
-                }
+                let ok = match req(&client, i).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                s.answer(w, start.elapsed(), ok, t.elapsed());
             }
             s
         }));
@@ -277,12 +332,13 @@ async fn closed_loop(conns: usize, dur: Duration, req: Req) -> Sample {
     for t in tasks {
         all.merge(t.await.unwrap());
     }
-    all.elapsed = start.elapsed().as_secs_f64();
+    all.elapsed = w.len.as_secs_f64();
     all
 }
 
-/// Raw argon2id verifies on every core for `dur`, with the service's own verify.
-fn raw_hash(dur: Duration) -> Sample {
+/// Raw argon2id verifies on every core, with the service's own verify: those that end
+/// within the window.
+fn raw_hash(w: Window) -> Sample {
     let phc = gatehouse::crypto::password::hash_blocking(&HASH.parse().unwrap(), PASSWORD.as_bytes());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let count = Arc::new(AtomicU64::new(0));
@@ -291,14 +347,17 @@ fn raw_hash(dur: Duration) -> Sample {
         for _ in 0..threads {
             let (count, phc) = (count.clone(), phc.clone());
             s.spawn(move || {
-                while start.elapsed() < dur {
+                while start.elapsed() < w.end() {
                     assert!(gatehouse::crypto::password::verify_blocking(PASSWORD.as_bytes(), &phc));
-                    count.fetch_add(1, Ordering::Relaxed);
+                    if w.counts(start.elapsed()) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }
     });
-    Sample { ok: count.load(Ordering::Relaxed), elapsed: start.elapsed().as_secs_f64(), ..Sample::default() }
+    let ok = count.load(Ordering::Relaxed);
+    Sample { ok, answered: ok, elapsed: w.len.as_secs_f64(), ..Sample::default() }
 }
 
 async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Value> {
@@ -426,7 +485,7 @@ async fn timing(base: &str, known: &str, samples: usize) -> Value {
 
 /// One run against the minimal handler (the framework's ceiling), served by as many
 /// processes as the phases it is compared with, the load spread the same way.
-async fn minimal_run(bases: &[String], d: Duration) -> Sample {
+async fn minimal_run(bases: &[String], d: Window) -> Sample {
     let b = bases.to_vec();
     closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/", b[w % b.len()])))).await
 }
@@ -525,7 +584,7 @@ async fn backend_run(
     // Each figure is measured in rounds, alternating with its baseline, and the ratio is
     // of their totals: the speed of this machine drifts by up to 2x over minutes (other
     // guests take its cores), and alternating short slices puts both under the same drift.
-    let slice = d / ROUNDS;
+    let slice = Window::plain(d / ROUNDS);
     let (mut minimal_s, mut healthz, mut me, mut refresh) =
         (Sample::default(), Sample::default(), Sample::default(), Sample::default());
     let (mut me_cpu, mut refresh_cpu, mut login_cpu) = (Cpu::default(), Cpu::default(), Cpu::default());
@@ -536,9 +595,12 @@ async fn backend_run(
         refresh.absorb(measured(&servers, &mut refresh_cpu, run_phase(Phase::Refresh, &ctx, slice)).await);
     }
     let (mut hash, mut login) = (Sample::default(), Sample::default());
-    for _ in 0..ROUNDS {
-        hash.absorb(raw_hash(slice));
-        login.absorb(measured(&servers, &mut login_cpu, run_phase(Phase::Login, &ctx, slice * 2)).await);
+    let login_rounds = LOGIN_ROUNDS_PER_SECOND * u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    let (hash_window, login_window) =
+        (Window { warm: HASH_WARM_UP, len: d / 10 }, Window { warm: LOGIN_WARM_UP, len: d / 5 });
+    for _ in 0..login_rounds {
+        hash.absorb(raw_hash(hash_window));
+        login.absorb(measured(&servers, &mut login_cpu, run_phase(Phase::Login, &ctx, login_window)).await);
     }
     let (minimal_rate, hash_rate) = (minimal_s.rate(), hash.rate());
     let capacity = login.rate();
@@ -546,16 +608,18 @@ async fn backend_run(
         "backend": name,
         "instances": instances,
         "rounds": ROUNDS,
+        "login_rounds": login_rounds,
         "baselines": {
             "minimal": minimal_s.summary(),
             "raw_hash_per_second": hash_rate,
         },
         "login": login.summary(),
         "login_vs_raw_hash": capacity / hash_rate,
+        "login_hash_share_of_cpu": login_cpu.hash_share(),
         "cpu_per_request": {
-            "login": login_cpu.per_request(login.ok + login.other),
-            "me": me_cpu.per_request(me.ok + me.other),
-            "refresh": refresh_cpu.per_request(refresh.ok + refresh.other),
+            "login": login_cpu.per_request(login.answered),
+            "me": me_cpu.per_request(me.answered),
+            "refresh": refresh_cpu.per_request(refresh.answered),
         },
         "me": me.summary(),
         "me_vs_minimal": me.rate() / minimal_rate,
@@ -577,7 +641,7 @@ async fn backend_run(
         for (phase, label) in
             [(Phase::Healthz, "healthz"), (Phase::Me, "me"), (Phase::Refresh, "refresh"), (Phase::Login, "login")]
         {
-            profiled(pid, &format!("{prefix}{label}"), short, run_phase(phase, &ctx, short)).await;
+            profiled(pid, &format!("{prefix}{label}"), short, run_phase(phase, &ctx, Window::plain(short))).await;
         }
     }
     out
@@ -599,8 +663,8 @@ struct PhaseCtx {
     chains: tokio::sync::Mutex<Vec<String>>,
 }
 
-/// One closed-loop phase against every instance in turn.
-async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Duration) -> Sample {
+/// One closed-loop phase against every instance in turn, counted within `d`.
+async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Window) -> Sample {
     let b = ctx.bases.clone();
     match phase {
         Phase::Healthz => closed_loop(32, d, Arc::new(move |c, w| c.get(format!("{}/healthz", b[w % b.len()])))).await,
@@ -644,18 +708,16 @@ async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Duration) -> Sample {
                 let (client, bases) = (client.clone(), b.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut s = Sample::default();
-                    while start.elapsed() < d {
+                    while start.elapsed() < d.end() {
                         let t = Instant::now();
                         let url = format!("{}/v1/auth/refresh", bases[w % bases.len()]);
                         let r = client.post(url).json(&json!({"refresh_token": token})).send().await.unwrap();
-                        if r.status().is_success() {
+                        let ok = r.status().is_success();
+                        if ok {
                             let v: Value = r.json().await.unwrap();
                             token = v["refresh_token"].as_str().unwrap().to_owned();
-                            s.ok += 1;
-                            s.lat.push(t.elapsed().as_micros() as u64);
-                        } else {
-                            s.other += 1;
                         }
+                        s.answer(d, start.elapsed(), ok, t.elapsed());
                     }
                     (s, token)
                 }));
@@ -666,7 +728,7 @@ async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Duration) -> Sample {
                 all.merge(s);
                 kept.push(token);
             }
-            all.elapsed = start.elapsed().as_secs_f64();
+            all.elapsed = d.len.as_secs_f64();
             all
         }
     }
@@ -695,6 +757,7 @@ fn table(results: &Value) -> String {
             );
         }
         row(&mut t, "login / raw hash rate", f(&b["login_vs_raw_hash"]));
+        row(&mut t, "login: hashing's share of the CPU used", f(&b["login_hash_share_of_cpu"]));
         for phase in ["login", "me", "refresh"] {
             let c = &b["cpu_per_request"][phase];
             let parts = ["hash_us", "server_other_us", "loadgen_us", "postgres_us"].map(|k| f(&c[k]));

@@ -17,6 +17,7 @@ both_backends!(
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
+    a_locked_email_hears_429_even_when_hashing_is_full,
 );
 
 async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
@@ -190,4 +191,37 @@ async fn a_full_hashing_queue_answers_503_at_once(b: Backend) {
     // A login refused for overload is not counted as a failure.
     let r = app.login("flood0@example.com", "x").await;
     assert_ne!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+async fn a_locked_email_hears_429_even_when_hashing_is_full(b: Backend) {
+    let app = TestApp::spawn_with(b, |f| {
+        f.merge(("hash_workers", 1)).merge(("hash_queue", 1)).merge(("password_hash", "argon2id:m=65536,t=3,p=1"))
+    })
+    .await;
+    app.verified_user("locked@example.com").await;
+    fail_n(&app, "locked@example.com", 5).await;
+    // Two slow logins take the worker and the queue's one place.
+    let busy: Vec<String> = (0..2).map(|i| format!("busy{i}@example.com")).collect();
+    let flood = futures::future::join_all(busy.iter().map(|e| fail(&app, e)));
+    let probes = async {
+        // Once both hold their places (the pool's gauge says so).
+        let mut full = false;
+        for _ in 0..500 {
+            let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            full = metrics.lines().any(|l| l == "gatehouse_password_hash_in_flight 2");
+            if full {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert!(full, "the two slow logins never held both places");
+        (app.login("locked@example.com", PASSWORD).await, fail(&app, "other@example.com").await)
+    };
+    let (flood, (locked, other)) = tokio::join!(flood, probes);
+    assert_problem(other, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+    assert_eq!(retry_after(&locked), 60);
+    assert_problem(locked, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    for r in flood {
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
 }

@@ -30,9 +30,10 @@ const HASH: &str = "argon2id:m=19456,t=2,p=1";
 /// PostgreSQL: other guests take this machine's cores for seconds at a time.)
 const ROUNDS: u32 = 5;
 /// Logins and raw hashes alternate in this many slices per second of
-/// GATEHOUSE_BENCH_SECONDS. Their rates are the noisiest: a verify takes 10-30 ms, the
-/// machine's hash rate moves by 10% from one second to the next, and five slices each
-/// gave ratios from 0.83 to 1.00 for the same code (2026-12-06, seventh session).
+/// GATEHOUSE_BENCH_SECONDS. Their rates are the noisiest: a verify takes 20-35 ms here,
+/// the raw hash rate measured 72-93 /s in twelve one-second slices in a row
+/// (2026-12-07), and five slices each gave ratios from 0.83 to 1.00 for the same code
+/// (2026-12-06, seventh session).
 const LOGIN_ROUNDS_PER_SECOND: u32 = 3;
 /// A login slice counts only what is answered after this: the queue of 16 logins is
 /// full and both hashing threads busy by then.
@@ -43,8 +44,8 @@ const HASH_WARM_UP: Duration = Duration::from_millis(100);
 /// The part of a slice whose answers count: from `warm` after its start, for `len`.
 /// The slice's rate is what ended within it over `len`. Neither its start (requests
 /// not yet queued, threads not yet busy) nor its end (the last requests draining, one
-/// hashing thread idle while the other finishes) counts: at 25 ms a verify, these
-/// ramps were about 1% of a slice of two seconds.
+/// hashing thread idle while the other finishes) counts: each ramp lasts up to a
+/// verify or two of each thread, 20-70 ms of a slice of one or two seconds.
 #[derive(Clone, Copy)]
 struct Window {
     warm: Duration,

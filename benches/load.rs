@@ -379,29 +379,37 @@ async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Val
 }
 
 /// The overload phase: logins offered open-loop at `rate`/s while `/healthz` and
-/// `/v1/me` are probed; returns the 503 share, rejection latency and probe p99s.
-async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str) -> Value {
+/// `/v1/me` are probed; returns the 503 share, rejection latency and probe p99s, and
+/// writes every request to `trace` (CSV: what, when it was sent in Unix microseconds,
+/// to set beside PostgreSQL's log, its latency, its status).
+async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str, trace: &Path) -> Value {
+    let t0 = Instant::now();
+    let unix0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    let sent_at = move |t: Instant| unix0 + t.duration_since(t0).as_micros();
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let probe = |path: &'static str, bearer: Option<String>| {
         let (client, done, base) = (client.clone(), done.clone(), base.to_owned());
         tokio::spawn(async move {
-            let mut s = Sample::default();
+            let (mut s, mut lines) = (Sample::default(), String::new());
             while !done.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let mut r = client.get(format!("{base}{path}"));
                 if let Some(b) = &bearer {
                     r = r.bearer_auth(b);
                 }
-                if r.send().await.is_ok_and(|r| r.status().is_success()) {
+                let status = r.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+                let lat = t.elapsed().as_micros() as u64;
+                lines += &format!("{path},{},{lat},{status}\n", sent_at(t));
+                if (200..300).contains(&status) {
                     s.ok += 1;
-                    s.lat.push(t.elapsed().as_micros() as u64);
+                    s.lat.push(lat);
                 } else {
                     s.other += 1;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            s
+            (s, lines)
         })
     };
     let health = probe("/healthz", None);
@@ -419,15 +427,16 @@ async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str
                 .json(&json!({"email": email, "password": PASSWORD}))
                 .send()
                 .await;
-            (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed().as_micros() as u64)
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed().as_micros() as u64, sent_at(t))
         }));
         next += interval;
         tokio::time::sleep_until(next.into()).await;
     }
     let mut rejected = Sample::default();
-    let (mut ok, mut total) = (0u64, 0u64);
+    let (mut ok, mut total, mut lines) = (0u64, 0u64, String::new());
     for s in sent {
-        let (status, micros) = s.await.unwrap();
+        let (status, micros, at) = s.await.unwrap();
+        lines += &format!("login,{at},{micros},{status}\n");
         total += 1;
         match status {
             503 => {
@@ -439,7 +448,8 @@ async fn overload(base: &str, rate: f64, dur: Duration, email: &str, token: &str
         }
     }
     done.store(true, Ordering::Relaxed);
-    let (mut h, mut m) = (health.await.unwrap(), me.await.unwrap());
+    let ((mut h, h_lines), (mut m, m_lines)) = (health.await.unwrap(), me.await.unwrap());
+    std::fs::write(trace, format!("request,sent_unix_us,latency_us,status\n{lines}{h_lines}{m_lines}")).unwrap();
     json!({
         "offered_per_second": rate,
         "logins_sent": total,
@@ -637,7 +647,9 @@ async fn backend_run(
         "refresh_vs_minimal": refresh.rate() / minimal_rate,
     });
     if full {
-        out["overload_4x"] = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0]).await;
+        // Every request of the phase, for a look at when the slow ones came.
+        let trace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench/overload-{name}.csv"));
+        out["overload_4x"] = overload(&base, capacity * 4.0, d * 2, &emails[0], &access[0], &trace).await;
         out["timing"] = timing(&base, &emails[1], 200).await;
         out["rss_idle_mib"] = json!(idle_rss as f64 / 1024.0);
         out["rss_peak_mib"] = json!(servers[0].rss_kib("VmHWM:") as f64 / 1024.0);

@@ -26,6 +26,8 @@ pub struct TestApp {
     pub state: AppState,
     pub client: reqwest::Client,
     pub outbox: PathBuf,
+    /// The database's URL (PostgreSQL: with the test's own schema).
+    pub db_url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -41,7 +43,7 @@ impl TestApp {
         let url = fresh_database(backend, dir.path()).await;
         let f = Settings::figment(None)
             .merge(("data_dir", dir.path().display().to_string()))
-            .merge(("database_url", url))
+            .merge(("database_url", url.clone()))
             .merge(("password_hash", "argon2id:m=64,t=1,p=1"))
             .merge(("rate_limit_per_ip", "0"))
             .merge(("db_max_connections", 8))
@@ -60,6 +62,7 @@ impl TestApp {
             state,
             client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
             outbox: settings.outbox_dir(),
+            db_url: url,
             _dir: dir,
         }
     }

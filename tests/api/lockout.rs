@@ -4,8 +4,8 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::both_backends;
 use crate::helpers::*;
+use crate::{both_backends, postgres_only};
 
 both_backends!(
     every_tier_boundary_locks_on_the_right_failure,
@@ -19,6 +19,8 @@ both_backends!(
     a_full_hashing_queue_answers_503_at_once,
     a_locked_email_hears_429_even_when_hashing_is_full,
 );
+
+postgres_only!(a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_its_row);
 
 async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
     app.login(email, "wrong password!").await
@@ -223,5 +225,63 @@ async fn a_locked_email_hears_429_even_when_hashing_is_full(b: Backend) {
     assert_problem(locked, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     for r in flood {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+}
+
+/// Logins of one email wait on its counter's row while another login of it commits
+/// (here an operator holds the row). Even when such logins hold every hashing place and
+/// every counters' connection, the overload path's lock read answers at once.
+async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_its_row() {
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    // 8 pool connections: 2 for the counters. Hashing: 1 worker and 3 waiting places.
+    let app = TestApp::spawn_with(Backend::Postgres, |f| {
+        f.merge(("hash_workers", 1)).merge(("hash_queue", 3)).merge(("db_acquire_timeout", 3))
+    })
+    .await;
+    app.verified_user("hot@example.com").await;
+    app.verified_user("locked@example.com").await;
+    fail_n(&app, "locked@example.com", 5).await;
+    fail_n(&app, "hot@example.com", 1).await;
+    let mut operator = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let mut tx = operator.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM login_throttle WHERE email = 'hot@example.com' FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // Four logins of hot@ take the four hashing places, two of them the counters'
+    // connections, and wait.
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
+            tokio::spawn(async move {
+                client.post(url).json(&json!({"email": "hot@example.com", "password": PASSWORD})).send().await.unwrap()
+            })
+        })
+        .collect();
+    let mut full = false;
+    for _ in 0..500 {
+        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        full = metrics.lines().any(|l| l == "gatehouse_password_hash_in_flight 4");
+        if full {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(full, "the four logins never held every hashing place");
+    // Give them time to reach the row (each is in its statement, or waits for a connection).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let locked = app.login("locked@example.com", PASSWORD).await;
+    let took = t.elapsed();
+    let other = fail(&app, "other@example.com").await;
+    // Only now does the row come free.
+    tx.rollback().await.unwrap();
+    assert_eq!(retry_after(&locked), 60);
+    assert_problem(locked, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(took < Duration::from_secs(1), "the locked email waited {took:?} for its answer");
+    assert_problem(other, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status(), StatusCode::OK);
     }
 }

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::str::FromStr;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -188,25 +189,105 @@ impl PasswordHasher {
 /// `nice` value added, up to 19).
 pub const HASH_NICE: i32 = 10;
 
-/// Lowers this thread's priority by [`HASH_NICE`]. Hashing takes every core at
-/// saturation; at equal priority a woken runtime or database thread waited behind it for
-/// its turn. Niced, a token check, a probe or a 503 runs as soon as it is woken, and
-/// hashing still has every cycle nothing else wants. (On Linux, where priority is per
-/// thread; elsewhere a no-op.)
-fn yield_to_the_rest() {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let me = Some(rustix::thread::gettid());
-        let now = getpriority_process(me).unwrap_or(0);
-        if let Err(e) = setpriority_process(me, (now + HASH_NICE).min(19)) {
-            tracing::warn!(error = %e, "could not lower the priority of a hashing thread");
-        }
+/// How a hashing thread shares the cores with the rest of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// `SCHED_IDLE` (Linux): it runs only when nothing else on its core can, and the
+    /// scheduler counts a core running only such threads as free, so a woken runtime or
+    /// database thread goes there at once. (Niced only, a PostgreSQL process waited
+    /// 86 ms to run while both hashing threads took 3 ms turns on both cores: `perf
+    /// sched timehist` of the bench's overload phase, 2026-12-07.)
+    Idle,
+    /// Ordinary scheduling, [`HASH_NICE`] lower: a share of the cores even when every
+    /// core is busy. Taken while the thread is starved (see [`next_standing`]).
+    Niced,
+}
+
+/// A hash that took this many times its CPU time in wall time starved: the thread had a
+/// core for less than half of it.
+const STARVED: u32 = 2;
+
+/// Back to [`Standing::Idle`] when a hash took less than this many times its CPU time
+/// (the margin keeps a thread from flapping between the two).
+const FED: f64 = 1.25;
+
+/// Jobs shorter than this (in wall time) say nothing about starvation.
+const JUDGED_FROM: Duration = Duration::from_millis(2);
+
+/// The standing for the next job, from the last one's wall time and CPU time. A
+/// saturated service gives its hashing threads nearly every cycle (a hash takes little
+/// more wall time than CPU time) and they stay idle-class. A flood of cheap requests
+/// that keeps every core busy would starve an idle-class thread (21 and 8 logins in 5 s
+/// against 53 and 59 niced, `wrk -c64` login flood on PostgreSQL, 2026-12-07): a thread
+/// that starved takes the niced standing, and keeps it until its hashes run at nearly
+/// full speed again (39 and 41 against 41 and 50 niced, the same flood).
+pub fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
+    // A job too short to tell (a malformed stored hash fails at once) changes nothing.
+    if wall < JUDGED_FROM {
+        return now;
+    }
+    match now {
+        Standing::Idle if wall > cpu * STARVED => Standing::Niced,
+        Standing::Niced if wall.as_secs_f64() < cpu.as_secs_f64() * FED => Standing::Idle,
+        same => same,
     }
 }
 
+/// Takes `standing` for this thread (Linux; elsewhere a no-op). The nice value is the
+/// process's plus [`HASH_NICE`] in either standing.
+fn take_standing(standing: Standing, base_nice: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::setpriority_process;
+        use thread_priority::unix::{
+            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadSchedulePolicy,
+        };
+        let policy = match standing {
+            Standing::Idle => NormalThreadSchedulePolicy::Idle,
+            Standing::Niced => NormalThreadSchedulePolicy::Other,
+        };
+        // The policy, with the lowest priority it has (the crate sets the nice value
+        // too: 19 for the ordinary policy, 0 for the idle one) ...
+        let set = set_thread_priority_and_policy(
+            thread_native_id(),
+            thread_priority::ThreadPriority::Min,
+            ThreadSchedulePolicy::Normal(policy),
+        );
+        if let Err(e) = set {
+            tracing::warn!(error = ?e, ?standing, "could not set a hashing thread's scheduling policy");
+        }
+        // ... then the nice value this thread keeps in either.
+        if let Err(e) = setpriority_process(Some(rustix::thread::gettid()), (base_nice + HASH_NICE).min(19)) {
+            tracing::warn!(error = %e, "could not lower the priority of a hashing thread");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (standing, base_nice);
+}
+
+/// This thread's CPU time so far (Linux; elsewhere zero, which keeps the standing).
+fn thread_cpu_time() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
+    }
+    #[cfg(not(target_os = "linux"))]
+    Duration::ZERO
+}
+
+/// The process's nice value (Linux; elsewhere 0).
+fn base_nice() -> i32 {
+    #[cfg(target_os = "linux")]
+    return rustix::process::getpriority_process(None).unwrap_or(0);
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
 fn worker(rx: &Mutex<Receiver<Job>>) {
-    yield_to_the_rest();
+    let base = base_nice();
+    let mut standing = Standing::Idle;
+    take_standing(standing, base);
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -215,7 +296,14 @@ fn worker(rx: &Mutex<Receiver<Job>>) {
                 Err(_) => return,
             }
         };
+        let (wall, cpu) = (Instant::now(), thread_cpu_time());
         job();
+        let (wall, cpu) = (wall.elapsed(), thread_cpu_time().saturating_sub(cpu));
+        let next = next_standing(standing, wall, cpu);
+        if next != standing {
+            take_standing(next, base);
+            standing = next;
+        }
     }
 }
 
@@ -320,15 +408,65 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
+    fn standing_here() -> (Standing, i32) {
+        use thread_priority::unix::{thread_schedule_policy, NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+        let nice = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        match thread_schedule_policy().unwrap() {
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle) => (Standing::Idle, nice),
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other) => (Standing::Niced, nice),
+            other => panic!("unexpected policy {other:?}"),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn hashing_threads_run_at_a_lower_priority_than_the_thread_that_started_them() {
-        use rustix::process::getpriority_process;
-        let nice = || getpriority_process(Some(rustix::thread::gettid())).unwrap();
-        let mine = nice();
+    async fn hashing_threads_start_idle_class_and_niced_below_the_thread_that_started_them() {
+        let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
         let h = PasswordHasher::start(CHEAP, 1, 4);
-        let theirs = h.run(h.admit().unwrap(), nice).await.unwrap();
+        let (standing, theirs) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
+        assert_eq!(standing, Standing::Idle);
         assert_eq!(theirs, (mine + HASH_NICE).min(19));
         assert!(theirs > mine || mine == 19);
+    }
+
+    /// A job that waited on the CPU far longer than it ran (here: it slept) moves its
+    /// thread to the niced standing; one that ran at full speed moves it back.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_starved_hashing_thread_takes_the_niced_standing_until_it_runs_at_full_speed() {
+        let h = PasswordHasher::start(CHEAP, 1, 4);
+        let starve = || std::thread::sleep(Duration::from_millis(30));
+        let spin = || {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(30) {
+                std::hint::black_box(0u64);
+            }
+        };
+        h.run(h.admit().unwrap(), starve).await.unwrap();
+        let (standing, nice) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
+        assert_eq!(standing, Standing::Niced);
+        assert_eq!(nice, (base_nice() + HASH_NICE).min(19), "niced as before");
+        // At full speed, unless this machine starved the spin itself: then it is retried.
+        let mut back = Standing::Niced;
+        for _ in 0..20 {
+            h.run(h.admit().unwrap(), spin).await.unwrap();
+            back = h.run(h.admit().unwrap(), standing_here).await.unwrap().0;
+            if back == Standing::Idle {
+                break;
+            }
+        }
+        assert_eq!(back, Standing::Idle);
+    }
+
+    #[test]
+    fn the_standing_follows_how_much_of_a_core_the_last_hash_had() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_standing(Standing::Idle, ms(25), ms(24)), Standing::Idle);
+        assert_eq!(next_standing(Standing::Idle, ms(45), ms(24)), Standing::Idle, "half a core is enough");
+        assert_eq!(next_standing(Standing::Idle, ms(50), ms(24)), Standing::Niced);
+        assert_eq!(next_standing(Standing::Niced, ms(32), ms(24)), Standing::Niced, "not yet at full speed");
+        assert_eq!(next_standing(Standing::Niced, ms(29), ms(24)), Standing::Idle);
+        assert_eq!(next_standing(Standing::Idle, ms(1), Duration::ZERO), Standing::Idle, "too short to tell");
     }
 
     #[tokio::test]
@@ -359,7 +497,7 @@ mod tests {
         let flag = Arc::clone(&ran);
         let left = h.run(h.admit().unwrap(), move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
         // Queued, then dropped: the caller went away.
-        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), left).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(50), left).await.is_err());
         assert_eq!(h.in_flight(), 2, "the job left behind keeps its place until the worker reaches it");
         release.send(()).unwrap();
         holding.await.unwrap().unwrap();

@@ -26,6 +26,19 @@ async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
     app.login(email, "wrong password!").await
 }
 
+/// Whether `n` hashing places came to be held (the pool's gauge says so) within 500 looks at `/metrics`.
+async fn hashing_holds(app: &TestApp, n: usize) -> bool {
+    let line = format!("gatehouse_password_hash_in_flight {n}");
+    for _ in 0..500 {
+        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metrics.lines().any(|l| l == line) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    false
+}
+
 /// Fails `n` times, asserting each is a plain 401.
 async fn fail_n(app: &TestApp, email: &str, n: usize) {
     for i in 0..n {
@@ -207,16 +220,7 @@ async fn a_locked_email_hears_429_even_when_hashing_is_full(b: Backend) {
     let flood = futures::future::join_all(busy.iter().map(|e| fail(&app, e)));
     let probes = async {
         // Once both hold their places (the pool's gauge says so).
-        let mut full = false;
-        for _ in 0..500 {
-            let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-            full = metrics.lines().any(|l| l == "gatehouse_password_hash_in_flight 2");
-            if full {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        assert!(full, "the two slow logins never held both places");
+        assert!(hashing_holds(&app, 2).await, "the two slow logins never held both places");
         (app.login("locked@example.com", PASSWORD).await, fail(&app, "other@example.com").await)
     };
     let (flood, (locked, other)) = tokio::join!(flood, probes);
@@ -259,16 +263,7 @@ async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_i
             })
         })
         .collect();
-    let mut full = false;
-    for _ in 0..500 {
-        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        full = metrics.lines().any(|l| l == "gatehouse_password_hash_in_flight 4");
-        if full {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert!(full, "the four logins never held every hashing place");
+    assert!(hashing_holds(&app, 4).await, "the four logins never held every hashing place");
     // Give them time to reach the row (each is in its statement, or waits for a connection).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();

@@ -96,22 +96,22 @@ impl PasswordHasher {
         let workers = workers.max(1);
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        // A worker whose standing must change is replaced by a new thread, started by
-        // one that keeps the caller's scheduling (see `worker`); it ends when every
-        // worker has.
-        let (respawn, respawns) = channel::<Replace>();
+        let first = if idle_class_is_reversible() {
+            Standing::Idle
+        } else {
+            tracing::info!(
+                "hashing threads run niced, not in the idle class: this process may not take a thread back out \
+                 of it (that needs CAP_SYS_NICE), and an idle-class thread would starve under a flood"
+            );
+            Standing::Niced
+        };
         for i in 0..workers {
-            spawn_worker(Arc::clone(&rx), respawn.clone(), i, Standing::Idle);
-        }
-        drop(respawn);
-        let pool = Arc::clone(&rx);
-        let replacer = std::thread::Builder::new().name("gatehouse-hash-replacer".into()).spawn(move || {
-            for Replace { slot, standing, respawn } in respawns {
-                spawn_worker(Arc::clone(&pool), respawn, slot, standing);
+            let rx = Arc::clone(&rx);
+            let spawned =
+                std::thread::Builder::new().name(format!("gatehouse-hash-{i}")).spawn(move || worker(&rx, first));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start a hashing thread");
             }
-        });
-        if let Err(e) = replacer {
-            tracing::error!(error = %e, "could not start the hashing threads' replacer");
         }
         // On a thread of its own, so that its memory block is freed when it ends.
         let dummy = std::thread::scope(|s| {
@@ -217,71 +217,83 @@ pub enum Standing {
 /// core for less than half of it.
 const STARVED: u32 = 2;
 
-/// A hash that took less than this many times its CPU time ran at nearly full speed.
+/// Back to [`Standing::Idle`] when a hash took less than this many times its CPU time
+/// (the margin keeps a thread from flapping between the two).
 const FED: f64 = 1.25;
-
-/// A niced thread goes back to the idle class after this many such hashes in a row (the
-/// margin keeps threads from flapping between the two, each change costing a new thread
-/// and the first touch of its memory block).
-const FED_IN_A_ROW: u32 = 8;
 
 /// Jobs shorter than this (in wall time) say nothing about starvation.
 const JUDGED_FROM: Duration = Duration::from_millis(2);
 
-/// The standing for the next job, from the last one's wall time and CPU time and, for
-/// a niced thread, how many hashes in a row ran at nearly full speed (`fed_in_a_row`,
-/// kept up to date here). A saturated service gives its hashing threads nearly every
-/// cycle (a hash takes little more wall time than CPU time) and they stay idle-class. A
-/// flood of cheap requests that keeps every core busy would starve an idle-class thread
-/// (21 and 8 logins in 5 s against 53 and 59 niced, `wrk -c64` login flood on
-/// PostgreSQL, 2026-12-07): a thread that starved is replaced by a niced one, which is
-/// replaced by an idle-class one once its hashes run at nearly full speed again.
-pub fn next_standing(now: Standing, fed_in_a_row: &mut u32, wall: Duration, cpu: Duration) -> Standing {
+/// The standing for the next job, from the last one's wall time and CPU time. A
+/// saturated service gives its hashing threads nearly every cycle (a hash takes little
+/// more wall time than CPU time) and they stay idle-class. A flood of cheap requests
+/// that keeps every core busy would starve an idle-class thread (21 and 8 logins in 5 s
+/// against 53 and 59 niced, `wrk -c64` login flood on PostgreSQL, 2026-12-07): a thread
+/// that starved takes the niced standing, and keeps it until its hashes run at nearly
+/// full speed again (39 and 41 against 41 and 50 niced, the same flood).
+pub fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
     // A job too short to tell (a malformed stored hash fails at once) changes nothing.
     if wall < JUDGED_FROM {
         return now;
     }
     match now {
         Standing::Idle if wall > cpu * STARVED => Standing::Niced,
-        Standing::Idle => Standing::Idle,
-        Standing::Niced => {
-            let fed = wall.as_secs_f64() < cpu.as_secs_f64() * FED;
-            *fed_in_a_row = if fed { *fed_in_a_row + 1 } else { 0 };
-            if *fed_in_a_row >= FED_IN_A_ROW {
-                Standing::Idle
-            } else {
-                Standing::Niced
-            }
-        }
+        Standing::Niced if wall.as_secs_f64() < cpu.as_secs_f64() * FED => Standing::Idle,
+        same => same,
     }
 }
 
-/// Takes `standing` for this new thread, which has its starter's scheduling (Linux;
-/// elsewhere a no-op). The nice value is `base_nice` plus [`HASH_NICE`] in either.
+/// Takes `standing` for this thread (Linux; elsewhere a no-op), logging what failed.
+/// The nice value is the process's plus [`HASH_NICE`] in either standing.
 fn take_standing(standing: Standing, base_nice: i32) {
+    if let Err(e) = set_standing(standing, base_nice) {
+        tracing::warn!(error = %e, ?standing, "could not set a hashing thread's scheduling");
+    }
+}
+
+fn set_standing(standing: Standing, base_nice: i32) -> Result<(), String> {
     #[cfg(target_os = "linux")]
     {
+        use rustix::process::setpriority_process;
         use thread_priority::unix::{
             set_thread_priority_and_policy, thread_native_id, thread_schedule_policy, NormalThreadSchedulePolicy,
             ThreadSchedulePolicy,
         };
-        if standing == Standing::Idle {
-            let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-            // The crate also sets the nice value the idle class reports (0), which fails
-            // where this thread's is above it and it may not lower it; the policy is
-            // what matters, so it is read back.
-            let set = set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, idle);
-            if thread_schedule_policy().ok() != Some(idle) {
-                tracing::warn!(error = ?set.err(), "could not put a hashing thread in the idle class");
+        let policy = ThreadSchedulePolicy::Normal(match standing {
+            Standing::Idle => NormalThreadSchedulePolicy::Idle,
+            Standing::Niced => NormalThreadSchedulePolicy::Other,
+        });
+        // The policy, if it is not this thread's already, with the lowest priority it
+        // has (the crate sets the nice value too: 19 for the ordinary policy, 0 for the
+        // idle one, which an unprivileged thread may not take from a higher one) ...
+        if thread_schedule_policy().ok() != Some(policy) {
+            let set = set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, policy);
+            if thread_schedule_policy().ok() != Some(policy) {
+                return Err(format!("policy: {set:?}"));
             }
         }
-        let nice = (base_nice + HASH_NICE).min(19);
-        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
-            tracing::warn!(error = %e, "could not lower the priority of a hashing thread");
-        }
+        // ... then the nice value this thread keeps in either.
+        setpriority_process(Some(rustix::thread::gettid()), (base_nice + HASH_NICE).min(19))
+            .map_err(|e| format!("nice: {e}"))?;
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (standing, base_nice);
+    Ok(())
+}
+
+/// Whether a thread here may leave the idle class again, and so use it (Linux, with
+/// `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it; an unprivileged thread may enter it
+/// but not leave it, nor lower its nice value). Tried on a throwaway thread.
+fn idle_class_is_reversible() -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    let base = base_nice();
+    std::thread::spawn(move || {
+        set_standing(Standing::Idle, base).is_ok() && set_standing(Standing::Niced, base).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// This thread's CPU time so far (Linux; elsewhere zero, which keeps the standing).
@@ -295,7 +307,7 @@ fn thread_cpu_time() -> Duration {
     Duration::ZERO
 }
 
-/// This thread's nice value (Linux; elsewhere 0).
+/// This thread's nice value (Linux; elsewhere 0): at a worker's start, its starter's.
 fn base_nice() -> i32 {
     #[cfg(target_os = "linux")]
     return rustix::process::getpriority_process(None).unwrap_or(0);
@@ -303,32 +315,13 @@ fn base_nice() -> i32 {
     0
 }
 
-/// A worker's request to be replaced by one of the other standing.
-struct Replace {
-    slot: usize,
-    standing: Standing,
-    respawn: Sender<Replace>,
-}
-
-fn spawn_worker(rx: Arc<Mutex<Receiver<Job>>>, respawn: Sender<Replace>, slot: usize, standing: Standing) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("gatehouse-hash-{slot}"))
-        .spawn(move || worker(&rx, respawn, slot, standing));
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not start a hashing thread");
-    }
-}
-
-/// Runs jobs in `standing` until [`next_standing`] says otherwise, then hands its place
-/// to a new thread of the other standing and ends. (An unprivileged thread may enter
-/// the idle class but not leave it, nor lower its nice value: Linux wants
-/// `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it. A new thread, started by the
-/// replacer, which never changed its own scheduling, needs neither.)
-fn worker(rx: &Mutex<Receiver<Job>>, respawn: Sender<Replace>, slot: usize, standing: Standing) {
-    // The nice value this thread was started with (its starter's).
+/// Runs jobs, in `first` standing; from the idle class it may change standing as
+/// [`next_standing`] says (a process that may not leave the idle class starts niced and
+/// stays so).
+fn worker(rx: &Mutex<Receiver<Job>>, first: Standing) {
     let base = base_nice();
+    let mut standing = first;
     take_standing(standing, base);
-    let mut fed_in_a_row = 0;
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -340,13 +333,10 @@ fn worker(rx: &Mutex<Receiver<Job>>, respawn: Sender<Replace>, slot: usize, stan
         let (wall, cpu) = (Instant::now(), thread_cpu_time());
         job();
         let (wall, cpu) = (wall.elapsed(), thread_cpu_time().saturating_sub(cpu));
-        let next = next_standing(standing, &mut fed_in_a_row, wall, cpu);
+        let next = if first == Standing::Idle { next_standing(standing, wall, cpu) } else { standing };
         if next != standing {
-            // The memory block goes first, so that the pool never holds more than one
-            // per worker; the new thread makes its own.
-            MEMORY.with(|m| *m.borrow_mut() = Vec::new());
-            let _ = respawn.send(Replace { slot, standing: next, respawn: respawn.clone() });
-            return;
+            take_standing(next, base);
+            standing = next;
         }
     }
 }
@@ -473,8 +463,8 @@ mod tests {
         assert!(theirs > mine || mine == 19);
     }
 
-    /// A job that waited on the CPU far longer than it ran (here: it slept) has its
-    /// thread replaced by a niced one; one that ran at full speed, by an idle-class one.
+    /// A job that waited on the CPU far longer than it ran (here: it slept) moves its
+    /// thread to the niced standing; one that ran at full speed moves it back.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_starved_hashing_thread_takes_the_niced_standing_until_it_runs_at_full_speed() {
@@ -486,17 +476,13 @@ mod tests {
                 std::hint::black_box(0u64);
             }
         };
-        let tid = || rustix::thread::gettid();
-        let first = h.run(h.admit().unwrap(), tid).await.unwrap();
         h.run(h.admit().unwrap(), starve).await.unwrap();
         let (standing, nice) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
         assert_eq!(standing, Standing::Niced);
-        assert_ne!(h.run(h.admit().unwrap(), tid).await.unwrap(), first, "a new thread, not the idle-class one");
         assert_eq!(nice, (base_nice() + HASH_NICE).min(19), "niced as before");
-        // After enough spins at full speed in a row (a spin this machine starved starts
-        // the row again).
+        // At full speed, unless this machine starved the spin itself: then it is retried.
         let mut back = Standing::Niced;
-        for _ in 0..40 {
+        for _ in 0..20 {
             h.run(h.admit().unwrap(), spin).await.unwrap();
             back = h.run(h.admit().unwrap(), standing_here).await.unwrap().0;
             if back == Standing::Idle {
@@ -507,23 +493,14 @@ mod tests {
     }
 
     #[test]
-    fn the_standing_follows_how_much_of_a_core_the_last_hashes_had() {
+    fn the_standing_follows_how_much_of_a_core_the_last_hash_had() {
         let ms = Duration::from_millis;
-        let mut fed = 0;
-        assert_eq!(next_standing(Standing::Idle, &mut fed, ms(25), ms(24)), Standing::Idle);
-        assert_eq!(next_standing(Standing::Idle, &mut fed, ms(45), ms(24)), Standing::Idle, "half a core is enough");
-        assert_eq!(next_standing(Standing::Idle, &mut fed, ms(50), ms(24)), Standing::Niced);
-        assert_eq!(next_standing(Standing::Idle, &mut fed, ms(1), Duration::ZERO), Standing::Idle, "too short to tell");
-        // Niced: back after FED_IN_A_ROW hashes at nearly full speed in a row, not before.
-        for _ in 1..FED_IN_A_ROW {
-            assert_eq!(next_standing(Standing::Niced, &mut fed, ms(29), ms(24)), Standing::Niced);
-        }
-        assert_eq!(next_standing(Standing::Niced, &mut fed, ms(32), ms(24)), Standing::Niced, "not at full speed");
-        assert_eq!(fed, 0, "the row starts again");
-        for _ in 1..FED_IN_A_ROW {
-            assert_eq!(next_standing(Standing::Niced, &mut fed, ms(29), ms(24)), Standing::Niced);
-        }
-        assert_eq!(next_standing(Standing::Niced, &mut fed, ms(29), ms(24)), Standing::Idle);
+        assert_eq!(next_standing(Standing::Idle, ms(25), ms(24)), Standing::Idle);
+        assert_eq!(next_standing(Standing::Idle, ms(45), ms(24)), Standing::Idle, "half a core is enough");
+        assert_eq!(next_standing(Standing::Idle, ms(50), ms(24)), Standing::Niced);
+        assert_eq!(next_standing(Standing::Niced, ms(32), ms(24)), Standing::Niced, "not yet at full speed");
+        assert_eq!(next_standing(Standing::Niced, ms(29), ms(24)), Standing::Idle);
+        assert_eq!(next_standing(Standing::Idle, ms(1), Duration::ZERO), Standing::Idle, "too short to tell");
     }
 
     #[tokio::test]

@@ -244,13 +244,14 @@ pub fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
 }
 
 /// Takes `standing` for this thread (Linux; elsewhere a no-op), logging what failed.
-/// The nice value is the process's plus [`HASH_NICE`] in either standing.
 fn take_standing(standing: Standing, base_nice: i32) {
     if let Err(e) = set_standing(standing, base_nice) {
         tracing::warn!(error = %e, ?standing, "could not set a hashing thread's scheduling");
     }
 }
 
+/// Sets this thread's policy for `standing` and its nice value to `base_nice` plus
+/// [`HASH_NICE`] (in either standing); says what failed.
 fn set_standing(standing: Standing, base_nice: i32) -> Result<(), String> {
     #[cfg(target_os = "linux")]
     {

@@ -201,7 +201,7 @@ pub const HASH_NICE: i32 = 10;
 
 /// How a hashing thread shares the cores with the rest of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
+pub(crate) enum Standing {
     /// `SCHED_IDLE` (Linux): it runs only when nothing else on its core can, and the
     /// scheduler counts a core running only such threads as free, so a woken runtime or
     /// database thread goes there at once. (Niced only, a PostgreSQL process waited
@@ -209,7 +209,8 @@ pub enum Standing {
     /// sched timehist` of the bench's overload phase, 2026-12-07.)
     Idle,
     /// Ordinary scheduling, [`HASH_NICE`] lower: a share of the cores even when every
-    /// core is busy. Taken while the thread is starved (see [`next_standing`]).
+    /// core is busy. Taken while the thread is starved (see [`next_standing`]), and for
+    /// good where a thread may not leave the idle class.
     Niced,
 }
 
@@ -231,7 +232,7 @@ const JUDGED_FROM: Duration = Duration::from_millis(2);
 /// against 53 and 59 niced, `wrk -c64` login flood on PostgreSQL, 2026-12-07): a thread
 /// that starved takes the niced standing, and keeps it until its hashes run at nearly
 /// full speed again (39 and 41 against 41 and 50 niced, the same flood).
-pub fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
+pub(crate) fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
     // A job too short to tell (a malformed stored hash fails at once) changes nothing.
     if wall < JUDGED_FROM {
         return now;
@@ -323,6 +324,8 @@ fn worker(rx: &Mutex<Receiver<Job>>, first: Standing) {
     let base = base_nice();
     let mut standing = first;
     take_standing(standing, base);
+    // Niced from the start means niced for good: no clocks to read.
+    let judged = first == Standing::Idle;
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -331,10 +334,10 @@ fn worker(rx: &Mutex<Receiver<Job>>, first: Standing) {
                 Err(_) => return,
             }
         };
-        let (wall, cpu) = (Instant::now(), thread_cpu_time());
+        let started = judged.then(|| (Instant::now(), thread_cpu_time()));
         job();
-        let (wall, cpu) = (wall.elapsed(), thread_cpu_time().saturating_sub(cpu));
-        let next = if first == Standing::Idle { next_standing(standing, wall, cpu) } else { standing };
+        let Some((wall, cpu)) = started else { continue };
+        let next = next_standing(standing, wall.elapsed(), thread_cpu_time().saturating_sub(cpu));
         if next != standing {
             take_standing(next, base);
             standing = next;
@@ -459,7 +462,9 @@ mod tests {
         let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
         let h = PasswordHasher::start(CHEAP, 1, 4);
         let (standing, theirs) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
-        assert_eq!(standing, Standing::Idle);
+        // Without the right to leave the idle class (no CAP_SYS_NICE), niced only.
+        let expected = if idle_class_is_reversible() { Standing::Idle } else { Standing::Niced };
+        assert_eq!(standing, expected);
         assert_eq!(theirs, (mine + HASH_NICE).min(19));
         assert!(theirs > mine || mine == 19);
     }
@@ -470,6 +475,12 @@ mod tests {
     #[tokio::test]
     async fn a_starved_hashing_thread_takes_the_niced_standing_until_it_runs_at_full_speed() {
         let h = PasswordHasher::start(CHEAP, 1, 4);
+        if !idle_class_is_reversible() {
+            // No CAP_SYS_NICE: niced from the start, and starving changes nothing.
+            h.run(h.admit().unwrap(), || std::thread::sleep(Duration::from_millis(30))).await.unwrap();
+            assert_eq!(h.run(h.admit().unwrap(), standing_here).await.unwrap().0, Standing::Niced);
+            return;
+        }
         let starve = || std::thread::sleep(Duration::from_millis(30));
         let spin = || {
             let t = Instant::now();

@@ -7,6 +7,7 @@
 //! starts with a write, so SQLite takes its write lock up front (no deferred upgrade
 //! that could fail under concurrency) and PostgreSQL locks the rows it then reads.
 
+mod one_per_key;
 mod pg_direct;
 mod session_cache;
 pub mod sql;

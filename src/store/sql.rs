@@ -15,6 +15,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::one_per_key::OnePerKey;
 use super::pg_direct::{AnyQuery, Direct, IDLE_BEFORE_PING};
 use super::session_cache::SessionCache;
 use super::sqlite_rotations::{Outcome, SqliteRotator};
@@ -67,11 +68,12 @@ struct PgHot {
     fast: Direct,
     /// The lock read of a login refused for overload, hundreds a second. Apart from the
     /// counters': a reservation waits on its email's row while another login of that
-    /// email commits (through its WAL flush), and reservations of one busy email could
-    /// then hold every counters' connection; a read waits on no row. (On the counters'
-    /// connections, with an 80 ms hold of a flooded email's row once a second, a 503's
-    /// p99 was 29 and 42 ms, against 6.0 and 12.1 ms apart; and a locked email's 429
-    /// became a 503 when the wait reached the acquire timeout.)
+    /// email commits (through its WAL flush), and a few busy emails (one reservation
+    /// each per instance, see `email_turns`) could then hold every counters' connection;
+    /// a read waits on no row. (On the counters' connections, before `email_turns`, with
+    /// an 80 ms hold of a flooded email's row once a second, a 503's p99 was 29 and
+    /// 42 ms, against 6.0 and 12.1 ms apart; and a locked email's 429 became a 503 when
+    /// the wait reached the acquire timeout.)
     reads: Direct,
     /// A login's session write: durable at commit.
     logins: Direct,
@@ -79,6 +81,10 @@ struct PgHot {
     /// the logins', so that logins waiting on a user's row lock cannot hold up
     /// rotations, nor the other way round.
     rotations: Direct,
+    /// Each email's reservations one at a time (see `one_per_key`).
+    email_turns: OnePerKey,
+    /// Each user's session writes one at a time (see `one_per_key`).
+    user_turns: OnePerKey,
 }
 
 /// PostgreSQL rotation batches in flight at once (one gathers while the other commits).
@@ -491,6 +497,8 @@ impl SqlStore {
                 reads: Direct::new(opts.clone(), size, PG_SETUP, wait),
                 logins: Direct::new(opts.clone(), size, PG_SETUP, wait),
                 rotations: Direct::new(opts, ROTATION_BATCHES_AT_ONCE, PG_SETUP, wait),
+                email_turns: OnePerKey::default(),
+                user_turns: OnePerKey::default(),
             };
             (pool.clone(), Some(Arc::new(hot)))
         };
@@ -946,6 +954,7 @@ impl Store for SqlStore {
             let sql =
                 format!("WITH r AS ({upsert}) SELECT r.failures, {USER_COLS} FROM r LEFT JOIN users u ON u.email = $1");
             let query = sqlx::query(&sql).bind(email).bind(now).bind(first_until).bind(first_hard);
+            let _turn = hot.email_turns.take(email).await;
             match hot.fast.first_row(query).await? {
                 Some(row) => {
                     let user =
@@ -1034,7 +1043,10 @@ impl Store for SqlStore {
 
     async fn open_session(&self, s: &NewSession, device_limit: u32) -> StoreResult<Option<(User, Vec<Uuid>)>> {
         if let Some(hot) = &self.pg_hot {
-            let opened = pg_open_session(&hot.logins, s, device_limit).await?;
+            let opened = {
+                let _turn = hot.user_turns.take(&s.user_id.to_string()).await;
+                pg_open_session(&hot.logins, s, device_limit).await?
+            };
             match &opened {
                 // Sessions ended by the device limit: as any other end.
                 Some((_, evicted)) if !evicted.is_empty() => self.settle().await,

@@ -20,7 +20,11 @@ both_backends!(
     a_locked_email_hears_429_even_when_hashing_is_full,
 );
 
-postgres_only!(a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_its_row);
+postgres_only!(
+    a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_its_row,
+    another_email_logs_in_while_one_email_s_logins_wait_on_its_counter_row,
+    another_user_logs_in_while_one_user_s_logins_wait_on_the_user_row,
+);
 
 async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
     app.login(email, "wrong password!").await
@@ -253,8 +257,8 @@ async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_i
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    // Four logins of hot@ take the four hashing places, two of them the counters'
-    // connections, and wait.
+    // Four logins of hot@ take the four hashing places, one of them a counters'
+    // connection (the others wait their turn behind it), and wait.
     let waiting: Vec<_> = (0..4)
         .map(|_| {
             let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
@@ -279,4 +283,64 @@ async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_i
     for w in waiting {
         assert_eq!(w.await.unwrap().status(), StatusCode::OK);
     }
+}
+
+/// An operator holds one of hot@'s rows (as another login of it does while it commits);
+/// three logins of hot@ wait on it. A login of another email must not wait behind them:
+/// only one of them may hold a connection of the set whose statement waits on that row
+/// (two connections here, 8 in all), the others wait their turn without one.
+async fn another_login_goes_through_while_hot_logins_wait_on(row: &str) {
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let app = TestApp::spawn_with(Backend::Postgres, |f| {
+        f.merge(("hash_workers", 1)).merge(("hash_queue", 6)).merge(("db_acquire_timeout", 3))
+    })
+    .await;
+    app.verified_user("hot@example.com").await;
+    app.verified_user("calm@example.com").await;
+    fail_n(&app, "hot@example.com", 1).await;
+    let mut operator = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let mut tx = operator.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {row} WHERE email = 'hot@example.com' FOR UPDATE"))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
+            tokio::spawn(async move {
+                client.post(url).json(&json!({"email": "hot@example.com", "password": PASSWORD})).send().await.unwrap()
+            })
+        })
+        .collect();
+    // Once one waits on the row, give the others time to queue behind it.
+    let mut watcher = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let waits_on_a_lock = "SELECT count(*) FROM pg_stat_activity \
+        WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let mut polls = 0;
+    while sqlx::query_scalar::<_, i64>(waits_on_a_lock).fetch_one(&mut watcher).await.unwrap() == 0 {
+        polls += 1;
+        assert!(polls < 500, "no login came to wait on the row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let calm = app.login("calm@example.com", PASSWORD).await;
+    let took = t.elapsed();
+    let still_waiting = waiting.iter().filter(|w| !w.is_finished()).count();
+    tx.rollback().await.unwrap();
+    assert_eq!(calm.status(), StatusCode::OK);
+    assert!(took < Duration::from_secs(1), "another email's login waited {took:?} behind hot@'s");
+    assert_eq!(still_waiting, 3, "hot@'s logins did not wait on the row: the test shows nothing");
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status(), StatusCode::OK);
+    }
+}
+
+async fn another_email_logs_in_while_one_email_s_logins_wait_on_its_counter_row() {
+    another_login_goes_through_while_hot_logins_wait_on("login_throttle").await;
+}
+
+async fn another_user_logs_in_while_one_user_s_logins_wait_on_the_user_row() {
+    another_login_goes_through_while_hot_logins_wait_on("users").await;
 }

@@ -134,7 +134,7 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: b
     if mail_worker {
         tokio::spawn(worker.run());
     }
-    Ok(Services { store, clock, hasher, tokens, mail_wake, policy, geo })
+    Ok(Services { store, clock, hasher, tokens, mail_wake, policy, geo, refused_locks: Default::default() })
 }
 
 /// GeoIP lookups in a MaxMind city database.

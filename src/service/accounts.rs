@@ -10,6 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::refused_locks::Refusal;
 use super::{required, Checks, ClientMeta, Error, Result, Services, CODE_ATTEMPTS};
 use crate::crypto::tokens;
 use crate::domain::email::Email;
@@ -216,9 +217,23 @@ impl Services {
         // Admission first: a login refused for overload must not count as a failure.
         let permit = match self.hasher.admit() {
             Ok(p) => p,
-            // Even when hashing is saturated, a locked email hears that it is locked.
+            // Even when hashing is saturated, a locked email hears that it is locked (as
+            // read within the last second, see `refused_locks`).
             Err(_) => {
-                let lock = self.store.login_lock(email.as_str(), &self.policy.lockout, self.now()).await?;
+                let now = self.now();
+                let lock = match self.refused_locks.refusal(email.as_str(), now) {
+                    Refusal::Known(lock) => lock,
+                    Refusal::Read => match self.store.login_lock(email.as_str(), &self.policy.lockout, now).await {
+                        Ok(lock) => {
+                            self.refused_locks.put(email.as_str(), now, lock);
+                            lock
+                        }
+                        Err(e) => {
+                            self.refused_locks.read_failed(email.as_str());
+                            return Err(e.into());
+                        }
+                    },
+                };
                 return Err(lock.map_or(Error::Overloaded, |retry_after| Error::AccountLocked { retry_after }));
             }
         };

@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api_keys;
 pub mod mail_jobs;
+pub mod refused_locks;
 pub mod sessions;
 
 use std::net::IpAddr;
@@ -163,6 +164,8 @@ pub struct Services {
     pub policy: Policy,
     /// Optional GeoIP lookup.
     pub geo: Option<Box<dyn GeoLookup>>,
+    /// Emails' locks as read for logins refused for overload (see `refused_locks`).
+    pub refused_locks: refused_locks::RefusedLocks,
 }
 
 /// A caller authenticated by a Bearer token or an API key.

@@ -18,6 +18,7 @@ both_backends!(
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
     a_locked_email_hears_429_even_when_hashing_is_full,
+    a_refused_login_hears_a_lock_that_began_more_than_a_second_after_the_last_refusal,
 );
 
 postgres_only!(
@@ -343,4 +344,33 @@ async fn another_email_logs_in_while_one_email_s_logins_wait_on_its_counter_row(
 
 async fn another_user_logs_in_while_one_user_s_logins_wait_on_the_user_row() {
     another_login_goes_through_while_hot_logins_wait_on("users").await;
+}
+
+/// Logins refused for overload answer from the email's lock as read within the last
+/// second (see `refused_locks`): a lock that began after a refusal is heard once that
+/// read is a second old.
+async fn a_refused_login_hears_a_lock_that_began_more_than_a_second_after_the_last_refusal(b: Backend) {
+    use std::time::{Duration, Instant};
+    let app = TestApp::spawn_with(b, |f| {
+        f.merge(("hash_workers", 1)).merge(("hash_queue", 1)).merge(("password_hash", "argon2id:m=65536,t=3,p=1"))
+    })
+    .await;
+    app.verified_user("soon@example.com").await;
+    // While two slow logins hold both hashing places, a login of soon@ is refused.
+    let refused_while_full = || async {
+        let busy: Vec<String> = (0..2).map(|i| format!("busy{i}@example.com")).collect();
+        let flood = futures::future::join_all(busy.iter().map(|e| fail(&app, e)));
+        let probe = async {
+            assert!(hashing_holds(&app, 2).await, "the two slow logins never held both places");
+            (app.login("soon@example.com", PASSWORD).await, Instant::now())
+        };
+        tokio::join!(flood, probe).1
+    };
+    let (first, at) = refused_while_full().await;
+    assert_problem(first, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+    fail_n(&app, "soon@example.com", 5).await;
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(at.elapsed())).await;
+    let (second, _) = refused_while_full().await;
+    assert_eq!(retry_after(&second), 60);
+    assert_problem(second, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
 }

@@ -5,8 +5,10 @@
 //! seeds users, and drives it with the closed- and open-loop load generator below,
 //! each phase bounded in time. Every figure is reported next to a baseline measured in
 //! the same run: the raw argon2id verify rate on the same cores for logins, and a
-//! minimal axum handler served by the same binary for `/v1/me` and refresh (by two
-//! processes for the run with two instances, the load spread alike). It prints a
+//! minimal axum handler served by the same binary for `/v1/me`, refresh and logout (by
+//! two processes for the run with two instances, the load spread alike). Logout ends
+//! a session and answers only once every instance has acknowledged it (on
+//! PostgreSQL), so its rate is that of the acknowledgements under a burst. It prints a
 //! table and writes `target/bench/results.json` and `target/bench/results.svg`.
 //!
 //! The load generator shares the machine's cores with the server, as it does with
@@ -25,6 +27,14 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 const PASSWORD: &str = "correct horse battery staple";
 const HASH: &str = "argon2id:m=19456,t=2,p=1";
+/// The logout phase's users' hash: their sessions are made by logins that cost next to
+/// nothing to check (a stored hash verifies with its own parameters), so that thousands
+/// can be made before each slice.
+const CHEAP_HASH: &str = "argon2id:m=8,t=1,p=1";
+/// The logout phase's first slice gets this many sessions; each later one half as many
+/// again as the slice before it ended. A slice that runs out of sessions is not counted
+/// (and the next gets twice as many).
+const FIRST_LOGOUTS: usize = 1000;
 /// Each phase and its baseline alternate in this many slices. (With three, two runs of
 /// the same code gave login / raw hash 0.88 and 0.83 on SQLite, 0.86 and 0.90 on
 /// PostgreSQL: other guests take this machine's cores for seconds at a time.)
@@ -242,8 +252,9 @@ async fn start_minimal() -> Server {
     s
 }
 
-fn seed(db: &str, data: &Path, email: &str) {
+fn seed(db: &str, data: &Path, email: &str, hash: &str) {
     let mut child = env_cmd(db, data)
+        .env("GATEHOUSE_PASSWORD_HASH", hash)
         .args(["user", "create", "--email", email, "--password-stdin", "--verified"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -575,7 +586,11 @@ async fn backend_run(
 ) -> Value {
     let emails: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     for e in &emails {
-        seed(db, data, e);
+        seed(db, data, e, HASH);
+    }
+    let leaving: Vec<String> = (0..8).map(|i| format!("leaving{i}@example.com")).collect();
+    for e in &leaving {
+        seed(db, data, e, CHEAP_HASH);
     }
     // Instances sharing the machine share its cores for hashing, as the README advises
     // for such a deployment: together they run one hash per core, as the baseline does.
@@ -598,19 +613,36 @@ async fn backend_run(
         emails: Arc::new(emails.clone()),
         access: access.clone(),
         chains: tokio::sync::Mutex::new(Vec::new()),
+        leaving: Arc::new(leaving),
+        sessions: Arc::new(std::sync::Mutex::new(Vec::new())),
     };
     // Each figure is measured in rounds, alternating with its baseline, and the ratio is
     // of their totals: the speed of this machine drifts by up to 2x over minutes (other
     // guests take its cores), and alternating short slices puts both under the same drift.
     let slice = Window::plain(d / ROUNDS);
-    let (mut minimal_s, mut healthz, mut me, mut refresh) =
-        (Sample::default(), Sample::default(), Sample::default(), Sample::default());
-    let (mut me_cpu, mut refresh_cpu, mut login_cpu) = (Cpu::default(), Cpu::default(), Cpu::default());
+    let (mut minimal_s, mut healthz, mut me, mut refresh, mut logout) =
+        (Sample::default(), Sample::default(), Sample::default(), Sample::default(), Sample::default());
+    let (mut me_cpu, mut refresh_cpu, mut login_cpu, mut logout_cpu) =
+        (Cpu::default(), Cpu::default(), Cpu::default(), Cpu::default());
+    let (mut sessions_made, mut logout_slices_short) = (FIRST_LOGOUTS, 0);
     for _ in 0..ROUNDS {
         minimal_s.absorb(minimal_run(minimal, slice).await);
         healthz.absorb(run_phase(Phase::Healthz, &ctx, slice).await);
         me.absorb(measured(&servers, &mut me_cpu, run_phase(Phase::Me, &ctx, slice)).await);
         refresh.absorb(measured(&servers, &mut refresh_cpu, run_phase(Phase::Refresh, &ctx, slice)).await);
+        make_sessions(&ctx, sessions_made).await;
+        let mut cpu = Cpu::default();
+        let sample = measured(&servers, &mut cpu, run_phase(Phase::Logout, &ctx, slice)).await;
+        let left = std::mem::take(&mut *ctx.sessions.lock().unwrap()).len();
+        if left == 0 {
+            // It ran out of sessions before its end: not counted.
+            logout_slices_short += 1;
+            sessions_made *= 2;
+        } else {
+            logout.absorb(sample);
+            logout_cpu.add(cpu);
+            sessions_made = sessions_made.max((sessions_made - left) * 3 / 2);
+        }
     }
     let (mut hash, mut login) = (Sample::default(), Sample::default());
     let login_rounds = LOGIN_ROUNDS_PER_SECOND * u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
@@ -638,6 +670,7 @@ async fn backend_run(
             "login": login_cpu.per_request(login.answered),
             "me": me_cpu.per_request(me.answered),
             "refresh": refresh_cpu.per_request(refresh.answered),
+            "logout": logout_cpu.per_request(logout.answered),
         },
         "me": me.summary(),
         "me_vs_minimal": me.rate() / minimal_rate,
@@ -645,6 +678,9 @@ async fn backend_run(
         "me_vs_healthz": me.rate() / healthz.rate(),
         "refresh": refresh.summary(),
         "refresh_vs_minimal": refresh.rate() / minimal_rate,
+        "logout": logout.summary(),
+        "logout_vs_minimal": logout.rate() / minimal_rate,
+        "logout_slices_not_counted": logout_slices_short,
     });
     if full {
         // Every request of the phase, for a look at when the slow ones came.
@@ -658,9 +694,17 @@ async fn backend_run(
         // PostgreSQL of the whole machine, where PostgreSQL's share is the question.
         let (pid, prefix) = if name == "sqlite" { (Some(servers[0].child.id()), "") } else { (None, "postgres-") };
         let short = d.min(Duration::from_secs(3));
-        for (phase, label) in
-            [(Phase::Healthz, "healthz"), (Phase::Me, "me"), (Phase::Refresh, "refresh"), (Phase::Login, "login")]
-        {
+        let logouts = (logout.rate() * short.as_secs_f64() * 1.5) as usize;
+        for (phase, label) in [
+            (Phase::Healthz, "healthz"),
+            (Phase::Me, "me"),
+            (Phase::Refresh, "refresh"),
+            (Phase::Logout, "logout"),
+            (Phase::Login, "login"),
+        ] {
+            if matches!(phase, Phase::Logout) {
+                make_sessions(&ctx, logouts).await;
+            }
             profiled(pid, &format!("{prefix}{label}"), short, run_phase(phase, &ctx, Window::plain(short))).await;
         }
     }
@@ -673,6 +717,7 @@ enum Phase {
     Me,
     Refresh,
     Login,
+    Logout,
 }
 
 struct PhaseCtx {
@@ -681,6 +726,42 @@ struct PhaseCtx {
     access: Arc<Vec<String>>,
     /// The refresh chains' current tokens, carried from one slice to the next.
     chains: tokio::sync::Mutex<Vec<String>>,
+    /// The logout phase's users (see [`CHEAP_HASH`]).
+    leaving: Arc<Vec<String>>,
+    /// Access tokens of the sessions the next logout slice ends, made before it.
+    sessions: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Makes `n` sessions of the logout phase's users, 8 logins at a time on every instance
+/// in turn, for the next logout slice.
+async fn make_sessions(ctx: &PhaseCtx, n: usize) {
+    let client = reqwest::Client::new();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, next, bases, emails, sessions) =
+            (client.clone(), next.clone(), ctx.bases.clone(), ctx.leaving.clone(), ctx.sessions.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = usize::try_from(next.fetch_add(1, Ordering::Relaxed)).unwrap();
+                if i >= n {
+                    break;
+                }
+                let r = client
+                    .post(format!("{}/v1/auth/login", bases[i % bases.len()]))
+                    .json(&json!({"email": emails[i % emails.len()], "password": PASSWORD}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "a logout user's login: {}", r.status());
+                let v: Value = r.json().await.unwrap();
+                sessions.lock().unwrap().push(v["access_token"].as_str().unwrap().to_owned());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
 
 /// One closed-loop phase against every instance in turn, counted within `d`.
@@ -694,6 +775,21 @@ async fn run_phase(phase: Phase, ctx: &PhaseCtx, d: Window) -> Sample {
                 32,
                 d,
                 Arc::new(move |c, w| c.get(format!("{}/v1/me", b[w % b.len()])).bearer_auth(&a[w % a.len()])),
+            )
+            .await
+        }
+        Phase::Logout => {
+            // Each request ends one session made before the slice, on an instance that
+            // did not necessarily make it; with none left it sends no token (a 401, not
+            // counted as answered).
+            let sessions = ctx.sessions.clone();
+            closed_loop(
+                32,
+                d,
+                Arc::new(move |c, w| {
+                    let token = sessions.lock().unwrap().pop().unwrap_or_default();
+                    c.post(format!("{}/v1/auth/logout", b[w % b.len()])).bearer_auth(token)
+                }),
             )
             .await
         }
@@ -768,7 +864,13 @@ fn table(results: &Value) -> String {
         let bl = &b["baselines"];
         row(&mut t, "baseline: raw argon2id verifies/s (all cores)", f(&bl["raw_hash_per_second"]));
         row(&mut t, "baseline: minimal handler req/s", f(&bl["minimal"]["per_second"]));
-        for (k, path) in [("login", "login"), ("GET /v1/me", "me"), ("refresh", "refresh"), ("/healthz", "healthz")] {
+        for (k, path) in [
+            ("login", "login"),
+            ("GET /v1/me", "me"),
+            ("refresh", "refresh"),
+            ("logout", "logout"),
+            ("/healthz", "healthz"),
+        ] {
             let s = &b[path];
             row(
                 &mut t,
@@ -778,7 +880,7 @@ fn table(results: &Value) -> String {
         }
         row(&mut t, "login / raw hash rate", f(&b["login_vs_raw_hash"]));
         row(&mut t, "login: hashing's share of the CPU used", f(&b["login_hash_share_of_cpu"]));
-        for phase in ["login", "me", "refresh"] {
+        for phase in ["login", "me", "refresh", "logout"] {
             let c = &b["cpu_per_request"][phase];
             let parts = ["hash_us", "server_other_us", "loadgen_us", "postgres_us"].map(|k| f(&c[k]));
             row(&mut t, &format!("{phase} CPU µs: hash / server other / loadgen / pg"), parts.join(" / "));
@@ -786,6 +888,11 @@ fn table(results: &Value) -> String {
         row(&mut t, "me / minimal handler", f(&b["me_vs_minimal"]));
         row(&mut t, "me / healthz", f(&b["me_vs_healthz"]));
         row(&mut t, "refresh / minimal handler", f(&b["refresh_vs_minimal"]));
+        row(
+            &mut t,
+            "logout / minimal handler",
+            format!("{} (slices not counted: {})", f(&b["logout_vs_minimal"]), b["logout_slices_not_counted"]),
+        );
         if b.get("overload_4x").is_none() {
             continue;
         }
@@ -815,6 +922,7 @@ fn plot(results: &Value, path: &Path) {
             ("login/hash", "login_vs_raw_hash"),
             ("me/minimal", "me_vs_minimal"),
             ("refresh/minimal", "refresh_vs_minimal"),
+            ("logout/minimal", "logout_vs_minimal"),
         ] {
             bars.push((format!("{n} {label}"), b[key].as_f64().unwrap_or(0.0)));
         }

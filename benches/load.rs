@@ -34,7 +34,7 @@ const CHEAP_HASH: &str = "argon2id:m=8,t=1,p=1";
 /// The logout phase's first slice gets this many sessions; each later one half as many
 /// again as the slice before it ended. A slice that runs out of sessions is not counted
 /// (and the next gets twice as many).
-const FIRST_LOGOUTS: usize = 1000;
+const FIRST_LOGOUTS: usize = 2500;
 /// Each phase and its baseline alternate in this many slices. (With three, two runs of
 /// the same code gave login / raw hash 0.88 and 0.83 on SQLite, 0.86 and 0.90 on
 /// PostgreSQL: other guests take this machine's cores for seconds at a time.)

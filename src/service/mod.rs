@@ -192,15 +192,7 @@ impl Services {
         meta: Option<&ClientMeta>,
         detail: serde_json::Value,
     ) {
-        let e = Event {
-            user_id: user.map(|u| u.id),
-            email: email.map(str::to_owned).or_else(|| user.map(|u| u.email.clone())),
-            kind: kind.to_owned(),
-            at: self.now(),
-            ip: meta.map(|m| m.ip.to_string()),
-            user_agent: meta.and_then(|m| m.user_agent.clone()),
-            detail,
-        };
+        let e = self.event(user, email, kind, meta, detail);
         if let Err(err) = self.store.record_event(&e).await {
             tracing::error!(error = %err, kind, "could not record an audit event");
         }
@@ -211,6 +203,34 @@ impl Services {
         self.store.enqueue_mail(kind, email, self.now()).await?;
         self.mail_wake.notify_one();
         Ok(())
+    }
+
+    /// An audit event of now.
+    pub fn event(
+        &self,
+        user: Option<&User>,
+        email: Option<&str>,
+        kind: &str,
+        meta: Option<&ClientMeta>,
+        detail: serde_json::Value,
+    ) -> Event {
+        Event {
+            user_id: user.map(|u| u.id),
+            email: email.map(str::to_owned).or_else(|| user.map(|u| u.email.clone())),
+            kind: kind.to_owned(),
+            at: self.now(),
+            ip: meta.map(|m| m.ip.to_string()),
+            user_agent: meta.and_then(|m| m.user_agent.clone()),
+            detail,
+        }
+    }
+
+    /// Ends one of the caller's sessions and records it (in the same commit where the
+    /// store can); `false` if it was not theirs or not live.
+    pub async fn end_recorded(&self, caller: &Caller, sid: Uuid, reason: &str, meta: &ClientMeta) -> Result<bool> {
+        let detail = serde_json::json!({"session_id": sid, "reason": reason});
+        let event = self.event(Some(&caller.user), None, "session_ended", Some(meta), detail);
+        Ok(self.store.end_session_recorded(caller.user.id, sid, reason, self.now(), &event).await?)
     }
 
     /// Records that sessions ended.

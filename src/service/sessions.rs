@@ -99,9 +99,7 @@ impl Services {
     /// Ends the caller's session.
     pub async fn logout(&self, caller: &Caller, meta: &ClientMeta) -> Result<()> {
         let sid = caller.session_id.ok_or(Error::Unauthorized)?;
-        if self.store.end_session(caller.user.id, sid, "logout", self.now()).await? {
-            self.audit_ended(&caller.user, &[sid], "logout", Some(meta)).await;
-        }
+        self.end_recorded(caller, sid, "logout", meta).await?;
         Ok(())
     }
 
@@ -112,10 +110,9 @@ impl Services {
 
     /// Ends one of the caller's sessions; someone else's is not found.
     pub async fn end_session(&self, caller: &Caller, sid: Uuid, meta: &ClientMeta) -> Result<()> {
-        if !self.store.end_session(caller.user.id, sid, "ended_by_user", self.now()).await? {
+        if !self.end_recorded(caller, sid, "ended_by_user", meta).await? {
             return Err(Error::NotFound);
         }
-        self.audit_ended(&caller.user, &[sid], "ended_by_user", Some(meta)).await;
         Ok(())
     }
 

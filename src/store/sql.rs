@@ -375,8 +375,13 @@ pub(super) const INSERT_EVENT_SQL: &str =
 
 /// Appends an audit event inside the caller's connection or transaction.
 async fn insert_event(conn: &mut AnyConnection, e: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(INSERT_EVENT_SQL)
-        .bind(Uuid::now_v7().to_string())
+    bind_event(sqlx::query(INSERT_EVENT_SQL), e).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Binds an event's row (a new id first) as the next eight parameters.
+fn bind_event<'q>(q: AnyQuery<'q>, e: &'q Event) -> AnyQuery<'q> {
+    q.bind(Uuid::now_v7().to_string())
         .bind(e.user_id.map(|u| u.to_string()))
         .bind(&e.email)
         .bind(&e.kind)
@@ -384,9 +389,14 @@ async fn insert_event(conn: &mut AnyConnection, e: &Event) -> Result<(), sqlx::E
         .bind(&e.ip)
         .bind(&e.user_agent)
         .bind(e.detail.to_string())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+}
+
+/// Ends session `$3` if it is user `$4`'s and live, at `$1` for reason `$2`.
+const END_OWN_SESSION_SQL: &str =
+    "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL";
+
+fn bind_end_own<'q>(q: AnyQuery<'q>, user_id: Uuid, sid: Uuid, reason: &'q str, now: UnixTime) -> AnyQuery<'q> {
+    q.bind(now).bind(reason).bind(sid.to_string()).bind(user_id.to_string())
 }
 
 async fn insert_mail_job(
@@ -1111,19 +1121,47 @@ impl Store for SqlStore {
     }
 
     async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(sid.to_string())
-        .bind(user_id.to_string())
-        .execute(&mut *self.write().await?)
-        .await?;
+        let r = bind_end_own(sqlx::query(END_OWN_SESSION_SQL), user_id, sid, reason, now)
+            .execute(&mut *self.write().await?)
+            .await?;
         // Even when another request ended it first (or this one's earlier try, whose
         // wait was cut short): the answer must not come before every instance knows.
         self.settle().await;
         Ok(r.rows_affected() > 0)
+    }
+
+    async fn end_session_recorded(
+        &self,
+        user_id: Uuid,
+        sid: Uuid,
+        reason: &str,
+        now: UnixTime,
+        event: &Event,
+    ) -> StoreResult<bool> {
+        let ended = if let Some(hot) = &self.pg_hot {
+            // One statement, one commit, on the logins' connections (no pool pings).
+            let sql = format!(
+                "WITH ended AS ({END_OWN_SESSION_SQL} RETURNING id) \
+                 INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
+                 SELECT $5, $6, $7, $8, $9, $10, $11, $12 FROM ended RETURNING id"
+            );
+            let query = bind_event(bind_end_own(sqlx::query(&sql), user_id, sid, reason, now), event);
+            hot.logins.first_row(query).await?.is_some()
+        } else {
+            // SQLite: one transaction in the writer's turn (a CTE cannot update there).
+            let mut tx = self.begin().await?;
+            let ended =
+                bind_end_own(sqlx::query(END_OWN_SESSION_SQL), user_id, sid, reason, now).execute(&mut *tx).await?;
+            let ended = ended.rows_affected() > 0;
+            if ended {
+                insert_event(&mut tx, event).await?;
+            }
+            tx.commit().await?;
+            ended
+        };
+        // As in `end_session`: even when it had ended already.
+        self.settle().await;
+        Ok(ended)
     }
 
     async fn end_sessions(

@@ -16,6 +16,7 @@ both_backends!(
     a_device_limit_of_zero_keeps_every_session,
     every_session_ended_past_the_device_limit_is_in_the_audit_trail,
     ending_a_session_works_only_for_its_owner_and_only_once,
+    ending_a_session_with_its_record_writes_the_event_only_when_it_ended_it,
     ending_all_sessions_keeps_the_one_named_and_touches_no_other_user,
     a_login_checked_against_a_replaced_password_or_an_inactive_account_opens_nothing,
 );
@@ -210,6 +211,38 @@ async fn ending_a_session_works_only_for_its_owner_and_only_once(b: Backend) {
     let (ended, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
     assert_eq!(ended.ended_at, Some(T0 + 2), "the first end time stays");
     assert!(!db.store.end_session(u.id, Uuid::new_v4(), "logout", T0 + 3).await.unwrap());
+}
+
+async fn ending_a_session_with_its_record_writes_the_event_only_when_it_ended_it(b: Backend) {
+    use gatehouse::store::Event;
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "recorded@example.test").await;
+    let intruder = user(&*db.store, "nosy@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    let event = |who: Uuid, at| Event {
+        user_id: Some(who),
+        email: None,
+        kind: "session_ended".into(),
+        at,
+        ip: Some("192.0.2.9".into()),
+        user_agent: Some("agent/1".into()),
+        detail: json!({"session_id": s.id, "reason": "logout"}),
+    };
+    for (who, at, ends) in [(intruder.id, T0 + 1, false), (u.id, T0 + 2, true), (u.id, T0 + 3, false)] {
+        let ended = db.store.end_session_recorded(who, s.id, "logout", at, &event(who, at)).await.unwrap();
+        assert_eq!(ended, ends, "at {at}");
+    }
+    let (session, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
+    assert_eq!(session.ended_at, Some(T0 + 2));
+    let ends: Vec<Event> =
+        db.store.list_events(u.id, 100).await.unwrap().into_iter().filter(|e| e.kind == "session_ended").collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(
+        (ends[0].at, ends[0].ip.as_deref(), ends[0].user_agent.as_deref()),
+        (T0 + 2, Some("192.0.2.9"), Some("agent/1"))
+    );
+    assert_eq!(ends[0].detail, json!({"session_id": s.id, "reason": "logout"}));
+    assert!(db.store.list_events(intruder.id, 100).await.unwrap().is_empty());
 }
 
 async fn ending_all_sessions_keeps_the_one_named_and_touches_no_other_user(b: Backend) {

@@ -44,6 +44,31 @@ async fn hashing_holds(app: &TestApp, n: usize) -> bool {
     false
 }
 
+/// An operator's connection holding `email`'s row of `table` (PostgreSQL) until it
+/// sends `ROLLBACK`.
+async fn hold_row(app: &TestApp, table: &str, email: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut operator = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut operator).await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {table} WHERE email = $1 FOR UPDATE"))
+        .bind(email)
+        .fetch_one(&mut operator)
+        .await
+        .unwrap();
+    operator
+}
+
+/// `n` logins of `email` with the right password, under way.
+fn logins_of(app: &TestApp, email: &str, n: usize) -> Vec<tokio::task::JoinHandle<reqwest::Response>> {
+    (0..n)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
+            let body = json!({"email": email, "password": PASSWORD});
+            tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap() })
+        })
+        .collect()
+}
+
 /// Fails `n` times, asserting each is a plain 401.
 async fn fail_n(app: &TestApp, email: &str, n: usize) {
     for i in 0..n {
@@ -241,7 +266,6 @@ async fn a_locked_email_hears_429_even_when_hashing_is_full(b: Backend) {
 /// (here an operator holds the row). Even when such logins hold every hashing place and
 /// every counters' connection, the overload path's lock read answers at once.
 async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_its_row() {
-    use sqlx::Connection;
     use std::time::{Duration, Instant};
     // 8 pool connections: 2 for the counters. Hashing: 1 worker and 3 waiting places.
     let app = TestApp::spawn_with(Backend::Postgres, |f| {
@@ -252,22 +276,10 @@ async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_i
     app.verified_user("locked@example.com").await;
     fail_n(&app, "locked@example.com", 5).await;
     fail_n(&app, "hot@example.com", 1).await;
-    let mut operator = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
-    let mut tx = operator.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM login_throttle WHERE email = 'hot@example.com' FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let mut operator = hold_row(&app, "login_throttle", "hot@example.com").await;
     // Four logins of hot@ take the four hashing places, one of them a counters'
     // connection (the others wait their turn behind it), and wait.
-    let waiting: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
-            tokio::spawn(async move {
-                client.post(url).json(&json!({"email": "hot@example.com", "password": PASSWORD})).send().await.unwrap()
-            })
-        })
-        .collect();
+    let waiting = logins_of(&app, "hot@example.com", 4);
     assert!(hashing_holds(&app, 4).await, "the four logins never held every hashing place");
     // Give them time to reach the row (each is in its statement, or waits for a connection).
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -276,7 +288,7 @@ async fn a_locked_email_hears_429_at_once_while_another_email_s_logins_wait_on_i
     let took = t.elapsed();
     let other = fail(&app, "other@example.com").await;
     // Only now does the row come free.
-    tx.rollback().await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut operator).await.unwrap();
     assert_eq!(retry_after(&locked), 60);
     assert_problem(locked, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     assert!(took < Duration::from_secs(1), "the locked email waited {took:?} for its answer");
@@ -300,20 +312,8 @@ async fn another_login_goes_through_while_hot_logins_wait_on(row: &str) {
     app.verified_user("hot@example.com").await;
     app.verified_user("calm@example.com").await;
     fail_n(&app, "hot@example.com", 1).await;
-    let mut operator = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
-    let mut tx = operator.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM {row} WHERE email = 'hot@example.com' FOR UPDATE"))
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-    let waiting: Vec<_> = (0..3)
-        .map(|_| {
-            let (client, url) = (app.client.clone(), app.url("/v1/auth/login"));
-            tokio::spawn(async move {
-                client.post(url).json(&json!({"email": "hot@example.com", "password": PASSWORD})).send().await.unwrap()
-            })
-        })
-        .collect();
+    let mut operator = hold_row(&app, row, "hot@example.com").await;
+    let waiting = logins_of(&app, "hot@example.com", 3);
     // Once one waits on the row, give the others time to queue behind it.
     let mut watcher = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
     let waits_on_a_lock = "SELECT count(*) FROM pg_stat_activity \
@@ -329,7 +329,7 @@ async fn another_login_goes_through_while_hot_logins_wait_on(row: &str) {
     let calm = app.login("calm@example.com", PASSWORD).await;
     let took = t.elapsed();
     let still_waiting = waiting.iter().filter(|w| !w.is_finished()).count();
-    tx.rollback().await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut operator).await.unwrap();
     assert_eq!(calm.status(), StatusCode::OK);
     assert!(took < Duration::from_secs(1), "another email's login waited {took:?} behind hot@'s");
     assert_eq!(still_waiting, 3, "hot@'s logins did not wait on the row: the test shows nothing");

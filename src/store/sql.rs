@@ -75,7 +75,8 @@ struct PgHot {
     /// 42 ms, against 6.0 and 12.1 ms apart; and a locked email's 429 became a 503 when
     /// the wait reached the acquire timeout.)
     reads: Direct,
-    /// A login's session write: durable at commit.
+    /// A login's session write, and the end of one's own session with its audit event
+    /// (logout): durable at commit.
     logins: Direct,
     /// The refresh rotation batches (two run at once), durable at commit: apart from
     /// the logins', so that logins waiting on a user's row lock cannot hold up
@@ -394,6 +395,16 @@ fn bind_event<'q>(q: AnyQuery<'q>, e: &'q Event) -> AnyQuery<'q> {
 /// Ends session `$3` if it is user `$4`'s and live, at `$1` for reason `$2`.
 const END_OWN_SESSION_SQL: &str =
     "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL";
+
+/// PostgreSQL: [`END_OWN_SESSION_SQL`] and, if it ended the session, the event `$5`…`$12`
+/// (see [`bind_event`]); a row when it ended it.
+static PG_END_RECORDED_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH ended AS ({END_OWN_SESSION_SQL} RETURNING id) \
+         INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
+         SELECT $5, $6, $7, $8, $9, $10, $11, $12 FROM ended RETURNING id"
+    )
+});
 
 fn bind_end_own<'q>(q: AnyQuery<'q>, user_id: Uuid, sid: Uuid, reason: &'q str, now: UnixTime) -> AnyQuery<'q> {
     q.bind(now).bind(reason).bind(sid.to_string()).bind(user_id.to_string())
@@ -1140,12 +1151,7 @@ impl Store for SqlStore {
     ) -> StoreResult<bool> {
         let ended = if let Some(hot) = &self.pg_hot {
             // One statement, one commit, on the logins' connections (no pool pings).
-            let sql = format!(
-                "WITH ended AS ({END_OWN_SESSION_SQL} RETURNING id) \
-                 INSERT INTO events (id, user_id, email, kind, at, ip, user_agent, detail) \
-                 SELECT $5, $6, $7, $8, $9, $10, $11, $12 FROM ended RETURNING id"
-            );
-            let query = bind_event(bind_end_own(sqlx::query(&sql), user_id, sid, reason, now), event);
+            let query = bind_event(bind_end_own(sqlx::query(&PG_END_RECORDED_SQL), user_id, sid, reason, now), event);
             hot.logins.first_row(query).await?.is_some()
         } else {
             // SQLite: one transaction in the writer's turn (a CTE cannot update there).

@@ -393,7 +393,7 @@ fn bind_event<'q>(q: AnyQuery<'q>, e: &'q Event) -> AnyQuery<'q> {
 }
 
 /// Ends session `$3` if it is user `$4`'s and live, at `$1` for reason `$2`.
-const END_OWN_SESSION_SQL: &str =
+pub(super) const END_OWN_SESSION_SQL: &str =
     "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND user_id = $4 AND ended_at IS NULL";
 
 /// PostgreSQL: [`END_OWN_SESSION_SQL`] and, if it ended the session, the event `$5`…`$12`
@@ -1154,16 +1154,11 @@ impl Store for SqlStore {
             let query = bind_event(bind_end_own(sqlx::query(&PG_END_RECORDED_SQL), user_id, sid, reason, now), event);
             hot.logins.first_row(query).await?.is_some()
         } else {
-            // SQLite: one transaction in the writer's turn (a CTE cannot update there).
-            let mut tx = self.begin().await?;
-            let ended =
-                bind_end_own(sqlx::query(END_OWN_SESSION_SQL), user_id, sid, reason, now).execute(&mut *tx).await?;
-            let ended = ended.rows_affected() > 0;
-            if ended {
-                insert_event(&mut tx, event).await?;
-            }
-            tx.commit().await?;
-            ended
+            // SQLite: one transaction in the writer's turn, on the logins' connection (a
+            // CTE cannot update there).
+            let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
+            let _turn = self.turn.take().await?;
+            logins.end_recorded(user_id, sid, reason, now, event)?
         };
         // As in `end_session`: even when it had ended already.
         self.settle().await;

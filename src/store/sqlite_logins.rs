@@ -17,10 +17,13 @@ use std::sync::Mutex;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
-use super::sql::{eviction_detail, login_detail, END_SESSION_SQL, INSERT_EVENT_SQL, USER_FIELDS, ZERO_THROTTLE_SQL};
+use super::sql::{
+    eviction_detail, login_detail, END_OWN_SESSION_SQL, END_SESSION_SQL, INSERT_EVENT_SQL, USER_FIELDS,
+    ZERO_THROTTLE_SQL,
+};
 use super::sqlite_counters::{numbered, on_this_thread, open_writer};
 use super::sqlite_reads::{err, user_at, uuid};
-use super::NewSession;
+use super::{Event, NewSession};
 use crate::domain::user::User;
 
 /// The login writer of one SQLite database file.
@@ -30,6 +33,7 @@ pub(super) struct SqliteLogins {
     zero_throttle: String,
     insert_event: String,
     end_session: String,
+    end_own_session: String,
 }
 
 impl SqliteLogins {
@@ -47,6 +51,46 @@ impl SqliteLogins {
             zero_throttle: numbered(ZERO_THROTTLE_SQL),
             insert_event: numbered(INSERT_EVENT_SQL),
             end_session: numbered(END_SESSION_SQL),
+            end_own_session: numbered(END_OWN_SESSION_SQL),
+        })
+    }
+
+    /// See [`super::Store::end_session_recorded`]: the end and, if this call ended the
+    /// session, its event, in one transaction. The caller holds the writer's turn.
+    pub(super) fn end_recorded(
+        &self,
+        user_id: Uuid,
+        sid: Uuid,
+        reason: &str,
+        now: i64,
+        e: &Event,
+    ) -> Result<bool, sqlx::Error> {
+        on_this_thread(|| {
+            let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            let ended = tx
+                .prepare_cached(&self.end_own_session)
+                .and_then(|mut st| st.execute(params![now, reason, sid.to_string(), user_id.to_string()]))
+                .map_err(err)?
+                > 0;
+            if ended {
+                tx.prepare_cached(&self.insert_event)
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            Uuid::now_v7().to_string(),
+                            e.user_id.map(|u| u.to_string()),
+                            e.email,
+                            e.kind,
+                            e.at,
+                            e.ip,
+                            e.user_agent,
+                            e.detail.to_string()
+                        ])
+                    })
+                    .map_err(err)?;
+            }
+            tx.commit().map_err(err)?;
+            Ok(ended)
         })
     }
 

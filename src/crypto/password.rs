@@ -202,11 +202,14 @@ pub const HASH_NICE: i32 = 10;
 /// How a hashing thread shares the cores with the rest of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Standing {
-    /// `SCHED_IDLE` (Linux): it runs only when nothing else on its core can, and the
-    /// scheduler counts a core running only such threads as free, so a woken runtime or
-    /// database thread goes there at once. (Niced only, a PostgreSQL process waited
-    /// 86 ms to run while both hashing threads took 3 ms turns on both cores: `perf
-    /// sched timehist` of the bench's overload phase, 2026-12-07.)
+    /// `SCHED_IDLE` (Linux): it should run only when nothing else on its core can, and
+    /// the scheduler counts a core running only such threads as free, so a woken runtime
+    /// or database thread should go there at once. (Niced only, a PostgreSQL process
+    /// waited 86 ms to run while both hashing threads took 3 ms turns on both cores:
+    /// `perf sched timehist` of the bench's overload phase, 2026-12-07. Later that day,
+    /// on a faster run of the machine, PostgreSQL's processes and `ksoftirqd` waited up
+    /// to 115 ms while an idle-class hashing thread ran, and no standing tried kept the
+    /// stalls away: see the README's Design decisions.)
     Idle,
     /// Ordinary scheduling, [`HASH_NICE`] lower: a share of the cores even when every
     /// core is busy. Taken while the thread is starved (see [`next_standing`]), and for

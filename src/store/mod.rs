@@ -471,8 +471,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>>;
     /// Ends one of the user's sessions; `false` if it is not theirs or not live.
     async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool>;
-    /// [`Store::end_session`], recording `event` when it ended the session, in the same
-    /// commit where the backend allows (by default, one after the other).
+    /// [`Store::end_session`], recording `event` in the same commit when it ended the
+    /// session.
     async fn end_session_recorded(
         &self,
         user_id: Uuid,
@@ -480,13 +480,7 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         now: UnixTime,
         event: &Event,
-    ) -> StoreResult<bool> {
-        let ended = self.end_session(user_id, sid, reason, now).await?;
-        if ended {
-            self.record_event(event).await?;
-        }
-        Ok(ended)
-    }
+    ) -> StoreResult<bool>;
     /// Ends every live session of the user but `keep`; returns those ended.
     async fn end_sessions(
         &self,

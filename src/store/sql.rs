@@ -66,7 +66,8 @@ struct PgHot {
     /// by default): a few guesses more for whoever can cause one. A crash of Gatehouse
     /// loses nothing.
     fast: Direct,
-    /// The lock read of a login refused for overload, hundreds a second. Apart from the
+    /// The lock read of a locked email's logins and of logins refused for overload (once
+    /// a second per email since `refused_locks`; before, hundreds a second). Apart from the
     /// counters': a reservation waits on its email's row while another login of that
     /// email commits (through its WAL flush), and a few busy emails (one reservation
     /// each per instance, see `email_turns`) could then hold every counters' connection;
@@ -1005,9 +1006,9 @@ impl Store for SqlStore {
 
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
         let query = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1").bind(email);
-        // On PostgreSQL on connections of its own: this is what every login refused for
-        // overload reads, hundreds a second, and the pool's ping when it takes a
-        // connection back would double its round trips.
+        // On PostgreSQL on connections of its own: this is what a locked email's every
+        // login reads, and a refused one's once a second (see `refused_locks`); the
+        // pool's ping when it takes a connection back would double its round trips.
         let row = match &self.pg_hot {
             Some(hot) => hot.reads.first_row(query).await?,
             None => query.fetch_optional(&self.pool).await?,

@@ -12,6 +12,7 @@ postgres_only!(
     connections_the_server_closed_while_idle_are_replaced_before_use,
     a_login_write_abandoned_mid_statement_keeps_its_connection_and_leaves_answers_right,
     an_error_raised_at_commit_after_the_row_is_the_login_s_own,
+    a_login_planned_on_an_empty_table_reads_only_its_user_s_sessions,
 );
 
 /// A fresh PostgreSQL database whose connections carry a name of their own, so that a
@@ -153,4 +154,53 @@ async fn an_error_raised_at_commit_after_the_row_is_the_login_s_own() {
     let (got, _) = db.store.open_session(&s, 0).await.unwrap().expect("session opened");
     assert_eq!(got.id, other.id);
     assert!(db.store.session_with_user(opened.id).await.unwrap().is_some());
+}
+
+/// Calls the login's function (migrations/postgres) on `conn` for `user`, at `now`, with
+/// a device limit of 1; the sessions rows it fetched or scanned in its transaction.
+async fn sessions_rows_read_by_a_login(conn: &mut sqlx::PgConnection, user: uuid::Uuid, now: i64) -> i64 {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.unwrap();
+    let opened: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM gatehouse_open_session($1, $2, $3, $3 + 3600, '192.0.2.7', 'plan-test', \
+         $4, $3 + 3600, NULL, '', 1, '{}')",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(user.to_string())
+    .bind(now)
+    .bind(uuid::Uuid::new_v4().to_string())
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(opened, 1, "the login opened a session");
+    let read: i64 = sqlx::query_scalar(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables \
+         WHERE relid = 'sessions'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    read
+}
+
+/// A connection keeps the plan it made of the login's statements; one made while
+/// `sessions` was empty (a new database) must not read other users' sessions once the
+/// table has grown (with autovacuum off nothing replans it). Seen failing before 0007:
+/// the device limit's eviction read every live session of every user.
+async fn a_login_planned_on_an_empty_table_reads_only_its_user_s_sessions() {
+    use sqlx::Connection;
+    let db = Db::new(Backend::Postgres).await;
+    let (a, b) = (user(&*db.store, "planned@example.test").await, user(&*db.store, "many@example.test").await);
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // The plan every later call reuses, made now, on the empty table.
+    sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut conn).await.unwrap();
+    sessions_rows_read_by_a_login(&mut conn, a.id, T0).await;
+    for i in 0..300 {
+        login(&*db.store, b.id, T0 + i).await;
+    }
+    // The user has one live session (the device limit); the next login reads it, the
+    // new one and the evicted one's row, not the other user's 300.
+    let read = sessions_rows_read_by_a_login(&mut conn, a.id, T0 + 1).await;
+    assert!(read <= 10, "a login read {read} rows of sessions");
 }

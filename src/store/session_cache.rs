@@ -10,7 +10,9 @@
 //! - Triggers on `users` and `sessions` (migration 0003) send the user's id on the
 //!   channel `gatehouse_cache` with every change, whoever makes it (any instance, an
 //!   operator's SQL). PostgreSQL queues notifications in commit order and each listening
-//!   connection receives them in that order.
+//!   connection receives them in that order. A change of a user's last login alone (a
+//!   login) sends the new last login instead (migration 0008): the sessions remembered
+//!   are kept, with it.
 //! - Leases (migration 0006): an instance answers from memory only within a lease that
 //!   its listening connection renews every second in `gatehouse_instances`. A renewal
 //!   counts only when a notification sent in the same transaction (a *fence*) comes
@@ -57,6 +59,10 @@ const FORGET_ALL: &str = "all";
 
 /// An acknowledgement request's payload: `ack:<instance>:<number>`.
 const ACK_REQUEST: &str = "ack:";
+
+/// The payload of migration 0008's trigger for a change of a user's last login alone:
+/// `login:<user>:<last_login_at>:<last_login_geo as stored, JSON or nothing>`.
+const LOGIN_NOTE: &str = "login:";
 
 /// How long a lease lasts. The instance counts it on its own clock from before it sent
 /// the renewal (less [`LEASE_MARGIN`]); a write waits this long, on its own clock, for
@@ -125,6 +131,17 @@ impl State {
         if let Some(sids) = self.by_user.remove(&uid) {
             for sid in sids {
                 self.sessions.remove(&sid);
+            }
+        }
+    }
+
+    /// A login of the user: the sessions remembered stay, with the user's new last login.
+    fn note_login(&mut self, uid: Uuid, at: i64, geo: Option<serde_json::Value>) {
+        self.epoch += 1;
+        for sid in self.by_user.get(&uid).into_iter().flatten() {
+            if let Some((_, user)) = self.sessions.get_mut(sid) {
+                user.last_login_at = Some(at);
+                user.last_login_geolocation = geo.clone();
             }
         }
     }
@@ -208,12 +225,6 @@ impl SessionCache {
         }
     }
 
-    /// Forgets a user's entries at once, for this instance's own write (the
-    /// notification comes later).
-    pub fn forget_user(&self, uid: Uuid) {
-        self.state().forget_user(uid);
-    }
-
     /// Handles one notification on the shared channel or on this instance's
     /// acknowledgement channel; returns an acknowledgement to send, as a channel and a
     /// payload, when another instance asked for one.
@@ -235,6 +246,22 @@ impl SessionCache {
             } else if self.capacity > 0 {
                 // Without a capacity this instance holds no lease: nobody waits for it.
                 return Some((ack_channel(from), format!("{}:{n}", self.id)));
+            }
+        } else if let Some(note) = payload.strip_prefix(LOGIN_NOTE) {
+            let mut parts = note.splitn(3, ':');
+            let uid = parts.next().and_then(|u| Uuid::parse_str(u).ok());
+            let at = parts.next().and_then(|a| a.parse::<i64>().ok());
+            let geo = match parts.next() {
+                Some("") => Some(None),
+                Some(json) => serde_json::from_str(json).ok().map(Some),
+                None => None,
+            };
+            let mut state = self.state();
+            match (uid, at, geo) {
+                (Some(uid), Some(at), Some(geo)) => state.note_login(uid, at, geo),
+                // Not understood: forget what it may concern.
+                (Some(uid), ..) => state.forget_user(uid),
+                _ => state.forget_all(),
             }
         } else if payload == FORGET_ALL {
             self.state().forget_all();
@@ -576,6 +603,46 @@ mod tests {
         assert!(cache.get(other_sid).is_some(), "other users' sessions are kept");
         cache.put(epoch, s2, u2);
         assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the notification is not kept");
+    }
+
+    #[test]
+    fn a_login_note_updates_the_users_remembered_sessions_and_refuses_reads_begun_before_it() {
+        let uid = Uuid::new_v4();
+        let (cache, sid) = leased_with_one_entry(uid);
+        let (other, other_user) = entry(Uuid::new_v4());
+        let other_sid = other.id;
+        let epoch = cache.epoch().expect("listening");
+        cache.put(epoch, other, other_user);
+
+        let note = format!("{LOGIN_NOTE}{uid}:1700000000:{{\"city\":\"Wellington\",\"note\":\"a:b\"}}");
+        assert_eq!(cache.notified(CHANNEL, &note), None);
+        let (_, user) = cache.get(sid).expect("the user's session is kept");
+        assert_eq!(user.last_login_at, Some(1_700_000_000));
+        assert_eq!(user.last_login_geolocation, Some(serde_json::json!({"city": "Wellington", "note": "a:b"})));
+        assert_eq!(cache.get(other_sid).expect("kept").1.last_login_at, None, "other users are untouched");
+        let (s2, u2) = entry(uid);
+        let sid2 = s2.id;
+        cache.put(epoch, s2, u2);
+        assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the note is not kept");
+
+        // Without a place, the place is cleared.
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1700000001:"));
+        let (_, user) = cache.get(sid).expect("kept");
+        assert_eq!((user.last_login_at, user.last_login_geolocation), (Some(1_700_000_001), None));
+    }
+
+    #[test]
+    fn a_login_note_not_understood_forgets_what_it_may_concern() {
+        let uid = Uuid::new_v4();
+        let (cache, sid) = leased_with_one_entry(uid);
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:soon:"));
+        assert!(cache.get(sid).is_none(), "a bad time forgets the user");
+        let (cache, sid) = leased_with_one_entry(uid);
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1:{{not json"));
+        assert!(cache.get(sid).is_none(), "a bad place forgets the user");
+        let (cache, sid) = leased_with_one_entry(uid);
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}someone:1:"));
+        assert!(cache.get(sid).is_none(), "a bad id forgets everything");
     }
 
     #[test]

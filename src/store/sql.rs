@@ -1069,13 +1069,12 @@ impl Store for SqlStore {
                 let _turn = hot.user_turns.take(&s.user_id.to_string()).await;
                 pg_open_session(&hot.logins, s, device_limit).await?
             };
-            match &opened {
-                // Sessions ended by the device limit: as any other end.
-                Some((_, evicted)) if !evicted.is_empty() => self.settle().await,
-                // Only the user's last login changed: this instance's own answers show
-                // it at once, the others' when the notification arrives.
-                Some((user, _)) => self.cache.iter().for_each(|c| c.forget_user(user.id)),
-                None => {}
+            // Sessions ended by the device limit: as any other end. Otherwise only the
+            // user's last login changed: every instance, this one too, updates the user
+            // it remembers when the notification arrives (0008); forgetting the user
+            // here made every Bearer check of a user who logs in often read PostgreSQL.
+            if opened.as_ref().is_some_and(|(_, evicted)| !evicted.is_empty()) {
+                self.settle().await;
             }
             return Ok(opened);
         }

@@ -18,6 +18,7 @@ postgres_only!(
     an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and_writes_wait_for_it,
     every_write_that_ends_a_session_or_changes_a_user_is_seen_by_another_instance_at_once,
     a_stopped_instance_is_not_waited_for,
+    a_login_updates_the_user_every_instance_remembers_and_keeps_their_sessions,
 );
 
 /// Runs `sql` on the database directly, as an operator would; with `quiet`, with
@@ -266,4 +267,52 @@ async fn a_stopped_instance_is_not_waited_for() {
     assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "the write waited {took:?} for a stopped instance");
+}
+
+/// A login changes only the user's last login: the instances keep the user's sessions
+/// they remember (no read of the database) and show the new last login (0008). Seen
+/// failing before it: the remembered session was forgotten and read anew.
+async fn a_login_updates_the_user_every_instance_remembers_and_keeps_their_sessions() {
+    let db = Db::new(Backend::Postgres).await;
+    let other = db.another_instance().await;
+    let u = user(&*db.store, "often@example.test").await;
+    let s = login(&*db.store, u.id, T0).await;
+    for store in [&db.store, &other] {
+        until_remembered(&db.url, &**store, s.id).await;
+    }
+    // The database now holds a user agent that neither memory has.
+    let in_database = "neither-remembers";
+    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{in_database}' WHERE id = '{}'", s.id), true)
+        .await;
+    let mut remembered = Vec::new();
+    for store in [&db.store, &other] {
+        remembered.push(store.session_with_user(s.id).await.unwrap().unwrap().0.user_agent);
+    }
+    assert!(!remembered.contains(&Some(in_database.to_owned())));
+
+    let (_, mut next) = new_session(u.id, T0 + 50);
+    next.geolocation = Some(serde_json::json!({"country": "NZ", "city": "Wellington"}));
+    db.store.open_session(&next, 0).await.unwrap().expect("session opened");
+    for (store, remembered) in [&db.store, &other].into_iter().zip(remembered) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (session, owner) = store.session_with_user(s.id).await.unwrap().unwrap();
+            if owner.last_login_at == Some(T0 + 50) {
+                assert_eq!(session.user_agent, remembered, "the session was kept in memory");
+                assert_eq!(owner.last_login_geolocation, next.geolocation);
+                break;
+            }
+            assert_eq!(session.user_agent, remembered, "the session was kept in memory");
+            assert!(Instant::now() < deadline, "the login's notification never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // Any other change to the user still makes the instances forget the user's sessions.
+    operator_sql(&db.url, &format!("UPDATE users SET name = 'Renamed' WHERE id = '{}'", u.id), false).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.session_with_user(s.id).await.unwrap().unwrap().0.user_agent.as_deref() != Some(in_database) {
+        assert!(Instant::now() < deadline, "the rename's notification never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -397,9 +397,10 @@ async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Val
 /// writes every request to `trace` (CSV: what, when it was sent in Unix microseconds,
 /// to set beside PostgreSQL's log, its latency, its status). Logins and each probe's
 /// requests go to the instances in turn. `/v1/me` is probed twice: with `token`, a
-/// session of the flooded email's user (each of whose logins makes every instance forget
-/// the user's sessions, so the probe mostly reads the database: the worst case), and
-/// with `other`, a session of a user nobody floods (`/v1/me/other` in the trace).
+/// session of the flooded email's user (each of whose logins changes the user; before
+/// migration 0008 that made every instance forget the user's sessions, and the probe
+/// read the database: the worst case), and with `other`, a session of a user nobody
+/// floods (`/v1/me/other` in the trace).
 async fn overload(
     bases: &[String],
     rate: f64,

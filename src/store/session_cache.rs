@@ -11,8 +11,8 @@
 //!   channel `gatehouse_cache` with every change, whoever makes it (any instance, an
 //!   operator's SQL). PostgreSQL queues notifications in commit order and each listening
 //!   connection receives them in that order. A change of a user's last login alone (a
-//!   login) sends the new last login instead (migration 0008): the sessions remembered
-//!   are kept, with it.
+//!   login without a place) sends the new last login instead (migration 0008): the
+//!   sessions remembered are kept, with it.
 //! - Leases (migration 0006): an instance answers from memory only within a lease that
 //!   its listening connection renews every second in `gatehouse_instances`. A renewal
 //!   counts only when a notification sent in the same transaction (a *fence*) comes
@@ -60,8 +60,8 @@ const FORGET_ALL: &str = "all";
 /// An acknowledgement request's payload: `ack:<instance>:<number>`.
 const ACK_REQUEST: &str = "ack:";
 
-/// The payload of migration 0008's trigger for a change of a user's last login alone:
-/// `login:<user>:<last_login_at>:<last_login_geo as stored, JSON or nothing>`.
+/// The payload of migration 0008's trigger for a change of a user's last login alone,
+/// without a place: `login:<user>:<last_login_at>`.
 const LOGIN_NOTE: &str = "login:";
 
 /// How long a lease lasts. The instance counts it on its own clock from before it sent
@@ -135,13 +135,14 @@ impl State {
         }
     }
 
-    /// A login of the user: the sessions remembered stay, with the user's new last login.
-    fn note_login(&mut self, uid: Uuid, at: i64, geo: Option<serde_json::Value>) {
+    /// A login of the user without a place: the sessions remembered stay, with the
+    /// user's new last login.
+    fn note_login(&mut self, uid: Uuid, at: i64) {
         self.epoch += 1;
         for sid in self.by_user.get(&uid).into_iter().flatten() {
             if let Some((_, user)) = self.sessions.get_mut(sid) {
                 user.last_login_at = Some(at);
-                user.last_login_geolocation = geo.clone();
+                user.last_login_geolocation = None;
             }
         }
     }
@@ -248,19 +249,12 @@ impl SessionCache {
                 return Some((ack_channel(from), format!("{}:{n}", self.id)));
             }
         } else if let Some(note) = payload.strip_prefix(LOGIN_NOTE) {
-            let mut parts = note.splitn(3, ':');
-            let uid = parts.next().and_then(|u| Uuid::parse_str(u).ok());
-            let at = parts.next().and_then(|a| a.parse::<i64>().ok());
-            let geo = match parts.next() {
-                Some("") => Some(None),
-                Some(json) => serde_json::from_str(json).ok().map(Some),
-                None => None,
-            };
+            let (uid, at) = note.split_once(':').unwrap_or((note, ""));
             let mut state = self.state();
-            match (uid, at, geo) {
-                (Some(uid), Some(at), Some(geo)) => state.note_login(uid, at, geo),
+            match (Uuid::parse_str(uid), at.parse::<i64>()) {
+                (Ok(uid), Ok(at)) => state.note_login(uid, at),
                 // Not understood: forget what it may concern.
-                (Some(uid), ..) => state.forget_user(uid),
+                (Ok(uid), _) => state.forget_user(uid),
                 _ => state.forget_all(),
             }
         } else if payload == FORGET_ALL {
@@ -614,34 +608,33 @@ mod tests {
         let epoch = cache.epoch().expect("listening");
         cache.put(epoch, other, other_user);
 
-        let note = format!("{LOGIN_NOTE}{uid}:1700000000:{{\"city\":\"Wellington\",\"note\":\"a:b\"}}");
-        assert_eq!(cache.notified(CHANNEL, &note), None);
+        // A place from an earlier login is cleared: the note is of a login without one.
+        cache.state().sessions.get_mut(&sid).expect("remembered").1.last_login_geolocation =
+            Some(serde_json::json!({"city": "Wellington"}));
+        assert_eq!(cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1700000000")), None);
         let (_, user) = cache.get(sid).expect("the user's session is kept");
-        assert_eq!(user.last_login_at, Some(1_700_000_000));
-        assert_eq!(user.last_login_geolocation, Some(serde_json::json!({"city": "Wellington", "note": "a:b"})));
+        assert_eq!((user.last_login_at, user.last_login_geolocation), (Some(1_700_000_000), None));
         assert_eq!(cache.get(other_sid).expect("kept").1.last_login_at, None, "other users are untouched");
         let (s2, u2) = entry(uid);
         let sid2 = s2.id;
         cache.put(epoch, s2, u2);
         assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the note is not kept");
-
-        // Without a place, the place is cleared.
-        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1700000001:"));
-        let (_, user) = cache.get(sid).expect("kept");
-        assert_eq!((user.last_login_at, user.last_login_geolocation), (Some(1_700_000_001), None));
     }
 
     #[test]
     fn a_login_note_not_understood_forgets_what_it_may_concern() {
         let uid = Uuid::new_v4();
         let (cache, sid) = leased_with_one_entry(uid);
-        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:soon:"));
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:soon"));
         assert!(cache.get(sid).is_none(), "a bad time forgets the user");
         let (cache, sid) = leased_with_one_entry(uid);
-        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1:{{not json"));
-        assert!(cache.get(sid).is_none(), "a bad place forgets the user");
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}:1:{{\"city\":\"Wellington\"}}"));
+        assert!(cache.get(sid).is_none(), "a note with more than it should forgets the user");
         let (cache, sid) = leased_with_one_entry(uid);
-        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}someone:1:"));
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}"));
+        assert!(cache.get(sid).is_none(), "a note without a time forgets the user");
+        let (cache, sid) = leased_with_one_entry(uid);
+        cache.notified(CHANNEL, &format!("{LOGIN_NOTE}someone:1"));
         assert!(cache.get(sid).is_none(), "a bad id forgets everything");
     }
 

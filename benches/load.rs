@@ -306,9 +306,10 @@ impl Sample {
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed
     }
+    /// NaN (null in the JSON) when nothing was answered: not a latency of 0.
     fn pct(&mut self, p: f64) -> f64 {
         if self.lat.is_empty() {
-            return 0.0;
+            return f64::NAN;
         }
         self.lat.sort_unstable();
         let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
@@ -395,7 +396,8 @@ async fn login_tokens(base: &str, emails: &[String], per_user: usize) -> Vec<Val
 /// The overload phase: logins offered open-loop at `rate`/s while `/healthz` and
 /// `/v1/me` are probed; returns the 503 share, rejection latency and probe p99s, and
 /// writes every request to `trace` (CSV: what, when it was sent in Unix microseconds,
-/// to set beside PostgreSQL's log, its latency, its status). Logins and each probe's
+/// to set beside PostgreSQL's log, its latency, its status, which instance it went to,
+/// counted from 0). Logins and each probe's
 /// requests go to the instances in turn. `/v1/me` is probed twice: with `token`, a
 /// session of the flooded email's user (each of whose logins changes the user; before
 /// migration 0008 that made every instance forget the user's sessions, and the probe
@@ -429,7 +431,7 @@ async fn overload(
                 }
                 let status = r.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
                 let lat = t.elapsed().as_micros() as u64;
-                lines += &format!("{label},{},{lat},{status}\n", sent_at(t));
+                lines += &format!("{label},{},{lat},{status},{}\n", sent_at(t), i % bases.len());
                 if (200..300).contains(&status) {
                     s.ok += 1;
                     s.lat.push(lat);
@@ -449,7 +451,8 @@ async fn overload(
     let mut sent = Vec::new();
     let mut next = Instant::now();
     while start.elapsed() < dur {
-        let (client, base, email) = (client.clone(), bases[sent.len() % bases.len()].clone(), email.to_owned());
+        let instance = sent.len() % bases.len();
+        let (client, base, email) = (client.clone(), bases[instance].clone(), email.to_owned());
         sent.push(tokio::spawn(async move {
             let t = Instant::now();
             let r = client
@@ -457,7 +460,7 @@ async fn overload(
                 .json(&json!({"email": email, "password": PASSWORD}))
                 .send()
                 .await;
-            (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed().as_micros() as u64, sent_at(t))
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed().as_micros() as u64, sent_at(t), instance)
         }));
         next += interval;
         tokio::time::sleep_until(next.into()).await;
@@ -465,8 +468,8 @@ async fn overload(
     let mut rejected = Sample::default();
     let (mut ok, mut total, mut lines) = (0u64, 0u64, String::new());
     for s in sent {
-        let (status, micros, at) = s.await.unwrap();
-        lines += &format!("login,{at},{micros},{status}\n");
+        let (status, micros, at, instance) = s.await.unwrap();
+        lines += &format!("login,{at},{micros},{status},{instance}\n");
         total += 1;
         match status {
             503 => {
@@ -480,8 +483,11 @@ async fn overload(
     done.store(true, Ordering::Relaxed);
     let ((mut h, h_lines), (mut m, m_lines)) = (health.await.unwrap(), me.await.unwrap());
     let (mut mo, mo_lines) = me_other.await.unwrap();
-    std::fs::write(trace, format!("request,sent_unix_us,latency_us,status\n{lines}{h_lines}{m_lines}{mo_lines}"))
-        .unwrap();
+    std::fs::write(
+        trace,
+        format!("request,sent_unix_us,latency_us,status,instance\n{lines}{h_lines}{m_lines}{mo_lines}"),
+    )
+    .unwrap();
     json!({
         "offered_per_second": rate,
         "logins_sent": total,
@@ -883,7 +889,8 @@ fn row(t: &mut String, k: &str, v: String) {
 
 fn table(results: &Value) -> String {
     let mut t = String::new();
-    let f = |v: &Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
+    // A latency with nothing answered is null: shown as such, not as 0.
+    let f = |v: &Value| v.as_f64().map_or_else(|| "none".to_owned(), |x| format!("{x:.2}"));
     row(&mut t, "cores", results["cores"].to_string());
     for b in results["backends"].as_array().unwrap() {
         let n = b["backend"].as_str().unwrap();

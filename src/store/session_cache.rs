@@ -582,31 +582,41 @@ mod tests {
         assert!(cache.get(sid).is_none(), "the lease ran out");
     }
 
+    /// Remembers a session of another user in `cache`; its id.
+    fn another_users_entry(cache: &SessionCache) -> Uuid {
+        let (other, other_user) = entry(Uuid::new_v4());
+        let sid = other.id;
+        cache.put(cache.epoch().expect("listening"), other, other_user);
+        sid
+    }
+
+    /// Whether a session of `uid` read after [`SessionCache::epoch`] gave `epoch` is kept.
+    fn read_is_kept(cache: &SessionCache, epoch: u64, uid: Uuid) -> bool {
+        let (s, u) = entry(uid);
+        let sid = s.id;
+        cache.put(epoch, s, u);
+        cache.state().sessions.contains_key(&sid)
+    }
+
     #[test]
     fn a_notification_forgets_the_users_sessions_and_refuses_reads_begun_before_it() {
         let uid = Uuid::new_v4();
         let (cache, sid1) = leased_with_one_entry(uid);
-        let (s2, u2) = entry(uid);
-        let (other, other_user) = entry(Uuid::new_v4());
-        let (sid2, other_sid) = (s2.id, other.id);
+        let other_sid = another_users_entry(&cache);
         let epoch = cache.epoch().expect("listening");
-        cache.put(epoch, other, other_user);
 
         assert_eq!(cache.notified(CHANNEL, &uid.to_string()), None);
         assert!(cache.get(sid1).is_none(), "the user's session is forgotten");
         assert!(cache.get(other_sid).is_some(), "other users' sessions are kept");
-        cache.put(epoch, s2, u2);
-        assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the notification is not kept");
+        assert!(!read_is_kept(&cache, epoch, uid), "a read begun before the notification is not kept");
     }
 
     #[test]
     fn a_login_note_updates_the_users_remembered_sessions_and_refuses_reads_begun_before_it() {
         let uid = Uuid::new_v4();
         let (cache, sid) = leased_with_one_entry(uid);
-        let (other, other_user) = entry(Uuid::new_v4());
-        let other_sid = other.id;
+        let other_sid = another_users_entry(&cache);
         let epoch = cache.epoch().expect("listening");
-        cache.put(epoch, other, other_user);
 
         // A place from an earlier login is cleared: the note is of a login without one.
         cache.state().sessions.get_mut(&sid).expect("remembered").1.last_login_geolocation =
@@ -615,10 +625,7 @@ mod tests {
         let (_, user) = cache.get(sid).expect("the user's session is kept");
         assert_eq!((user.last_login_at, user.last_login_geolocation), (Some(1_700_000_000), None));
         assert_eq!(cache.get(other_sid).expect("kept").1.last_login_at, None, "other users are untouched");
-        let (s2, u2) = entry(uid);
-        let sid2 = s2.id;
-        cache.put(epoch, s2, u2);
-        assert!(!cache.state().sessions.contains_key(&sid2), "a read begun before the note is not kept");
+        assert!(!read_is_kept(&cache, epoch, uid), "a read begun before the note is not kept");
     }
 
     #[test]
@@ -634,8 +641,9 @@ mod tests {
         cache.notified(CHANNEL, &format!("{LOGIN_NOTE}{uid}"));
         assert!(cache.get(sid).is_none(), "a note without a time forgets the user");
         let (cache, sid) = leased_with_one_entry(uid);
+        let other_sid = another_users_entry(&cache);
         cache.notified(CHANNEL, &format!("{LOGIN_NOTE}someone:1"));
-        assert!(cache.get(sid).is_none(), "a bad id forgets everything");
+        assert!(cache.get(sid).is_none() && cache.get(other_sid).is_none(), "a bad id forgets everything");
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl Services {
     pub async fn end_recorded(&self, caller: &Caller, sid: Uuid, reason: &str, meta: &ClientMeta) -> Result<bool> {
         let detail = serde_json::json!({"session_id": sid, "reason": reason});
         let event = self.event(Some(&caller.user), None, "session_ended", Some(meta), detail);
-        Ok(self.store.end_session_recorded(caller.user.id, sid, reason, event.at, &event).await?)
+        Ok(self.store.end_session(caller.user.id, sid, reason, &event).await?)
     }
 
     /// Records that sessions ended.

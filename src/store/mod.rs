@@ -469,18 +469,9 @@ pub trait Store: Send + Sync + 'static {
     async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>>;
     /// The user's live sessions, newest first.
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>>;
-    /// Ends one of the user's sessions; `false` if it is not theirs or not live.
-    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool>;
-    /// [`Store::end_session`], recording `event` in the same commit when it ended the
-    /// session.
-    async fn end_session_recorded(
-        &self,
-        user_id: Uuid,
-        sid: Uuid,
-        reason: &str,
-        now: UnixTime,
-        event: &Event,
-    ) -> StoreResult<bool>;
+    /// Ends one of the user's sessions at `event.at` and, when this call ended it,
+    /// records `event` in the same commit; `false` if it is not theirs or not live.
+    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, event: &Event) -> StoreResult<bool>;
     /// Ends every live session of the user but `keep`; returns those ended.
     async fn end_sessions(
         &self,

@@ -1131,36 +1131,21 @@ impl Store for SqlStore {
         Ok(rows.iter().map(session_from).collect::<Result<_, _>>()?)
     }
 
-    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, now: UnixTime) -> StoreResult<bool> {
-        let r = bind_end_own(sqlx::query(END_OWN_SESSION_SQL), user_id, sid, reason, now)
-            .execute(&mut *self.write().await?)
-            .await?;
-        // Even when another request ended it first (or this one's earlier try, whose
-        // wait was cut short): the answer must not come before every instance knows.
-        self.settle().await;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn end_session_recorded(
-        &self,
-        user_id: Uuid,
-        sid: Uuid,
-        reason: &str,
-        now: UnixTime,
-        event: &Event,
-    ) -> StoreResult<bool> {
+    async fn end_session(&self, user_id: Uuid, sid: Uuid, reason: &str, event: &Event) -> StoreResult<bool> {
         let ended = if let Some(hot) = &self.pg_hot {
             // One statement, one commit, on the logins' connections (no pool pings).
-            let query = bind_event(bind_end_own(sqlx::query(&PG_END_RECORDED_SQL), user_id, sid, reason, now), event);
+            let query =
+                bind_event(bind_end_own(sqlx::query(&PG_END_RECORDED_SQL), user_id, sid, reason, event.at), event);
             hot.logins.first_row(query).await?.is_some()
         } else {
             // SQLite: one transaction in the writer's turn, on the logins' connection (a
             // CTE cannot update there).
             let logins = self.sqlite_logins.as_ref().ok_or(sqlx::Error::PoolClosed)?;
             let _turn = self.turn.take().await?;
-            logins.end_recorded(user_id, sid, reason, now, event)?
+            logins.end_recorded(user_id, sid, reason, event)?
         };
-        // As in `end_session`: even when it had ended already.
+        // Even when another request ended it first (or this one's earlier try, whose
+        // wait was cut short): the answer must not come before every instance knows.
         self.settle().await;
         Ok(ended)
     }

@@ -26,7 +26,6 @@ use super::sql::{
 use super::sqlite_counters::{numbered, on_this_thread, open_writer};
 use super::sqlite_reads::{err, user_at, uuid};
 use super::{Event, NewSession};
-use crate::clock::UnixTime;
 use crate::domain::user::User;
 
 /// The login writer of one SQLite database file.
@@ -58,22 +57,15 @@ impl SqliteLogins {
         })
     }
 
-    /// See [`super::Store::end_session_recorded`]: the end and, if this call ended the
-    /// session, its event, in one transaction. The caller holds the writer's turn.
-    pub(super) fn end_recorded(
-        &self,
-        user_id: Uuid,
-        sid: Uuid,
-        reason: &str,
-        now: UnixTime,
-        e: &Event,
-    ) -> Result<bool, sqlx::Error> {
+    /// See [`super::Store::end_session`]: the end and, if this call ended the session,
+    /// its event, in one transaction. The caller holds the writer's turn.
+    pub(super) fn end_recorded(&self, user_id: Uuid, sid: Uuid, reason: &str, e: &Event) -> Result<bool, sqlx::Error> {
         on_this_thread(|| {
             let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
             let ended = tx
                 .prepare_cached(&self.end_own_session)
-                .and_then(|mut st| st.execute(params![now, reason, sid.to_string(), user_id.to_string()]))
+                .and_then(|mut st| st.execute(params![e.at, reason, sid.to_string(), user_id.to_string()]))
                 .map_err(err)?
                 > 0;
             if ended {

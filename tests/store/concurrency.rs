@@ -140,7 +140,7 @@ async fn simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer(b: Bac
     let leaving = user(&*db.store, "leaving@example.test").await;
     let live: Vec<Opened> = futures::future::join_all((0..12).map(|_| login(&*db.store, active.id, T0))).await;
     let ended = login(&*db.store, active.id, T0).await;
-    assert!(db.store.end_session(active.id, ended.id, "logout", T0 + 1).await.unwrap());
+    assert!(logout(&*db.store, active.id, ended.id, T0 + 1).await);
     let suspended = login(&*db.store, leaving.id, T0).await;
     let suspend =
         gatehouse::store::UserPatch { status: Some(gatehouse::domain::user::Status::Suspended), ..Default::default() };

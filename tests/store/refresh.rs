@@ -151,7 +151,7 @@ async fn tokens_of_ended_or_expired_sessions_are_invalid(b: Backend) {
 
     // Never rotated, session ended.
     let s = login(&*db.store, u.id, T0).await;
-    db.store.end_session(u.id, s.id, "logout", T0 + 10).await.unwrap();
+    logout(&*db.store, u.id, s.id, T0 + 10).await;
     for at in [T0 + 11, T0 + 11 + GRACE + 1] {
         let (r, _) = rotate(&s.refresh, at);
         assert!(is_invalid(&db.store.rotate_refresh(&r).await.unwrap()));
@@ -161,7 +161,7 @@ async fn tokens_of_ended_or_expired_sessions_are_invalid(b: Backend) {
     let s = login(&*db.store, u.id, T0).await;
     let (r1, next) = rotate(&s.refresh, T0 + 10);
     db.store.rotate_refresh(&r1).await.unwrap();
-    db.store.end_session(u.id, s.id, "logout", T0 + 11).await.unwrap();
+    logout(&*db.store, u.id, s.id, T0 + 11).await;
     for (token, at) in [(&s.refresh, T0 + 12), (&s.refresh, T0 + 12 + GRACE), (&next, T0 + 12)] {
         let (r, _) = rotate(token, at);
         assert!(is_invalid(&db.store.rotate_refresh(&r).await.unwrap()));

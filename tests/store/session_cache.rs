@@ -108,7 +108,7 @@ async fn a_change_is_seen_at_once_by_the_instance_that_made_it() {
         until_remembered(&db.url, &*db.store, s.id).await;
         assert_eq!(ended_at(&*db.store, s.id).await, None);
     }
-    assert!(db.store.end_session(u.id, a.id, "logout", T0 + 1).await.unwrap());
+    assert!(logout(&*db.store, u.id, a.id, T0 + 1).await);
     assert_eq!(ended_at(&*db.store, a.id).await, Some(T0 + 1));
 
     db.store.end_sessions(u.id, Some(c.id), "ended_by_user", T0 + 2).await.unwrap();
@@ -131,7 +131,7 @@ async fn a_session_ended_on_one_instance_is_refused_by_another_at_once() {
         let s = login(&*db.store, u.id, T0).await;
         until_remembered(&db.url, &*other, s.id).await;
         assert_eq!(ended_at(&*other, s.id).await, None);
-        assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+        assert!(logout(&*db.store, u.id, s.id, T0 + 1).await);
         assert_eq!(ended_at(&*other, s.id).await, Some(T0 + 1), "round {round}");
     }
 }
@@ -153,7 +153,7 @@ async fn an_instance_that_cannot_renew_its_lease_stops_answering_from_memory_and
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let started = Instant::now();
-    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+    assert!(logout(&*db.store, u.id, s.id, T0 + 1).await);
     let took = started.elapsed();
     // The other instance did not handle the change, but its lease has run out: it reads
     // the database.
@@ -264,7 +264,7 @@ async fn a_stopped_instance_is_not_waited_for() {
     drop(other);
     let s = login(&*db.store, u.id, T0).await;
     let started = Instant::now();
-    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 1).await.unwrap());
+    assert!(logout(&*db.store, u.id, s.id, T0 + 1).await);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "the write waited {took:?} for a stopped instance");
 }

@@ -69,7 +69,7 @@ async fn a_session_is_found_with_its_user_and_unknown_ones_are_not(b: Backend) {
     assert!(db.store.session_with_user(Uuid::new_v4()).await.unwrap().is_none());
 
     // Ended sessions are still found, with their end time.
-    assert!(db.store.end_session(u.id, opened.id, "logout", T0 + 5).await.unwrap());
+    assert!(logout(&*db.store, u.id, opened.id, T0 + 5).await);
     let (s, _) = db.store.session_with_user(opened.id).await.unwrap().unwrap();
     assert_eq!(s.ended_at, Some(T0 + 5));
     assert!(!s.is_live(T0 + 5));
@@ -87,7 +87,7 @@ async fn the_session_list_has_only_live_sessions_newest_first(b: Backend) {
     db.store.open_session(&s, 0).await.unwrap().expect("session opened");
     let newest = login(&*db.store, u.id, T0 + 30).await;
     login(&*db.store, other.id, T0 + 40).await;
-    assert!(db.store.end_session(u.id, ended.id, "logout", T0 + 50).await.unwrap());
+    assert!(logout(&*db.store, u.id, ended.id, T0 + 50).await);
 
     let ids = |v: Vec<gatehouse::store::Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
     assert_eq!(ids(db.store.list_sessions(u.id, T0 + 999).await.unwrap()), vec![newest.id, short.id, oldest.id]);
@@ -136,7 +136,7 @@ async fn the_device_limit_ends_the_oldest_sessions_beyond_it(b: Backend) {
     s.refresh_expires_at = T0 + 50;
     db.store.open_session(&s, 1).await.unwrap().expect("session opened");
     let gone = login(&*db.store, v.id, T0 + 1).await;
-    db.store.end_session(v.id, gone.id, "logout", T0 + 2).await.unwrap();
+    logout(&*db.store, v.id, gone.id, T0 + 2).await;
     let (_, s) = new_session(v.id, T0 + 60);
     let (_, evicted) = db.store.open_session(&s, 1).await.unwrap().expect("session opened");
     assert!(evicted.is_empty());
@@ -204,13 +204,13 @@ async fn ending_a_session_works_only_for_its_owner_and_only_once(b: Backend) {
     let u = user(&*db.store, "owner@example.test").await;
     let intruder = user(&*db.store, "intruder@example.test").await;
     let s = login(&*db.store, u.id, T0).await;
-    assert!(!db.store.end_session(intruder.id, s.id, "logout", T0 + 1).await.unwrap());
+    assert!(!logout(&*db.store, intruder.id, s.id, T0 + 1).await);
     assert_eq!(db.store.list_sessions(u.id, T0 + 1).await.unwrap().len(), 1);
-    assert!(db.store.end_session(u.id, s.id, "logout", T0 + 2).await.unwrap());
-    assert!(!db.store.end_session(u.id, s.id, "logout", T0 + 3).await.unwrap());
+    assert!(logout(&*db.store, u.id, s.id, T0 + 2).await);
+    assert!(!logout(&*db.store, u.id, s.id, T0 + 3).await);
     let (ended, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
     assert_eq!(ended.ended_at, Some(T0 + 2), "the first end time stays");
-    assert!(!db.store.end_session(u.id, Uuid::new_v4(), "logout", T0 + 3).await.unwrap());
+    assert!(!logout(&*db.store, u.id, Uuid::new_v4(), T0 + 3).await);
 }
 
 async fn ending_a_session_with_its_record_writes_the_event_only_when_it_ended_it(b: Backend) {
@@ -229,7 +229,7 @@ async fn ending_a_session_with_its_record_writes_the_event_only_when_it_ended_it
         detail: json!({"session_id": s.id, "reason": "logout"}),
     };
     for (who, at, ends) in [(intruder.id, T0 + 1, false), (u.id, T0 + 2, true), (u.id, T0 + 3, false)] {
-        let ended = db.store.end_session_recorded(who, s.id, "logout", at, &event(who, at)).await.unwrap();
+        let ended = db.store.end_session(who, s.id, "logout", &event(who, at)).await.unwrap();
         assert_eq!(ended, ends, "at {at}");
     }
     let (session, _) = db.store.session_with_user(s.id).await.unwrap().unwrap();
@@ -253,7 +253,7 @@ async fn ending_all_sessions_keeps_the_one_named_and_touches_no_other_user(b: Ba
     let s2 = login(&*db.store, u.id, T0 + 1).await;
     let s3 = login(&*db.store, u.id, T0 + 2).await;
     let already = login(&*db.store, u.id, T0 + 3).await;
-    db.store.end_session(u.id, already.id, "logout", T0 + 4).await.unwrap();
+    logout(&*db.store, u.id, already.id, T0 + 4).await;
     let theirs = login(&*db.store, other.id, T0).await;
 
     let ended = db.store.end_sessions(u.id, Some(keep.id), "logout_others", T0 + 10).await.unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use gatehouse::crypto::tokens;
 use gatehouse::domain::lockout::LockoutPolicy;
 use gatehouse::domain::user::{Role, User};
-use gatehouse::store::{NewOneTimeToken, NewSession, NewUser, Rotate, Store, StoreOptions};
+use gatehouse::store::{Event, NewOneTimeToken, NewSession, NewUser, Rotate, Store, StoreOptions};
 use uuid::Uuid;
 
 pub use crate::common::{fresh_database, Backend};
@@ -117,6 +117,21 @@ pub async fn login(store: &dyn Store, user_id: Uuid, now: i64) -> Opened {
     let (opened, s) = new_session(user_id, now);
     store.open_session(&s, 0).await.unwrap().expect("session opened");
     opened
+}
+
+/// Logs out of session `sid` of `user_id` at `now` (with its audit event); whether this
+/// call ended it.
+pub async fn logout(store: &dyn Store, user_id: Uuid, sid: Uuid, now: i64) -> bool {
+    let event = Event {
+        user_id: Some(user_id),
+        email: None,
+        kind: "session_ended".into(),
+        at: now,
+        ip: None,
+        user_agent: None,
+        detail: serde_json::json!({"session_id": sid, "reason": "logout"}),
+    };
+    store.end_session(user_id, sid, "logout", &event).await.unwrap()
 }
 
 /// A rotation of `old` at `now` and the successor it would install.

@@ -237,7 +237,7 @@ async fn a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_
         let s1 = login(&*db.store, u.id, T0).await;
         let s2 = login(&*db.store, u.id, T0 + 1).await;
         let gone = login(&*db.store, u.id, T0 + 2).await;
-        assert!(db.store.end_session(u.id, gone.id, "logout", T0 + 3).await.unwrap());
+        assert!(logout(&*db.store, u.id, gone.id, T0 + 3).await);
         let kept = login(&*db.store, other.id, T0).await;
 
         let (p, mut ended) = db

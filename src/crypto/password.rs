@@ -11,7 +11,6 @@ use std::cell::RefCell;
 use std::str::FromStr;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -96,19 +95,9 @@ impl PasswordHasher {
         let workers = workers.max(1);
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let first = if idle_class_is_reversible() {
-            Standing::Idle
-        } else {
-            tracing::info!(
-                "hashing threads run niced, not in the idle class: this process may not take a thread back out \
-                 of it (that needs CAP_SYS_NICE), and an idle-class thread would starve under a flood"
-            );
-            Standing::Niced
-        };
         for i in 0..workers {
             let rx = Arc::clone(&rx);
-            let spawned =
-                std::thread::Builder::new().name(format!("gatehouse-hash-{i}")).spawn(move || worker(&rx, first));
+            let spawned = std::thread::Builder::new().name(format!("gatehouse-hash-{i}")).spawn(move || worker(&rx));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "could not start a hashing thread");
             }
@@ -196,120 +185,29 @@ impl PasswordHasher {
 }
 
 /// How much lower the hashing threads' scheduling priority is than the process's (the
-/// `nice` value added, up to 19).
+/// `nice` value added, up to 19). They stay in the ordinary class: at saturation
+/// hashing takes every core, and a woken runtime or database thread runs before them,
+/// not behind them.
+///
+/// From the ninth to the eleventh session they ran in Linux's idle class
+/// (`SCHED_IDLE`), moving back to this standing while starved. That left cores idle
+/// while logins waited: in alternating 8 s rounds of `wrk -t1 -c16` logins on
+/// PostgreSQL (2026-12-07, twelfth session) `/proc/stat` counted 1.19-1.25% of the
+/// CPU idle with the idle class against 0.06-0.12% niced, and niced served 1.6-3.4%
+/// more logins (see the README's Design decisions).
 pub const HASH_NICE: i32 = 10;
 
-/// How a hashing thread shares the cores with the rest of the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Standing {
-    /// `SCHED_IDLE` (Linux): it should run only when nothing else on its core can, and
-    /// the scheduler counts a core running only such threads as free, so a woken runtime
-    /// or database thread should go there at once. (Niced only, a PostgreSQL process
-    /// waited 86 ms to run while both hashing threads took 3 ms turns on both cores:
-    /// `perf sched timehist` of the bench's overload phase, 2026-12-07. Later that day,
-    /// on a faster run of the machine, PostgreSQL's processes and `ksoftirqd` waited up
-    /// to 115 ms while an idle-class hashing thread ran, and no standing tried kept the
-    /// stalls away: see the README's Design decisions.)
-    Idle,
-    /// Ordinary scheduling, [`HASH_NICE`] lower: a share of the cores even when every
-    /// core is busy. Taken while the thread is starved (see [`next_standing`]), and for
-    /// good where a thread may not leave the idle class.
-    Niced,
-}
-
-/// A hash that took this many times its CPU time in wall time starved: the thread had a
-/// core for less than half of it.
-const STARVED: u32 = 2;
-
-/// Back to [`Standing::Idle`] when a hash took less than this many times its CPU time
-/// (the margin keeps a thread from flapping between the two).
-const FED: f64 = 1.25;
-
-/// Jobs shorter than this (in wall time) say nothing about starvation.
-const JUDGED_FROM: Duration = Duration::from_millis(2);
-
-/// The standing for the next job, from the last one's wall time and CPU time. A
-/// saturated service gives its hashing threads nearly every cycle (a hash takes little
-/// more wall time than CPU time) and they stay idle-class. A flood of cheap requests
-/// that keeps every core busy would starve an idle-class thread (21 and 8 logins in 5 s
-/// against 53 and 59 niced, `wrk -c64` login flood on PostgreSQL, 2026-12-07): a thread
-/// that starved takes the niced standing, and keeps it until its hashes run at nearly
-/// full speed again (39 and 41 against 41 and 50 niced, the same flood).
-pub(crate) fn next_standing(now: Standing, wall: Duration, cpu: Duration) -> Standing {
-    // A job too short to tell (a malformed stored hash fails at once) changes nothing.
-    if wall < JUDGED_FROM {
-        return now;
-    }
-    match now {
-        Standing::Idle if wall > cpu * STARVED => Standing::Niced,
-        Standing::Niced if wall.as_secs_f64() < cpu.as_secs_f64() * FED => Standing::Idle,
-        same => same,
-    }
-}
-
-/// Takes `standing` for this thread (Linux; elsewhere a no-op), logging what failed.
-fn take_standing(standing: Standing, base_nice: i32) {
-    if let Err(e) = set_standing(standing, base_nice) {
-        tracing::warn!(error = %e, ?standing, "could not set a hashing thread's scheduling");
-    }
-}
-
-/// Sets this thread's policy for `standing` and its nice value to `base_nice` plus
-/// [`HASH_NICE`] (in either standing); says what failed.
-fn set_standing(standing: Standing, base_nice: i32) -> Result<(), String> {
+/// Lowers this thread's priority by [`HASH_NICE`] below `base_nice` (Linux; elsewhere
+/// a no-op), logging what failed.
+fn lower_priority(base_nice: i32) {
     #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), (base_nice + HASH_NICE).min(19))
     {
-        use rustix::process::setpriority_process;
-        use thread_priority::unix::{
-            set_thread_priority_and_policy, thread_native_id, thread_schedule_policy, NormalThreadSchedulePolicy,
-            ThreadSchedulePolicy,
-        };
-        let policy = ThreadSchedulePolicy::Normal(match standing {
-            Standing::Idle => NormalThreadSchedulePolicy::Idle,
-            Standing::Niced => NormalThreadSchedulePolicy::Other,
-        });
-        // The policy, if it is not this thread's already, with the lowest priority it
-        // has (the crate sets the nice value too: 19 for the ordinary policy, 0 for the
-        // idle one, which an unprivileged thread may not take from a higher one) ...
-        if thread_schedule_policy().ok() != Some(policy) {
-            let set = set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, policy);
-            if thread_schedule_policy().ok() != Some(policy) {
-                return Err(format!("policy: {set:?}"));
-            }
-        }
-        // ... then the nice value this thread keeps in either.
-        setpriority_process(Some(rustix::thread::gettid()), (base_nice + HASH_NICE).min(19))
-            .map_err(|e| format!("nice: {e}"))?;
+        tracing::warn!(error = %e, "could not lower a hashing thread's priority");
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (standing, base_nice);
-    Ok(())
-}
-
-/// Whether a thread here may leave the idle class again, and so use it (Linux, with
-/// `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows it; an unprivileged thread may enter it
-/// but not leave it, nor lower its nice value). Tried on a throwaway thread.
-fn idle_class_is_reversible() -> bool {
-    if !cfg!(target_os = "linux") {
-        return false;
-    }
-    let base = base_nice();
-    std::thread::spawn(move || {
-        set_standing(Standing::Idle, base).is_ok() && set_standing(Standing::Niced, base).is_ok()
-    })
-    .join()
-    .unwrap_or(false)
-}
-
-/// This thread's CPU time so far (Linux; elsewhere zero, which keeps the standing).
-fn thread_cpu_time() -> Duration {
-    #[cfg(target_os = "linux")]
-    {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
-    }
-    #[cfg(not(target_os = "linux"))]
-    Duration::ZERO
+    let _ = base_nice;
 }
 
 /// This thread's nice value (Linux; elsewhere 0): at a worker's start, its starter's.
@@ -320,15 +218,9 @@ fn base_nice() -> i32 {
     0
 }
 
-/// Runs jobs, in `first` standing; from the idle class it may change standing as
-/// [`next_standing`] says (a process that may not leave the idle class starts niced and
-/// stays so).
-fn worker(rx: &Mutex<Receiver<Job>>, first: Standing) {
-    let base = base_nice();
-    let mut standing = first;
-    take_standing(standing, base);
-    // Niced from the start means niced for good: no clocks to read.
-    let judged = first == Standing::Idle;
+/// Runs jobs until the pool is dropped.
+fn worker(rx: &Mutex<Receiver<Job>>) {
+    lower_priority(base_nice());
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -337,14 +229,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, first: Standing) {
                 Err(_) => return,
             }
         };
-        let started = judged.then(|| (Instant::now(), thread_cpu_time()));
         job();
-        let Some((wall, cpu)) = started else { continue };
-        let next = next_standing(standing, wall.elapsed(), thread_cpu_time().saturating_sub(cpu));
-        if next != standing {
-            take_standing(next, base);
-            standing = next;
-        }
     }
 }
 
@@ -449,73 +334,16 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
-    fn standing_here() -> (Standing, i32) {
-        use thread_priority::unix::{thread_schedule_policy, NormalThreadSchedulePolicy, ThreadSchedulePolicy};
-        let nice = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
-        match thread_schedule_policy().unwrap() {
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle) => (Standing::Idle, nice),
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other) => (Standing::Niced, nice),
-            other => panic!("unexpected policy {other:?}"),
-        }
-    }
-
-    #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn hashing_threads_start_idle_class_and_niced_below_the_thread_that_started_them() {
+    async fn hashing_threads_run_niced_below_the_thread_that_started_them() {
         let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
         let h = PasswordHasher::start(CHEAP, 1, 4);
-        let (standing, theirs) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
-        // Without the right to leave the idle class (no CAP_SYS_NICE), niced only.
-        let expected = if idle_class_is_reversible() { Standing::Idle } else { Standing::Niced };
-        assert_eq!(standing, expected);
+        let theirs = h
+            .run(h.admit().unwrap(), || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap())
+            .await
+            .unwrap();
         assert_eq!(theirs, (mine + HASH_NICE).min(19));
         assert!(theirs > mine || mine == 19);
-    }
-
-    /// A job that waited on the CPU far longer than it ran (here: it slept) moves its
-    /// thread to the niced standing; one that ran at full speed moves it back.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn a_starved_hashing_thread_takes_the_niced_standing_until_it_runs_at_full_speed() {
-        let h = PasswordHasher::start(CHEAP, 1, 4);
-        if !idle_class_is_reversible() {
-            // No CAP_SYS_NICE: niced from the start, and starving changes nothing.
-            h.run(h.admit().unwrap(), || std::thread::sleep(Duration::from_millis(30))).await.unwrap();
-            assert_eq!(h.run(h.admit().unwrap(), standing_here).await.unwrap().0, Standing::Niced);
-            return;
-        }
-        let starve = || std::thread::sleep(Duration::from_millis(30));
-        let spin = || {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_millis(30) {
-                std::hint::black_box(0u64);
-            }
-        };
-        h.run(h.admit().unwrap(), starve).await.unwrap();
-        let (standing, nice) = h.run(h.admit().unwrap(), standing_here).await.unwrap();
-        assert_eq!(standing, Standing::Niced);
-        assert_eq!(nice, (base_nice() + HASH_NICE).min(19), "niced as before");
-        // At full speed, unless this machine starved the spin itself: then it is retried.
-        let mut back = Standing::Niced;
-        for _ in 0..20 {
-            h.run(h.admit().unwrap(), spin).await.unwrap();
-            back = h.run(h.admit().unwrap(), standing_here).await.unwrap().0;
-            if back == Standing::Idle {
-                break;
-            }
-        }
-        assert_eq!(back, Standing::Idle);
-    }
-
-    #[test]
-    fn the_standing_follows_how_much_of_a_core_the_last_hash_had() {
-        let ms = Duration::from_millis;
-        assert_eq!(next_standing(Standing::Idle, ms(25), ms(24)), Standing::Idle);
-        assert_eq!(next_standing(Standing::Idle, ms(45), ms(24)), Standing::Idle, "half a core is enough");
-        assert_eq!(next_standing(Standing::Idle, ms(50), ms(24)), Standing::Niced);
-        assert_eq!(next_standing(Standing::Niced, ms(32), ms(24)), Standing::Niced, "not yet at full speed");
-        assert_eq!(next_standing(Standing::Niced, ms(29), ms(24)), Standing::Idle);
-        assert_eq!(next_standing(Standing::Idle, ms(1), Duration::ZERO), Standing::Idle, "too short to tell");
     }
 
     #[tokio::test]
@@ -546,7 +374,7 @@ mod tests {
         let flag = Arc::clone(&ran);
         let left = h.run(h.admit().unwrap(), move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
         // Queued, then dropped: the caller went away.
-        assert!(tokio::time::timeout(Duration::from_millis(50), left).await.is_err());
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), left).await.is_err());
         assert_eq!(h.in_flight(), 2, "the job left behind keeps its place until the worker reaches it");
         release.send(()).unwrap();
         holding.await.unwrap().unwrap();

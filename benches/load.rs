@@ -359,22 +359,26 @@ async fn closed_loop(conns: usize, w: Window, req: Req) -> Sample {
 /// one, with each worker's request built once: the login ratio's baseline (raw hashes)
 /// runs no client, so what the client costs on these shared cores counts against the
 /// service alone. The bench's CPU per login (this client, its runtime and its reading
-/// of `/proc` around each slice) was 0.14-0.19 ms with reqwest (its pool, URL parsing
-/// and JSON per request) and 0.09-0.12 ms with this client (2026-12-07; wrk took about
-/// 0.05 ms for the same logins).
+/// of `/proc` around each slice) was 0.14-0.17 ms with reqwest (its pool, URL parsing
+/// and JSON per request) and 0.09-0.13 ms with this client (2026-12-07, five runs; wrk
+/// took about 0.05 ms for the same logins).
 async fn login_loop(logins: Vec<(String, String)>, w: Window) -> Sample {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
+    type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+    async fn connect(host: &str) -> Sender {
+        let stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (base, body) in logins {
         tasks.push(tokio::spawn(async move {
             let host = base.trim_start_matches("http://").to_owned();
-            let stream = tokio::net::TcpStream::connect(&host).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-            tokio::spawn(conn);
+            let mut sender = connect(&host).await;
             let body = Bytes::from(body);
             let mut s = Sample::default();
             while start.elapsed() < w.end() {
@@ -384,10 +388,24 @@ async fn login_loop(logins: Vec<(String, String)>, w: Window) -> Sample {
                     .body(Full::new(body.clone()))
                     .unwrap();
                 let t = Instant::now();
-                let r = sender.send_request(req).await.expect("a login's connection failed");
-                let status = r.status();
-                let ok = r.into_body().collect().await.is_ok() && status.is_success();
+                // Ready first: the connection takes the next request only once it has
+                // finished with the last answer.
+                let answer = match sender.ready().await {
+                    Ok(()) => sender.send_request(req).await,
+                    Err(e) => Err(e),
+                };
+                let ok = match answer {
+                    Ok(r) => {
+                        let status = r.status();
+                        r.into_body().collect().await.is_ok() && status.is_success()
+                    }
+                    Err(_) => false,
+                };
                 s.answer(w, start.elapsed(), ok, t.elapsed());
+                if sender.is_closed() {
+                    // Closed by the server (or failed): counted, and a new connection.
+                    sender = connect(&host).await;
+                }
             }
             s
         }));

@@ -186,11 +186,12 @@ impl PasswordHasher {
 
 /// How much lower the hashing threads' scheduling priority is than the process's (the
 /// `nice` value added, up to 19). They stay in the ordinary class: at saturation
-/// hashing takes every core, and a woken runtime or database thread runs before them,
-/// not behind them.
+/// hashing takes every core, and a woken runtime or database thread should usually run
+/// before them (nice 10 weighs about a tenth of nice 0), though not always (see the
+/// README's Design decisions: stalls of PostgreSQL's processes under overload).
 ///
 /// From the ninth to the eleventh session they ran in Linux's idle class
-/// (`SCHED_IDLE`), moving back to this standing while starved. That left cores idle
+/// (`SCHED_IDLE`), moving to this nice value while starved. That left cores idle
 /// while logins waited: in alternating 8 s rounds of `wrk -t1 -c16` logins on
 /// PostgreSQL (2026-12-07, twelfth session) `/proc/stat` counted 1.19-1.25% of the
 /// CPU idle with the idle class against 0.06-0.12% niced, and niced served 1.6-3.4%

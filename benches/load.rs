@@ -360,8 +360,8 @@ async fn closed_loop(conns: usize, w: Window, req: Req) -> Sample {
 /// runs no client, so what the client costs on these shared cores counts against the
 /// service alone. The bench's CPU per login (this client, its runtime and its reading
 /// of `/proc` around each slice) was 0.14-0.17 ms with reqwest (its pool, URL parsing
-/// and JSON per request) and 0.09-0.13 ms with this client (2026-12-07, five runs; wrk
-/// took about 0.05 ms for the same logins).
+/// and JSON per request) and 0.07-0.14 ms with this client (2026-12-07, seven runs;
+/// wrk took about 0.05 ms for the same logins).
 async fn login_loop(logins: Vec<(String, String)>, w: Window) -> Sample {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;

@@ -345,6 +345,11 @@ async fn closed_loop(conns: usize, w: Window, req: Req) -> Sample {
             s
         }));
     }
+    gather(tasks, w).await
+}
+
+/// The workers' samples merged into one slice of `w`.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Sample>>, w: Window) -> Sample {
     let mut all = Sample::default();
     for t in tasks {
         all.merge(t.await.unwrap());
@@ -410,12 +415,7 @@ async fn login_loop(logins: Vec<(String, String)>, w: Window) -> Sample {
             s
         }));
     }
-    let mut all = Sample::default();
-    for t in tasks {
-        all.merge(t.await.unwrap());
-    }
-    all.elapsed = w.len.as_secs_f64();
-    all
+    gather(tasks, w).await
 }
 
 /// Raw argon2id verifies on every core, with the service's own verify: those that end

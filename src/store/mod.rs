@@ -10,6 +10,7 @@
 mod one_per_key;
 mod pg_direct;
 mod session_cache;
+pub use session_cache::MemoryReads;
 pub mod sql;
 mod sqlite_counters;
 mod sqlite_logins;
@@ -362,6 +363,12 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
+
+    /// How reads of sessions were answered by this instance's memory of them (on
+    /// PostgreSQL with a memory; `None` otherwise).
+    fn memory_reads(&self) -> Option<MemoryReads> {
+        None
+    }
 
     /// Before the process stops: gives up what other instances would otherwise wait for
     /// (on PostgreSQL, the session memory's lease).

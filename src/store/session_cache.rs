@@ -123,6 +123,18 @@ struct State {
     epoch: u64,
     sessions: HashMap<Uuid, (Session, User)>,
     by_user: HashMap<Uuid, Vec<Uuid>>,
+    reads: MemoryReads,
+}
+
+/// How this instance's reads of sessions were answered since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReads {
+    /// From memory.
+    pub hits: u64,
+    /// From the database, the session not being remembered.
+    pub misses: u64,
+    /// From the database, the memory not being usable: not listening, or no lease.
+    pub unleased: u64,
 }
 
 impl State {
@@ -194,12 +206,24 @@ impl SessionCache {
 
     /// The remembered session and user, if any, when this instance holds its lease.
     pub fn get(&self, sid: Uuid) -> Option<(Session, User)> {
-        let state = self.state();
+        let mut state = self.state();
         let leased = state.lease.is_some_and(|until| Instant::now() < until);
         if !(state.listening && leased) {
+            state.reads.unleased += 1;
             return None;
         }
-        state.sessions.get(&sid).cloned()
+        let hit = state.sessions.get(&sid).cloned();
+        match hit {
+            Some(_) => state.reads.hits += 1,
+            None => state.reads.misses += 1,
+        }
+        hit
+    }
+
+    /// How reads were answered so far; `None` without a capacity (nothing is ever
+    /// remembered).
+    pub fn reads(&self) -> Option<MemoryReads> {
+        (self.capacity > 0).then(|| self.state().reads)
     }
 
     /// The epoch to pass to [`put`] before reading the database; `None` when not listening.
@@ -578,8 +602,11 @@ mod tests {
         // Counted from when the renewal was sent, less the margin.
         tokio::time::advance(LEASE - LEASE_MARGIN - Duration::from_millis(101)).await;
         assert!(cache.get(sid).is_some());
+        assert!(cache.get(Uuid::new_v4()).is_none(), "not remembered");
         tokio::time::advance(Duration::from_millis(2)).await;
         assert!(cache.get(sid).is_none(), "the lease ran out");
+        assert_eq!(cache.reads(), Some(MemoryReads { hits: 2, misses: 1, unleased: 2 }), "each read counted once");
+        assert_eq!(SessionCache::new(0).reads(), None, "without a capacity nothing is counted");
     }
 
     /// Remembers a session of another user in `cache`; its id.

@@ -661,6 +661,10 @@ impl Store for SqlStore {
         self.backend
     }
 
+    fn memory_reads(&self) -> Option<MemoryReads> {
+        self.cache.as_ref().and_then(|c| c.reads())
+    }
+
     async fn close(&self) {
         if let Some(cache) = &self.cache {
             cache.retire(&self.pool).await;

@@ -10,6 +10,7 @@ both_backends!(
     bad_bodies_get_the_contract_errors,
     unknown_routes_and_methods_are_problems_too,
     health_readiness_metrics_and_discovery_answer,
+    metrics_count_how_the_session_memory_answered,
     the_openapi_document_covers_every_route,
 );
 
@@ -81,6 +82,38 @@ async fn unknown_routes_and_methods_are_problems_too(b: Backend) {
     let r = app.client.get(app.url("/v1/auth/login")).send().await.unwrap();
     assert!(r.headers().contains_key("allow"));
     assert_problem(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+}
+
+/// The value of the series `name` in the metrics text, if present.
+fn series(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+async fn metrics_count_how_the_session_memory_answered(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let token = str_of(&app.logged_in("counted@example.com").await, "access_token");
+    let hits = "gatehouse_session_memory_reads_total{answer=\"hit\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        assert_eq!(app.get_bearer("/v1/me", &token).await.status(), StatusCode::OK);
+        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        match b {
+            Backend::Sqlite => {
+                // SQLite reads the file on every check: no memory, no series.
+                assert!(!metrics.contains("gatehouse_session_memory_reads_total{"), "{metrics}");
+                return;
+            }
+            Backend::Postgres => {
+                let miss = series(&metrics, "gatehouse_session_memory_reads_total{answer=\"miss\"}");
+                assert!(miss.is_some(), "{metrics}");
+                if series(&metrics, hits).is_some_and(|n| n > 0) {
+                    return;
+                }
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no Bearer check was answered from memory");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn health_readiness_metrics_and_discovery_answer(b: Backend) {

@@ -31,7 +31,8 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text")))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
-    let text = s.metrics.render(s.services.hasher.in_flight(), s.services.hasher.workers());
+    let text =
+        s.metrics.render(s.services.hasher.in_flight(), s.services.hasher.workers(), s.services.store.memory_reads());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

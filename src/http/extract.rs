@@ -17,7 +17,7 @@ use crate::domain::user::Role;
 use crate::domain::FieldError;
 use crate::service::{Caller, ClientMeta, Error};
 
-/// A JSON body, rejected in problem+json: 415, 413, `invalid_json`, `validation_failed`.
+/// A JSON body, rejected in problem+json: 413, 415, `invalid_json`, `validation_failed`.
 pub struct AppJson<T>(pub T);
 
 fn is_json(content_type: &str) -> bool {
@@ -29,17 +29,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !is_json(ct) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
+        let json = is_json(req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(""));
+        // The size first, whatever the content type: a body over the limit is 413 (read
+        // no further than the limit), then a wrong content type 415.
         let bytes = Bytes::from_request(req, state).await.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge
+            } else if !json {
+                ApiError::UnsupportedMediaType
             } else {
                 ApiError::InvalidJson
             }
         })?;
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
         if !value.is_object() {
             return Err(Error::Validation(vec![FieldError::new(

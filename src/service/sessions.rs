@@ -16,7 +16,11 @@
 //!   user stops being active. It expires after `refresh_token_ttl` idle seconds (the
 //!   refresh token's life) or `session_max_age` seconds in all.
 //! * Access tokens carry the session id; every Bearer request reads the session and
-//!   user (one indexed join), so an ended session's tokens stop at once here.
+//!   user (one indexed join, or the session memory on PostgreSQL), so an ended
+//!   session's tokens stop at once here.
+//! * A session's `last_used_at` is its last Bearer request or refresh, to the minute:
+//!   a request more than a minute after the recorded use writes it (one write a minute
+//!   per session in use), a failed write does not fail the request.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -27,7 +31,7 @@ use super::accounts::{Tokens, MAX_TOKEN_BYTES};
 use super::{required, Caller, ClientMeta, Error, Result, Services};
 use crate::crypto::tokens;
 use crate::domain::user::Status;
-use crate::store::{Rotate, Rotation, Session};
+use crate::store::{Rotate, Rotation, Session, LAST_USED_RESOLUTION};
 
 /// `POST /v1/auth/refresh`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -92,6 +96,12 @@ impl Services {
         }
         if !session.is_live(now) || user.status != Status::Active {
             return Err(Error::SessionEnded);
+        }
+        if now - session.last_used_at >= LAST_USED_RESOLUTION {
+            // The session's last use, to the minute. Not worth refusing the request for.
+            if let Err(e) = self.store.touch_session(session.id, now).await {
+                tracing::warn!(error = %e, "could not record a session's use");
+            }
         }
         Ok(Caller { user, session_id: Some(session.id) })
     }

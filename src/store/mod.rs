@@ -356,6 +356,10 @@ pub struct MailJob {
     pub lease: UnixTime,
 }
 
+/// Seconds within which a session's `last_used_at` is not rewritten (by a Bearer
+/// request or a refresh): its resolution, and at most one write a minute per session.
+pub const LAST_USED_RESOLUTION: i64 = 60;
+
 /// The persistence operations of Gatehouse.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -474,6 +478,9 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_refresh(&self, r: &Rotate) -> StoreResult<Rotation>;
     /// A session and its user, for the Bearer check.
     async fn session_with_user(&self, sid: Uuid) -> StoreResult<Option<(Session, User)>>;
+    /// Records a use of live session `sid` at `now`, unless one within
+    /// [`LAST_USED_RESOLUTION`] of it is recorded.
+    async fn touch_session(&self, sid: Uuid, now: UnixTime) -> StoreResult<()>;
     /// The user's live sessions, newest first.
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>>;
     /// Ends one of the user's sessions at `event.at` and, when this call ended it,

@@ -278,9 +278,6 @@ impl std::ops::DerefMut for WriteConn {
     }
 }
 
-/// Seconds within which a session's `last_used_at` is not rewritten on refresh.
-const LAST_USED_RESOLUTION: i64 = 60;
-
 async fn user_in(tx: &mut Tx, id: Uuid) -> Result<Option<User>, sqlx::Error> {
     let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users u WHERE u.id = $1"))
         .bind(id.to_string())
@@ -1219,6 +1216,18 @@ impl Store for SqlStore {
                 .execute(&mut *self.write().await?)
                 .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    async fn touch_session(&self, sid: Uuid, now: UnixTime) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "UPDATE sessions SET last_used_at = $1 \
+             WHERE id = $2 AND ended_at IS NULL AND last_used_at <= $1 - {LAST_USED_RESOLUTION}"
+        ))
+        .bind(now)
+        .bind(sid.to_string())
+        .execute(&mut *self.write().await?)
+        .await?;
+        Ok(())
     }
 
     async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>> {

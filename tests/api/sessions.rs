@@ -1,6 +1,7 @@
 //! Sessions: refresh rotation with grace and reuse detection, the device limit,
 //! logout, listing and ending sessions, password change.
 
+use gatehouse::clock::{rfc3339, Clock};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -16,6 +17,7 @@ both_backends!(
     parallel_logins_never_leave_more_than_the_device_limit,
     logout_stops_access_and_refresh_tokens_at_once,
     sessions_are_listed_with_current_and_ended_one_by_one_or_all_others,
+    a_sessions_last_use_is_its_last_bearer_request_or_refresh_to_the_minute,
     changing_the_password_needs_the_current_one_and_ends_other_sessions,
     a_password_reset_ends_every_session,
 );
@@ -146,6 +148,35 @@ async fn logout_stops_access_and_refresh_tokens_at_once(b: Backend) {
     assert_problem(refresh(&app, &str_of(&t, "refresh_token")).await, StatusCode::UNAUTHORIZED, "invalid_token").await;
     let r = app.client.post(app.url("/v1/auth/logout")).send().await.unwrap();
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
+}
+
+/// The `last_used_at` of the session `sid` as listed by its own access token `at`.
+async fn last_used(app: &TestApp, at: &str, sid: &str) -> String {
+    let list: Vec<Value> = app.get_bearer("/v1/me/sessions", at).await.json().await.unwrap();
+    let s = list.iter().find(|s| s["id"] == sid).expect("listed");
+    str_of(s, "last_used_at")
+}
+
+async fn a_sessions_last_use_is_its_last_bearer_request_or_refresh_to_the_minute(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let t = app.logged_in("used@example.com").await;
+    let (at, sid) = (str_of(&t, "access_token"), str_of(&t, "session_id"));
+    let t0 = app.clock.now();
+    assert_eq!(last_used(&app, &at, &sid).await, rfc3339(t0), "a new session was used when it was opened");
+    // A Bearer request records its use (listing is one), at most once a minute.
+    app.clock.advance(90);
+    assert_eq!(last_used(&app, &at, &sid).await, rfc3339(t0 + 90));
+    app.clock.advance(30);
+    assert_eq!(last_used(&app, &at, &sid).await, rfc3339(t0 + 90), "within a minute of the last recorded use");
+    app.clock.advance(30);
+    assert_eq!(app.get_bearer("/v1/me", &at).await.status(), StatusCode::OK);
+    app.clock.advance(1);
+    assert_eq!(last_used(&app, &at, &sid).await, rfc3339(t0 + 150), "GET /v1/me was the last use");
+    // So does a refresh.
+    app.clock.advance(100);
+    let r: Value = refresh(&app, &str_of(&t, "refresh_token")).await.json().await.unwrap();
+    app.clock.advance(1);
+    assert_eq!(last_used(&app, &str_of(&r, "access_token"), &sid).await, rfc3339(t0 + 251));
 }
 
 async fn sessions_are_listed_with_current_and_ended_one_by_one_or_all_others(b: Backend) {

@@ -11,6 +11,7 @@ use crate::support::*;
 both_backends!(
     opening_a_session_records_the_login_on_the_user,
     a_session_is_found_with_its_user_and_unknown_ones_are_not,
+    a_sessions_use_is_recorded_at_most_once_a_minute_and_never_after_it_ended,
     the_session_list_has_only_live_sessions_newest_first,
     the_device_limit_ends_the_oldest_sessions_beyond_it,
     a_device_limit_of_zero_keeps_every_session,
@@ -48,6 +49,25 @@ async fn opening_a_session_records_the_login_on_the_user(b: Backend) {
     let live = db.store.list_sessions(u.id, T0 + 200).await.unwrap();
     assert_eq!(live.len(), 2);
     assert_eq!(live[1].id, opened.id);
+}
+
+async fn a_sessions_use_is_recorded_at_most_once_a_minute_and_never_after_it_ended(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "touch@example.test").await;
+    let opened = login(&*db.store, u.id, T0).await;
+    let last_used = || async { db.store.list_sessions(u.id, T0).await.unwrap()[0].last_used_at };
+    db.store.touch_session(opened.id, T0 + 59).await.unwrap();
+    assert_eq!(last_used().await, T0, "within a minute of the last recorded use");
+    db.store.touch_session(opened.id, T0 + 60).await.unwrap();
+    assert_eq!(last_used().await, T0 + 60);
+    // A late write (a request that read the session before a newer use was recorded)
+    // never moves the use back.
+    db.store.touch_session(opened.id, T0 + 30).await.unwrap();
+    assert_eq!(last_used().await, T0 + 60);
+    assert!(logout(&*db.store, u.id, opened.id, T0 + 200).await);
+    db.store.touch_session(opened.id, T0 + 300).await.unwrap();
+    let (ended, _) = db.store.session_with_user(opened.id).await.unwrap().unwrap();
+    assert_eq!(ended.last_used_at, T0 + 60, "an ended session is not touched");
 }
 
 async fn a_session_is_found_with_its_user_and_unknown_ones_are_not(b: Backend) {

@@ -23,6 +23,10 @@ async fn registering_mails_a_link_and_a_code_and_the_link_verifies(b: Backend) {
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "verification_sent"}));
     let mail = app.wait_mail("new.user@example.com", "Verify").await;
     assert_eq!(code(&mail).len(), 6);
+    // RFC 5322's Date and Message-ID (named in the sender's domain, not the host's).
+    assert!(mail.lines().any(|l| l.starts_with("Date: ")), "{mail}");
+    let id = mail.lines().find_map(|l| l.strip_prefix("Message-ID: ")).expect("a Message-ID");
+    assert!(id.starts_with('<') && id.ends_with("@gatehouse.invalid>"), "{id}");
     let r = app.post("/v1/auth/verify-email", json!({"token": link_token(&mail)})).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["cache-control"], "no-store");

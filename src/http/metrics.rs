@@ -94,8 +94,63 @@ impl Metrics {
     }
 }
 
+/// The content type of [`Metrics::render`]'s text.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of [`prometheus_text`]'s.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An OpenMetrics exposition in Prometheus's text format 0.0.4, for scrapers that do
+/// not ask for OpenMetrics: a counter's family takes its samples' name (with `_total`),
+/// and there is no `# EOF`. Nothing else the registry writes differs.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
+        let renamed = ["# HELP ", "# TYPE "].into_iter().find_map(|p| {
+            let (name, rest) = line.strip_prefix(p)?.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prometheus_text_names_each_family_as_its_samples_and_has_no_eof() {
+        let m = Metrics::new();
+        m.observe("GET", "/v1/me", 200, 0.001);
+        let reads = MemoryReads { hits: 3, misses: 1, unleased: 0 };
+        let om = m.render(1, 2, Some(reads));
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = prometheus_text(&om);
+        assert!(!text.contains("# EOF"), "{text}");
+        let typed: Vec<(&str, &str)> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' ')).collect();
+        assert!(typed.contains(&("gatehouse_http_requests_total", "counter")), "{text}");
+        assert!(typed.contains(&("gatehouse_session_memory_reads_total", "counter")), "{text}");
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap_or_default();
+            let family = typed.iter().any(|(t, kind)| {
+                name == *t
+                    || (*kind == "histogram" && ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{t}{s}")))
+            });
+            assert!(family, "sample {name} has no family of its name: {text}");
+        }
+        assert!(text.contains("gatehouse_session_memory_reads_total{answer=\"hit\"} 3"), "{text}");
+        // The same again: counts carried over once, not twice.
+        assert!(prometheus_text(&m.render(0, 2, Some(reads))).contains("{answer=\"hit\"} 3"));
     }
 }

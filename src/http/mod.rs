@@ -103,6 +103,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi, Router<AppState>) {
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi))
+        .routes(routes!(ops::docs))
         .split_for_parts();
     let mut doc = doc;
     doc.merge(auth_doc);
@@ -119,7 +120,6 @@ pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: R
     let router = Router::new()
         .merge(auth_routes)
         .merge(rest)
-        .route("/docs", axum::routing::get(ops::docs))
         .fallback(|| async { ApiError::RouteNotFound })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // A client that trickles its body is cut off; no request runs forever.

@@ -124,12 +124,22 @@ async fn health_readiness_metrics_and_discovery_answer(b: Backend) {
     let ready: Value = get("/readyz").await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     app.login("m@example.com", "whatever").await;
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    let r = get("/metrics").await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let metrics = r.text().await.unwrap();
     assert!(
         metrics.contains("gatehouse_http_requests_total{method=\"POST\",route=\"/v1/auth/login\",status=\"401\"} 1"),
         "{metrics}"
     );
+    assert!(metrics.contains("# TYPE gatehouse_http_requests_total counter\n"), "{metrics}");
     assert!(metrics.contains("gatehouse_password_hash_workers"));
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+    // OpenMetrics to a scraper that asks for it.
+    let r = app.client.get(app.url("/metrics")).header("accept", "application/openmetrics-text; version=1.0.0").send();
+    let r = r.await.unwrap();
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let om = r.text().await.unwrap();
+    assert!(om.ends_with("# EOF\n") && om.contains("# TYPE gatehouse_http_requests counter\n"), "{om}");
     let conf: Value = get("/.well-known/openid-configuration").await.unwrap().json().await.unwrap();
     assert_eq!(conf["issuer"], "http://127.0.0.1:8080");
     assert_eq!(conf["jwks_uri"], "http://127.0.0.1:8080/.well-known/jwks.json");
@@ -170,6 +180,7 @@ async fn the_openapi_document_covers_every_route(b: Backend) {
         ("/readyz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
+        ("/docs", "get"),
         ("/.well-known/jwks.json", "get"),
         ("/.well-known/openid-configuration", "get"),
     ] {

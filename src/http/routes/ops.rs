@@ -1,10 +1,11 @@
 //! Operations: health, readiness, metrics, the OpenAPI document and its viewer.
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 
+use crate::http::metrics::{prometheus_text, OPENMETRICS, PROMETHEUS_TEXT};
 use crate::http::AppState;
 
 /// The process is up.
@@ -28,12 +29,18 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics: the text format 0.0.4, or OpenMetrics to a scraper that asks
+/// for it (`Accept: application/openmetrics-text`).
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text")))]
-pub async fn metrics(State(s): State<AppState>) -> Response {
+pub async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let text =
         s.metrics.render(s.services.hasher.in_flight(), s.services.hasher.workers(), s.services.store.memory_reads());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], prometheus_text(&text)).into_response()
+    }
 }
 
 /// This document.
@@ -43,6 +50,7 @@ pub async fn openapi(State(s): State<AppState>) -> Response {
 }
 
 /// A page that renders the OpenAPI document (Redoc, loaded from its CDN).
+#[utoipa::path(get, path = "/docs", tag = "ops", responses((status = 200, description = "HTML page", content_type = "text/html")))]
 pub async fn docs() -> Response {
     let mut res = Html(
         r#"<!doctype html>

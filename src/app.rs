@@ -134,7 +134,17 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: b
     if mail_worker {
         tokio::spawn(worker.run());
     }
-    Ok(Services { store, clock, hasher, tokens, mail_wake, policy, geo, refused_locks: Default::default() })
+    Ok(Services {
+        store,
+        clock,
+        hasher,
+        tokens,
+        mail_wake,
+        policy,
+        geo,
+        refused_locks: Default::default(),
+        recent_touches: Default::default(),
+    })
 }
 
 /// GeoIP lookups in a MaxMind city database.

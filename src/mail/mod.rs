@@ -118,7 +118,8 @@ fn seven_bit(text: &str) -> Option<Body> {
 pub async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) -> anyhow::Result<()> {
     let to: Mailbox = mail.to.parse().map_err(|_| anyhow::anyhow!("the recipient address cannot be used"))?;
     let body = seven_bit(&mail.body).unwrap_or_else(|| Body::new(mail.body.clone()));
-    // Named in the sender's domain: lettre's own would name this host.
+    // Named in the sender's domain: lettre's own would name this host. A retry renders
+    // the mail anew, with fresh tokens, so each attempt is a message of its own.
     let message_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), from.email.domain());
     let msg = Message::builder()
         .message_id(Some(message_id))

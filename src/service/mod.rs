@@ -166,6 +166,8 @@ pub struct Services {
     pub geo: Option<Box<dyn GeoLookup>>,
     /// Emails' locks as read for logins refused for overload (see `refused_locks`).
     pub refused_locks: refused_locks::RefusedLocks,
+    /// Sessions whose use was recorded lately (see `sessions`).
+    pub recent_touches: sessions::RecentTouches,
 }
 
 /// A caller authenticated by a Bearer token or an API key.

@@ -19,8 +19,9 @@
 //!   user (one indexed join, or the session memory on PostgreSQL), so an ended
 //!   session's tokens stop at once here.
 //! * A session's `last_used_at` is its last Bearer request or refresh, to the minute:
-//!   a request more than a minute after the recorded use writes it (one write a minute
-//!   per session in use), a failed write does not fail the request.
+//!   a request a minute or more after the recorded use writes it, after the answer,
+//!   and each instance tries at most once a minute per session ([`RecentTouches`]),
+//!   however many requests read the old time and whether or not the write succeeds.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -29,9 +30,10 @@ use uuid::Uuid;
 
 use super::accounts::{Tokens, MAX_TOKEN_BYTES};
 use super::{required, Caller, ClientMeta, Error, Result, Services};
+use crate::clock::UnixTime;
 use crate::crypto::tokens;
 use crate::domain::user::Status;
-use crate::store::{Rotate, Rotation, Session, LAST_USED_RESOLUTION};
+use crate::store::{use_is_due, Rotate, Rotation, Session};
 
 /// `POST /v1/auth/refresh`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -97,11 +99,15 @@ impl Services {
         if !session.is_live(now) || user.status != Status::Active {
             return Err(Error::SessionEnded);
         }
-        if now - session.last_used_at >= LAST_USED_RESOLUTION {
-            // The session's last use, to the minute. Not worth refusing the request for.
-            if let Err(e) = self.store.touch_session(session.id, now).await {
-                tracing::warn!(error = %e, "could not record a session's use");
-            }
+        if use_is_due(session.last_used_at, now) && self.recent_touches.claim(session.id, now) {
+            // The session's last use, to the minute, written after the answer: never a
+            // wait for SQLite's writer on the request's path, nor a failed request.
+            let (store, sid) = (self.store.clone(), session.id);
+            tokio::spawn(async move {
+                if let Err(e) = store.touch_session(sid, now).await {
+                    tracing::warn!(error = %e, "could not record a session's use");
+                }
+            });
         }
         Ok(Caller { user, session_id: Some(session.id) })
     }
@@ -131,5 +137,51 @@ impl Services {
         let ended = self.store.end_sessions(caller.user.id, caller.session_id, "ended_by_user", self.now()).await?;
         self.audit_ended(&caller.user, &ended, "ended_by_user", Some(meta)).await;
         Ok(())
+    }
+}
+
+/// The sessions whose use this instance tried to record in the last minute: at most one
+/// attempt a minute per session, even while the write fails or other requests still
+/// read the old `last_used_at` (another instance's memory before its notification).
+#[derive(Default)]
+pub struct RecentTouches(std::sync::Mutex<std::collections::HashMap<Uuid, UnixTime>>);
+
+/// Attempts remembered before the old ones are dropped.
+const RECENT_TOUCHES_KEPT: usize = 100_000;
+
+impl RecentTouches {
+    /// Whether to record a use of `sid` at `now`: no attempt for it within the
+    /// resolution.
+    pub fn claim(&self, sid: Uuid, now: UnixTime) -> bool {
+        let mut recent = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.get(&sid).is_some_and(|&at| !use_is_due(at, now)) {
+            return false;
+        }
+        if recent.len() >= RECENT_TOUCHES_KEPT {
+            recent.retain(|_, at| !use_is_due(*at, now));
+            if recent.len() >= RECENT_TOUCHES_KEPT {
+                // More sessions in use than remembered: start again (the write's own
+                // condition still keeps the database at one write a minute).
+                recent.clear();
+            }
+        }
+        recent.insert(sid, now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_use_is_claimed_once_a_minute_per_session() {
+        let recent = RecentTouches::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(recent.claim(a, 1000));
+        assert!(!recent.claim(a, 1000), "one attempt, however many requests");
+        assert!(!recent.claim(a, 1059));
+        assert!(recent.claim(b, 1059), "sessions are claimed apart");
+        assert!(recent.claim(a, 1060), "a minute later");
     }
 }

@@ -356,9 +356,14 @@ pub struct MailJob {
     pub lease: UnixTime,
 }
 
-/// Seconds within which a session's `last_used_at` is not rewritten (by a Bearer
-/// request or a refresh): its resolution, and at most one write a minute per session.
+/// Seconds within which a session's or an API key's `last_used_at` is not rewritten
+/// (by a Bearer request, a refresh, a key's use): its resolution.
 pub const LAST_USED_RESOLUTION: i64 = 60;
+
+/// Whether a use at `now` is to be recorded over one recorded at `last`.
+pub fn use_is_due(last: UnixTime, now: UnixTime) -> bool {
+    now - last >= LAST_USED_RESOLUTION
+}
 
 /// The persistence operations of Gatehouse.
 #[async_trait]

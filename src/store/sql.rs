@@ -1219,15 +1219,7 @@ impl Store for SqlStore {
     }
 
     async fn touch_session(&self, sid: Uuid, now: UnixTime) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "UPDATE sessions SET last_used_at = $1 \
-             WHERE id = $2 AND ended_at IS NULL AND last_used_at <= $1 - {LAST_USED_RESOLUTION}"
-        ))
-        .bind(now)
-        .bind(sid.to_string())
-        .execute(&mut *self.write().await?)
-        .await?;
-        Ok(())
+        Ok(touch_session_in(&mut *self.write().await?, sid, now).await?)
     }
 
     async fn api_key_user(&self, key_hash: &str, now: UnixTime) -> StoreResult<Option<(ApiKey, User)>> {
@@ -1241,7 +1233,7 @@ impl Store for SqlStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let (key, user) = (key_from(&row)?, user_from(&row)?);
-        if key.last_used_at.is_none_or(|t| t + 60 <= now) {
+        if key.last_used_at.is_none_or(|t| use_is_due(t, now)) {
             sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(key.id.to_string())
@@ -1459,11 +1451,7 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
             .await?;
             let (out, touch) = rotated_answer(session, user, r.now, refresh_expires_at);
             if touch {
-                sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2")
-                    .bind(r.now)
-                    .bind(sid.to_string())
-                    .execute(&mut *conn)
-                    .await?;
+                touch_session_in(conn, sid, r.now).await?;
             }
             out
         }
@@ -1487,6 +1475,20 @@ async fn rotate_in(conn: &mut AnyConnection, r: &Rotate) -> Result<Rotation, sql
     Ok(out)
 }
 
+/// Records a use of live session `sid` at `now`, unless one within the resolution of it
+/// (or a later one) is recorded: never backwards, whatever a caller read before.
+async fn touch_session_in(conn: &mut AnyConnection, sid: Uuid, now: UnixTime) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE sessions SET last_used_at = $1 \
+         WHERE id = $2 AND ended_at IS NULL AND last_used_at <= $1 - {LAST_USED_RESOLUTION}"
+    ))
+    .bind(now)
+    .bind(sid.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The answer to an ordinary rotation at `now`, and whether the session's `last_used_at`
 /// is to be written: it is kept to the minute (a statement saved on most refreshes).
 pub(super) fn rotated_answer(
@@ -1495,7 +1497,7 @@ pub(super) fn rotated_answer(
     now: UnixTime,
     refresh_expires_at: UnixTime,
 ) -> (Rotation, bool) {
-    let touch = now - session.last_used_at >= LAST_USED_RESOLUTION;
+    let touch = use_is_due(session.last_used_at, now);
     let last_used_at = if touch { now } else { session.last_used_at };
     (Rotation::Rotated { session: Session { last_used_at, ..session }, user, refresh_expires_at }, touch)
 }

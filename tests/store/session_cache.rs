@@ -269,10 +269,6 @@ async fn a_stopped_instance_is_not_waited_for() {
     assert!(took < Duration::from_secs(1), "the write waited {took:?} for a stopped instance");
 }
 
-/// A login without a place changes only the user's last login: the instances keep the
-/// user's sessions they remember (no read of the database) and show the new last login
-/// (0008). Seen failing before it: the remembered session was forgotten and read anew.
-/// A login with a place, like any other change, still makes them forget.
 /// How a read was answered, by the store's counts of its memory's reads.
 #[derive(Debug, PartialEq)]
 enum Answer {
@@ -301,6 +297,10 @@ async fn read_counted(store: &dyn Store, sid: Uuid) -> (Option<String>, User, An
     (session.user_agent, owner, answer)
 }
 
+/// A login without a place changes only the user's last login: the instances keep the
+/// user's sessions they remember (no read of the database) and show the new last login
+/// (0008). Seen failing before it: the remembered session was forgotten and read anew.
+/// A login with a place, like any other change, still makes them forget.
 async fn a_login_updates_the_user_every_instance_remembers_and_keeps_their_sessions() {
     let db = Db::new(Backend::Postgres).await;
     let other = db.another_instance().await;

@@ -64,6 +64,10 @@ const ACK_REQUEST: &str = "ack:";
 /// without a place: `login:<user>:<last_login_at>`.
 const LOGIN_NOTE: &str = "login:";
 
+/// The payload of migration 0009's trigger for a change of a session's last use alone:
+/// `used:<user>:<session>:<last_used_at>`.
+const USE_NOTE: &str = "used:";
+
 /// How long a lease lasts. The instance counts it on its own clock from before it sent
 /// the renewal (less [`LEASE_MARGIN`]); a write waits this long, on its own clock, for
 /// an instance that does not acknowledge (a killed process, a lost network). No two
@@ -155,6 +159,17 @@ impl State {
             if let Some((_, user)) = self.sessions.get_mut(sid) {
                 user.last_login_at = Some(at);
                 user.last_login_geolocation = None;
+            }
+        }
+    }
+
+    /// A use of the user's session `sid` at `at`: the session remembered stays, with its
+    /// new last use.
+    fn note_use(&mut self, uid: Uuid, sid: Uuid, at: i64) {
+        self.epoch += 1;
+        if let Some((session, _)) = self.sessions.get_mut(&sid) {
+            if session.user_id == uid {
+                session.last_used_at = at;
             }
         }
     }
@@ -279,6 +294,16 @@ impl SessionCache {
                 (Ok(uid), Ok(at)) => state.note_login(uid, at),
                 // Not understood: forget what it may concern.
                 (Ok(uid), _) => state.forget_user(uid),
+                _ => state.forget_all(),
+            }
+        } else if let Some(note) = payload.strip_prefix(USE_NOTE) {
+            let mut parts = note.splitn(3, ':');
+            let (uid, sid, at) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let mut state = self.state();
+            match (Uuid::parse_str(uid), Uuid::parse_str(sid), at.parse::<i64>()) {
+                (Ok(uid), Ok(sid), Ok(at)) => state.note_use(uid, sid, at),
+                // Not understood: forget what it may concern.
+                (Ok(uid), _, _) => state.forget_user(uid),
                 _ => state.forget_all(),
             }
         } else if payload == FORGET_ALL {
@@ -653,6 +678,37 @@ mod tests {
         assert_eq!((user.last_login_at, user.last_login_geolocation), (Some(1_700_000_000), None));
         assert_eq!(cache.get(other_sid).expect("kept").1.last_login_at, None, "other users are untouched");
         assert!(!read_is_kept(&cache, epoch, uid), "a read begun before the note is not kept");
+    }
+
+    #[test]
+    fn a_use_note_updates_the_remembered_session_and_refuses_reads_begun_before_it() {
+        let uid = Uuid::new_v4();
+        let (cache, sid) = leased_with_one_entry(uid);
+        let other_sid = another_users_entry(&cache);
+        let epoch = cache.epoch().expect("listening");
+        assert_eq!(cache.notified(CHANNEL, &format!("{USE_NOTE}{uid}:{sid}:1700000060")), None);
+        assert_eq!(cache.get(sid).expect("the session is kept").0.last_used_at, 1_700_000_060);
+        assert_eq!(cache.get(other_sid).expect("kept").0.last_used_at, 0, "other sessions are untouched");
+        assert!(!read_is_kept(&cache, epoch, uid), "a read begun before the note is not kept");
+        // A note naming the session under another user changes nothing.
+        cache.notified(CHANNEL, &format!("{USE_NOTE}{}:{sid}:1700000999", Uuid::new_v4()));
+        assert_eq!(cache.get(sid).expect("kept").0.last_used_at, 1_700_000_060);
+    }
+
+    #[test]
+    fn a_use_note_not_understood_forgets_what_it_may_concern() {
+        let uid = Uuid::new_v4();
+        for bad in [format!("{uid}:nonsense:1"), format!("{uid}:{}:soon", Uuid::new_v4()), format!("{uid}")] {
+            let (cache, sid) = leased_with_one_entry(uid);
+            let other_sid = another_users_entry(&cache);
+            cache.notified(CHANNEL, &format!("{USE_NOTE}{bad}"));
+            assert!(cache.get(sid).is_none(), "{bad}: the user is forgotten");
+            assert!(cache.get(other_sid).is_some(), "{bad}: other users are kept");
+        }
+        let (cache, sid) = leased_with_one_entry(uid);
+        let other_sid = another_users_entry(&cache);
+        cache.notified(CHANNEL, &format!("{USE_NOTE}someone:{sid}:1"));
+        assert!(cache.get(sid).is_none() && cache.get(other_sid).is_none(), "a bad user id forgets everything");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use gatehouse::domain::user::{Status, User};
-use gatehouse::store::{Rotation, Store, UserPatch};
+use gatehouse::store::{Rotation, Session, Store, UserPatch};
 use sqlx::Connection;
 use uuid::Uuid;
 
@@ -19,6 +19,7 @@ postgres_only!(
     every_write_that_ends_a_session_or_changes_a_user_is_seen_by_another_instance_at_once,
     a_stopped_instance_is_not_waited_for,
     a_login_updates_the_user_every_instance_remembers_and_keeps_their_sessions,
+    a_sessions_use_updates_it_where_remembered_and_keeps_it,
 );
 
 /// Runs `sql` on the database directly, as an operator would; with `quiet`, with
@@ -280,9 +281,8 @@ enum Answer {
     Lapsed,
 }
 
-/// Reads session `sid` on `store`: its user agent, its user's last login and place, and
-/// how the read was answered.
-async fn read_counted(store: &dyn Store, sid: Uuid) -> (Option<String>, User, Answer) {
+/// Reads session `sid` on `store`: the session, its user, and how the read was answered.
+async fn read_counted(store: &dyn Store, sid: Uuid) -> (Session, User, Answer) {
     let before = store.memory_reads().expect("PostgreSQL has a memory");
     let (session, owner) = store.session_with_user(sid).await.unwrap().expect("session exists");
     let after = store.memory_reads().expect("PostgreSQL has a memory");
@@ -294,7 +294,7 @@ async fn read_counted(store: &dyn Store, sid: Uuid) -> (Option<String>, User, An
         assert!(after.misses > before.misses, "the read was counted: {before:?} then {after:?}");
         Answer::Database
     };
-    (session.user_agent, owner, answer)
+    (session, owner, answer)
 }
 
 /// A login without a place changes only the user's last login: the instances keep the
@@ -328,7 +328,7 @@ async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> b
     let mut remembered = Vec::new();
     for store in [&*db.store, other] {
         match read_counted(store, s.id).await {
-            (agent, _, Answer::Memory) => remembered.push(agent),
+            (session, _, Answer::Memory) => remembered.push(session.user_agent),
             (_, _, Answer::Lapsed) => return false,
             (_, _, Answer::Database) => panic!("a session just remembered was read from the database"),
         }
@@ -341,11 +341,11 @@ async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> b
     for (store, remembered) in [&*db.store, other].into_iter().zip(remembered) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let (agent, owner, answer) = read_counted(store, s.id).await;
+            let (session, owner, answer) = read_counted(store, s.id).await;
             match answer {
                 Answer::Lapsed => return false,
                 Answer::Database => panic!("the login made an instance forget the session"),
-                Answer::Memory => assert_eq!(agent, remembered, "the session was kept in memory"),
+                Answer::Memory => assert_eq!(session.user_agent, remembered, "the session was kept in memory"),
             }
             if owner.last_login_at == Some(t + 50) {
                 break;
@@ -361,18 +361,64 @@ async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> b
     db.store.open_session(&placed, 0).await.unwrap().expect("session opened");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (agent, owner, answer) = read_counted(other, s.id).await;
+        let (session, owner, answer) = read_counted(other, s.id).await;
         match answer {
             Answer::Lapsed => return false,
             Answer::Database => {
-                assert_eq!(agent.as_deref(), Some(in_database));
+                assert_eq!(session.user_agent.as_deref(), Some(in_database));
                 assert_eq!(owner.last_login_at, Some(t + 60));
                 assert_eq!(owner.last_login_geolocation, placed.geolocation);
                 return true;
             }
-            Answer::Memory => assert_eq!(agent, kept_by_other, "not yet forgotten"),
+            Answer::Memory => assert_eq!(session.user_agent, kept_by_other, "not yet forgotten"),
         }
         assert!(Instant::now() < deadline, "the login's notification never arrived");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A session's use changes only its `last_used_at` (at most once a minute): the
+/// instances keep it and show the new time (0009), as the login note does for a user.
+async fn a_sessions_use_updates_it_where_remembered_and_keeps_it() {
+    let db = Db::new(Backend::Postgres).await;
+    let other = db.another_instance().await;
+    let u = user(&*db.store, "used@example.test").await;
+    // As above, a lapsed lease starts the scenario again.
+    for attempt in 0..5 {
+        if use_note_scenario(&db, &*other, u.id, T0 + 1000 * attempt).await {
+            return;
+        }
+    }
+    panic!("a lease lapsed in each of five attempts");
+}
+
+/// One attempt of the test above, from `t`; false when a lease lapsed on the way.
+async fn use_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> bool {
+    let s = login(&*db.store, uid, t).await;
+    for store in [&*db.store, other] {
+        until_remembered(&db.url, store, s.id).await;
+    }
+    let in_database = "neither-remembers";
+    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{in_database}' WHERE id = '{}'", s.id), true)
+        .await;
+    db.store.touch_session(s.id, t + 90).await.unwrap();
+    for store in [&*db.store, other] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (session, _, answer) = read_counted(store, s.id).await;
+            match answer {
+                Answer::Lapsed => return false,
+                Answer::Database => panic!("the use made an instance forget the session"),
+                Answer::Memory => {
+                    assert_ne!(session.user_agent.as_deref(), Some(in_database), "the session was kept in memory")
+                }
+            }
+            if session.last_used_at == t + 90 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the use's notification never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    true
 }

@@ -6,6 +6,8 @@
 -- update the session they remember instead, as 0008 does for a login; any other
 -- change still sends the user's id. An instance older than this ignores the note and
 -- keeps the older time, which it uses only to decide when to record the next use.
+-- (LISTEN takes no privilege: the payload holds ids and a time, no secret; a session
+-- id is in every access token of that session.)
 CREATE FUNCTION gatehouse_notify_session_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.last_used_at IS DISTINCT FROM OLD.last_used_at AND NEW.last_used_at IS NOT NULL

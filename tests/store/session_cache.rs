@@ -305,26 +305,38 @@ async fn a_login_updates_the_user_every_instance_remembers_and_keeps_their_sessi
     let db = Db::new(Backend::Postgres).await;
     let other = db.another_instance().await;
     let u = user(&*db.store, "often@example.test").await;
-    // A read that found the lease lapsed proves nothing either way: the scenario starts
-    // again, with a new session and new login times.
+    without_lapses(100, |t| login_note_scenario(&db, &*other, u.id, t)).await;
+}
+
+/// The user agent the database holds for a session made by [`remembered_by_both`].
+const IN_DATABASE: &str = "neither-remembers";
+
+/// Runs `scenario` from a time until no read found a lease lapsed on the way (such a
+/// read proves nothing either way), at most five times, each from a later time.
+async fn without_lapses<F: std::future::Future<Output = bool>>(step: i64, mut scenario: impl FnMut(i64) -> F) {
     for attempt in 0..5 {
-        if login_note_scenario(&db, &*other, u.id, T0 + 100 * attempt).await {
+        if scenario(T0 + step * attempt).await {
             return;
         }
     }
     panic!("a lease lapsed in each of five attempts");
 }
 
-/// One attempt of the test above, from `t`; false when a lease lapsed on the way.
-async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> bool {
+/// A session of `uid` opened at `t`, remembered by both instances, whose user agent in
+/// the database ([`IN_DATABASE`]) neither memory has.
+async fn remembered_by_both(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> Opened {
     let s = login(&*db.store, uid, t).await;
     for store in [&*db.store, other] {
         until_remembered(&db.url, store, s.id).await;
     }
-    // The database now holds a user agent that neither memory has.
-    let in_database = "neither-remembers";
-    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{in_database}' WHERE id = '{}'", s.id), true)
+    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{IN_DATABASE}' WHERE id = '{}'", s.id), true)
         .await;
+    s
+}
+
+/// One attempt of the test above, from `t`; false when a lease lapsed on the way.
+async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> bool {
+    let s = remembered_by_both(db, other, uid, t).await;
     let mut remembered = Vec::new();
     for store in [&*db.store, other] {
         match read_counted(store, s.id).await {
@@ -333,7 +345,7 @@ async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> b
             (_, _, Answer::Database) => panic!("a session just remembered was read from the database"),
         }
     }
-    assert!(!remembered.contains(&Some(in_database.to_owned())));
+    assert!(!remembered.contains(&Some(IN_DATABASE.to_owned())));
     let kept_by_other = remembered[1].clone();
 
     let (_, next) = new_session(uid, t + 50);
@@ -365,7 +377,7 @@ async fn login_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> b
         match answer {
             Answer::Lapsed => return false,
             Answer::Database => {
-                assert_eq!(session.user_agent.as_deref(), Some(in_database));
+                assert_eq!(session.user_agent.as_deref(), Some(IN_DATABASE));
                 assert_eq!(owner.last_login_at, Some(t + 60));
                 assert_eq!(owner.last_login_geolocation, placed.geolocation);
                 return true;
@@ -383,24 +395,12 @@ async fn a_sessions_use_updates_it_where_remembered_and_keeps_it() {
     let db = Db::new(Backend::Postgres).await;
     let other = db.another_instance().await;
     let u = user(&*db.store, "used@example.test").await;
-    // As above, a lapsed lease starts the scenario again.
-    for attempt in 0..5 {
-        if use_note_scenario(&db, &*other, u.id, T0 + 1000 * attempt).await {
-            return;
-        }
-    }
-    panic!("a lease lapsed in each of five attempts");
+    without_lapses(1000, |t| use_note_scenario(&db, &*other, u.id, t)).await;
 }
 
 /// One attempt of the test above, from `t`; false when a lease lapsed on the way.
 async fn use_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> bool {
-    let s = login(&*db.store, uid, t).await;
-    for store in [&*db.store, other] {
-        until_remembered(&db.url, store, s.id).await;
-    }
-    let in_database = "neither-remembers";
-    operator_sql(&db.url, &format!("UPDATE sessions SET user_agent = '{in_database}' WHERE id = '{}'", s.id), true)
-        .await;
+    let s = remembered_by_both(db, other, uid, t).await;
     db.store.touch_session(s.id, t + 90).await.unwrap();
     for store in [&*db.store, other] {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -410,7 +410,7 @@ async fn use_note_scenario(db: &Db, other: &dyn Store, uid: Uuid, t: i64) -> boo
                 Answer::Lapsed => return false,
                 Answer::Database => panic!("the use made an instance forget the session"),
                 Answer::Memory => {
-                    assert_ne!(session.user_agent.as_deref(), Some(in_database), "the session was kept in memory")
+                    assert_ne!(session.user_agent.as_deref(), Some(IN_DATABASE), "the session was kept in memory")
                 }
             }
             if session.last_used_at == t + 90 {

@@ -11,7 +11,8 @@
 //!   channel `gatehouse_cache` with every change, whoever makes it (any instance, an
 //!   operator's SQL). PostgreSQL queues notifications in commit order and each listening
 //!   connection receives them in that order. A change of a user's last login alone (a
-//!   login without a place) sends the new last login instead (migration 0008): the
+//!   login without a place) sends the new last login instead (migration 0008), and a
+//!   change of a session's last use alone sends the new last use (migration 0009): the
 //!   sessions remembered are kept, with it.
 //! - Leases (migration 0006): an instance answers from memory only within a lease that
 //!   its listening connection renews every second in `gatehouse_instances`. A renewal

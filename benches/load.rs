@@ -361,7 +361,7 @@ async fn gather(tasks: Vec<tokio::task::JoinHandle<Sample>>, w: Window) -> Sampl
 /// The login phase's closed loop: one worker per `(base, body)`, each on its own
 /// connection, posting its body to `/v1/auth/login` again as soon as the last is
 /// answered; counted as [`closed_loop`] counts. Its client is hyper's connection-level
-/// one, with each worker's request built once: the login ratio's baseline (raw hashes)
+/// one, with each worker's body and host made once: the login ratio's baseline (raw hashes)
 /// runs no client, so what the client costs on these shared cores counts against the
 /// service alone. The bench's CPU per login (this client, its runtime and its reading
 /// of `/proc` around each slice) was 0.14-0.17 ms with reqwest (its pool, URL parsing

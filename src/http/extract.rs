@@ -32,18 +32,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
         let json = is_json(req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(""));
         // The size first, whatever the content type: a body over the limit is 413 (read
         // no further than the limit), then a wrong content type 415.
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else if !json {
-                ApiError::UnsupportedMediaType
-            } else {
-                ApiError::InvalidJson
-            }
-        })?;
-        if !json {
-            return Err(ApiError::UnsupportedMediaType);
-        }
+        let bytes = match Bytes::from_request(req, state).await {
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge),
+            _ if !json => return Err(ApiError::UnsupportedMediaType),
+            Err(_) => return Err(ApiError::InvalidJson),
+            Ok(bytes) => bytes,
+        };
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
         if !value.is_object() {
             return Err(Error::Validation(vec![FieldError::new(

@@ -1,11 +1,13 @@
 //! Prometheus metrics: requests by route and status, latency by route, the password
 //! hashing pool's load and, on PostgreSQL, how the session memory answered reads.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::store::MemoryReads;
@@ -31,40 +33,72 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+/// What the parts that count for themselves say at the moment of a scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readings {
+    /// Password hashes queued or running.
+    pub hash_in_flight: usize,
+    /// Password hashing threads.
+    pub hash_workers: usize,
+    /// How the session memory answered reads (PostgreSQL; `None` without one).
+    pub memory: Option<MemoryReads>,
+}
+
+/// Reads [`Readings`] at each scrape and encodes them as they are: nothing is copied
+/// into counters of the registry's own, so there is nothing to keep in step.
+struct Live(Box<dyn Fn() -> Readings + Send + Sync>);
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = (self.0)();
+        for (name, help, value) in [
+            ("password_hash_in_flight", "Password hashes queued or running", now.hash_in_flight),
+            ("password_hash_workers", "Password hashing threads", now.hash_workers),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        if let Some(reads) = now.memory {
+            let mut family = encoder.encode_descriptor(
+                "session_memory_reads",
+                "Reads of a session by this instance (PostgreSQL): answered from memory (hit), from the \
+                 database when not remembered (miss) or when the memory was unusable (unleased)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (answer, count) in [("hit", reads.hits), ("miss", reads.misses), ("unleased", reads.unleased)] {
+                ConstCounter::new(count).encode(family.encode_family(&AnswerLabels { answer })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The service's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    hash_in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
-    hash_capacity: Gauge<i64, std::sync::atomic::AtomicI64>,
-    memory_reads: Family<AnswerLabels, Counter>,
-    /// One rendering at a time: the memory's counts are carried into the counters.
-    rendering: std::sync::Mutex<()>,
 }
 
 impl Metrics {
-    /// Registers every metric.
-    pub fn new() -> Self {
+    /// Registers every metric; `readings` is called at each scrape.
+    pub fn new(readings: impl Fn() -> Readings + Send + Sync + 'static) -> Self {
         let mut registry = Registry::with_prefix("gatehouse");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
-        let hash_in_flight = Gauge::default();
-        let hash_capacity = Gauge::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer, by route", latency.clone());
-        registry.register("password_hash_in_flight", "Password hashes queued or running", hash_in_flight.clone());
-        registry.register("password_hash_workers", "Password hashing threads", hash_capacity.clone());
-        let memory_reads = Family::<AnswerLabels, Counter>::default();
-        registry.register(
-            "session_memory_reads",
-            "Reads of a session by this instance (PostgreSQL): answered from memory (hit), from the \
-             database when not remembered (miss) or when the memory was unusable (unleased)",
-            memory_reads.clone(),
-        );
-        Self { registry, requests, latency, hash_in_flight, hash_capacity, memory_reads, rendering: Default::default() }
+        registry.register_collector(Box::new(Live(Box::new(readings))));
+        Self { registry, requests, latency }
     }
 
     /// Counts one answered request.
@@ -75,17 +109,8 @@ impl Metrics {
         self.latency.get_or_create(&RouteLabels { route: route.to_owned() }).observe(seconds);
     }
 
-    /// The text exposition, with the hashing pool's load and the memory's reads read now.
-    pub fn render(&self, hash_in_flight: usize, hash_workers: usize, memory: Option<MemoryReads>) -> String {
-        let _one = self.rendering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.hash_in_flight.set(i64::try_from(hash_in_flight).unwrap_or(i64::MAX));
-        self.hash_capacity.set(i64::try_from(hash_workers).unwrap_or(i64::MAX));
-        if let Some(reads) = memory {
-            for (answer, count) in [("hit", reads.hits), ("miss", reads.misses), ("unleased", reads.unleased)] {
-                let counter = self.memory_reads.get_or_create(&AnswerLabels { answer });
-                counter.inc_by(count.saturating_sub(counter.get()));
-            }
-        }
+    /// The OpenMetrics text exposition, with the readings taken now.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -118,22 +143,21 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_prometheus_text_names_each_family_as_its_samples_and_has_no_eof() {
-        let m = Metrics::new();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(3));
+        let seen = hits.clone();
+        let m = Metrics::new(move || Readings {
+            hash_in_flight: 1,
+            hash_workers: 2,
+            memory: Some(MemoryReads { hits: seen.load(std::sync::atomic::Ordering::Relaxed), misses: 1, unleased: 0 }),
+        });
         m.observe("GET", "/v1/me", 200, 0.001);
-        let reads = MemoryReads { hits: 3, misses: 1, unleased: 0 };
-        let om = m.render(1, 2, Some(reads));
+        let om = m.render();
         assert!(om.ends_with("# EOF\n"), "{om}");
         let text = prometheus_text(&om);
         assert!(!text.contains("# EOF"), "{text}");
@@ -141,6 +165,7 @@ mod tests {
             text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' ')).collect();
         assert!(typed.contains(&("gatehouse_http_requests_total", "counter")), "{text}");
         assert!(typed.contains(&("gatehouse_session_memory_reads_total", "counter")), "{text}");
+        assert!(typed.contains(&("gatehouse_password_hash_workers", "gauge")), "{text}");
         for sample in text.lines().filter(|l| !l.starts_with('#')) {
             let name = sample.split(['{', ' ']).next().unwrap_or_default();
             let family = typed.iter().any(|(t, kind)| {
@@ -149,8 +174,19 @@ mod tests {
             });
             assert!(family, "sample {name} has no family of its name: {text}");
         }
-        assert!(text.contains("gatehouse_session_memory_reads_total{answer=\"hit\"} 3"), "{text}");
-        // The same again: counts carried over once, not twice.
-        assert!(prometheus_text(&m.render(0, 2, Some(reads))).contains("{answer=\"hit\"} 3"));
+        assert!(text.contains("gatehouse_session_memory_reads_total{answer=\"hit\"} 3\n"), "{text}");
+        assert!(text.contains("gatehouse_password_hash_in_flight 1\n"), "{text}");
+        assert!(text.contains("gatehouse_password_hash_workers 2\n"), "{text}");
+        // Read at each scrape, as they are then.
+        hits.store(7, std::sync::atomic::Ordering::Relaxed);
+        assert!(prometheus_text(&m.render()).contains("{answer=\"hit\"} 7\n"));
+    }
+
+    #[test]
+    fn without_a_session_memory_there_is_no_reads_family() {
+        let m = Metrics::new(|| Readings { hash_in_flight: 0, hash_workers: 2, memory: None });
+        let text = prometheus_text(&m.render());
+        assert!(!text.contains("session_memory_reads"), "{text}");
+        assert!(text.contains("gatehouse_password_hash_workers 2\n"), "{text}");
     }
 }

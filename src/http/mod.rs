@@ -114,8 +114,13 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi, Router<AppState>) {
 pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: RateLimit) -> (Router, AppState) {
     let (auth_routes, doc, rest) = api();
     let openapi_json = doc.to_json().unwrap_or_else(|_| "{}".into());
-    let state =
-        Arc::new(HttpState { services, trusted_proxies, rate_limit, metrics: metrics::Metrics::new(), openapi_json });
+    let (hasher, store) = (services.hasher.clone(), services.store.clone());
+    let metrics = metrics::Metrics::new(move || metrics::Readings {
+        hash_in_flight: hasher.in_flight(),
+        hash_workers: hasher.workers(),
+        memory: store.memory_reads(),
+    });
+    let state = Arc::new(HttpState { services, trusted_proxies, rate_limit, metrics, openapi_json });
     let auth_routes = auth_routes.route_layer(middleware::from_fn_with_state(state.clone(), rate_limit_per_ip));
     let router = Router::new()
         .merge(auth_routes)

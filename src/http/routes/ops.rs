@@ -33,8 +33,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 /// for it (`Accept: application/openmetrics-text`).
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text")))]
 pub async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let text =
-        s.metrics.render(s.services.hasher.in_flight(), s.services.hasher.workers(), s.services.store.memory_reads());
+    let text = s.metrics.render();
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     if accept.contains("application/openmetrics-text") {
         ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()

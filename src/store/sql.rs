@@ -466,8 +466,14 @@ impl SqlStore {
                     .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
             }
         }
+        // A SQLite URL without a mode creates its file, as the default one does: a new
+        // deployment names a file that does not exist yet.
+        let url = match backend {
+            "sqlite" => sqlite_creating(url),
+            _ => url.to_owned(),
+        };
         // No statement text in logs: slow statements would otherwise be logged with SQL.
-        let opts = AnyConnectOptions::from_str(url)
+        let opts = AnyConnectOptions::from_str(&url)
             .map_err(|_| anyhow::anyhow!("GATEHOUSE_DATABASE_URL is not a valid database URL"))?
             .log_statements(log::LevelFilter::Off)
             .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(1));
@@ -637,6 +643,16 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// `url` with `mode=rwc` (create the file if missing) unless it names a mode.
+fn sqlite_creating(url: &str) -> String {
+    match url.split_once('?') {
+        Some((_, query)) if query.split('&').any(|kv| kv.starts_with("mode=")) => url.to_owned(),
+        Some((_, "")) => format!("{url}mode=rwc"),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
     }
 }
 
@@ -1833,4 +1849,18 @@ async fn end_sessions_by_id(
 ) -> Result<bool, sqlx::Error> {
     let ended = sqlx::query(END_SESSION_SQL).bind(now).bind(reason).bind(sid.to_string()).execute(&mut *conn).await?;
     Ok(ended.rows_affected() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_creating;
+
+    #[test]
+    fn a_sqlite_url_without_a_mode_creates_its_file_and_a_named_mode_is_kept() {
+        assert_eq!(sqlite_creating("sqlite:///x/g.db"), "sqlite:///x/g.db?mode=rwc");
+        assert_eq!(sqlite_creating("sqlite:///x/g.db?"), "sqlite:///x/g.db?mode=rwc");
+        assert_eq!(sqlite_creating("sqlite://g.db?cache=shared"), "sqlite://g.db?cache=shared&mode=rwc");
+        assert_eq!(sqlite_creating("sqlite:///x/g.db?mode=ro"), "sqlite:///x/g.db?mode=ro");
+        assert_eq!(sqlite_creating("sqlite:///x/g.db?a=1&mode=rw"), "sqlite:///x/g.db?a=1&mode=rw");
+    }
 }

@@ -304,3 +304,21 @@ async fn a_mail_acknowledged_before_a_crash_is_sent_after_the_restart() {
     // was taken, which was before the crash): nobody sent it twice meanwhile.
     assert!(crashed.elapsed() > Duration::from_secs(20), "sent {:?} after the crash", crashed.elapsed());
 }
+
+/// A SQLite URL of a file that does not exist yet (nor its directory), as a new
+/// deployment names it: `migrate` and `serve` create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_sqlite_url_creates_its_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let db = format!("sqlite://{}", dir.path().join("new/gatehouse.db").display());
+    let out = command(&db, &data, &[]).arg("migrate").output().unwrap();
+    assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    let db = format!("sqlite://{}", dir.path().join("other/gatehouse.db").display());
+    let a = start(&db, &data, &[]).await;
+    let c = reqwest::Client::new();
+    let r = post(&c, format!("{}/v1/auth/register", a.base), json!({"email": "new@example.com", "password": PASSWORD}))
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(dir.path().join("other/gatehouse.db").exists());
+}

@@ -13,6 +13,7 @@ use crate::store::{Event, UserFilter, UserPatch};
 
 /// Query of `GET /v1/admin/users`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UserQuery {
     /// Part of the email.
     pub email: Option<String>,

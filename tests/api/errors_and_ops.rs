@@ -193,4 +193,27 @@ async fn the_openapi_document_covers_every_route(b: Backend) {
             "{method} {path} missing from the OpenAPI document"
         );
     }
+    // What a validator checks: an operation's path parameters are exactly its
+    // template's, each parameter is declared once, and every reference resolves.
+    for (path, item) in paths {
+        let template: std::collections::BTreeSet<&str> =
+            path.split('/').filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}')).collect();
+        for (method, op) in item.as_object().unwrap() {
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let declared: std::collections::BTreeSet<&str> =
+                params.iter().filter(|p| p["in"] == "path").map(|p| p["name"].as_str().unwrap()).collect();
+            assert_eq!(declared, template, "{method} {path}: path parameters");
+            let mut seen = std::collections::BTreeSet::new();
+            for p in &params {
+                assert!(seen.insert((p["name"].to_string(), p["in"].to_string())), "{method} {path}: {p} twice");
+                assert!(["path", "query", "header", "cookie"].contains(&p["in"].as_str().unwrap()), "{p}");
+            }
+        }
+    }
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"").skip(1) {
+        let target = r.split('"').next().unwrap();
+        let pointer = target.strip_prefix('#').unwrap_or_else(|| panic!("external reference {target}"));
+        assert!(doc.pointer(pointer).is_some(), "unresolved reference {target}");
+    }
 }

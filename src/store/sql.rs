@@ -646,6 +646,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The condition that session `s` is still held at `now` (a parameter): its current
+/// refresh token has not expired. A session unused for longer than the refresh token's
+/// life cannot be renewed: it is neither listed nor counted against the device limit
+/// (migration 0010 says the same for PostgreSQL's login).
+pub(super) fn held(now: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.session_id = s.id AND t.rotated_at IS NULL \
+         AND t.expires_at > {now})"
+    )
+}
+
 /// `url` with `mode=rwc` (create the file if missing) unless it names a mode.
 fn sqlite_creating(url: &str) -> String {
     match url.split_once('?') {
@@ -1139,7 +1150,8 @@ impl Store for SqlStore {
     async fn list_sessions(&self, user_id: Uuid, now: UnixTime) -> StoreResult<Vec<Session>> {
         let rows = sqlx::query(&format!(
             "SELECT {SESSION_COLS} FROM sessions s WHERE s.user_id = $1 AND s.ended_at IS NULL AND s.expires_at > $2 \
-             ORDER BY s.created_at DESC, s.id DESC"
+             AND {held} ORDER BY s.created_at DESC, s.id DESC",
+            held = held("$2")
         ))
         .bind(user_id.to_string())
         .bind(now)

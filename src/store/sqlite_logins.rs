@@ -36,6 +36,7 @@ pub(super) struct SqliteLogins {
     insert_event: String,
     end_session: String,
     end_own_session: String,
+    held_sessions: String,
 }
 
 impl SqliteLogins {
@@ -54,6 +55,12 @@ impl SqliteLogins {
             insert_event: numbered(INSERT_EVENT_SQL),
             end_session: numbered(END_SESSION_SQL),
             end_own_session: numbered(END_OWN_SESSION_SQL),
+            // Newest first; the device limit keeps the first `device_limit`.
+            held_sessions: format!(
+                "SELECT id FROM sessions s WHERE user_id = ?1 AND ended_at IS NULL AND expires_at > ?2 \
+                 AND {} ORDER BY created_at DESC, id DESC",
+                super::sql::held("?2")
+            ),
         })
     }
 
@@ -152,10 +159,7 @@ impl SqliteLogins {
         let mut evicted = Vec::new();
         if device_limit > 0 {
             let live: Vec<Uuid> = tx
-                .prepare_cached(
-                    "SELECT id FROM sessions WHERE user_id = ?1 AND ended_at IS NULL AND expires_at > ?2 \
-                     ORDER BY created_at DESC, id DESC",
-                )?
+                .prepare_cached(&self.held_sessions)?
                 .query_map(params![uid, s.now], |r| uuid(r, 0))?
                 .collect::<Result<_, _>>()?;
             let mut end = tx.prepare_cached(&self.end_session)?;

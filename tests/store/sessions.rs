@@ -14,6 +14,7 @@ both_backends!(
     a_sessions_use_is_recorded_at_most_once_a_minute_and_never_after_it_ended,
     the_session_list_has_only_live_sessions_newest_first,
     the_device_limit_ends_the_oldest_sessions_beyond_it,
+    a_session_whose_refresh_token_expired_is_neither_listed_nor_counted,
     a_device_limit_of_zero_keeps_every_session,
     every_session_ended_past_the_device_limit_is_in_the_audit_trail,
     ending_a_session_works_only_for_its_owner_and_only_once,
@@ -160,6 +161,43 @@ async fn the_device_limit_ends_the_oldest_sessions_beyond_it(b: Backend) {
     let (_, s) = new_session(v.id, T0 + 60);
     let (_, evicted) = db.store.open_session(&s, 1).await.unwrap().expect("session opened");
     assert!(evicted.is_empty());
+}
+
+/// A session unused for longer than its refresh token's life cannot be renewed: the
+/// device limit ends no session in use on its account, and the list leaves it out. Its
+/// current token counts, not one it rotated.
+async fn a_session_whose_refresh_token_expired_is_neither_listed_nor_counted(b: Backend) {
+    let db = Db::new(b).await;
+    let u = user(&*db.store, "idle@example.test").await;
+    // The oldest session, in use: rotated at T0 + 500, its successor lives REFRESH_TTL.
+    let in_use = login(&*db.store, u.id, T0).await;
+    let (r, _) = rotate(&in_use.refresh, T0 + 500);
+    assert!(matches!(db.store.rotate_refresh(&r).await.unwrap(), gatehouse::store::Rotation::Rotated { .. }));
+    // Idle: its only token expired at T0 + 100.
+    let (idle, mut s) = new_session(u.id, T0 + 10);
+    s.refresh_expires_at = T0 + 100;
+    db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+    // Rotated once at T0 + 20 with a successor that expired at T0 + 150; the rotated
+    // token itself would live on, but it is no longer the session's.
+    let (rotated_idle, mut s) = new_session(u.id, T0 + 15);
+    s.refresh_expires_at = T0 + 5000;
+    db.store.open_session(&s, 0).await.unwrap().expect("session opened");
+    let (mut r, _) = rotate(&rotated_idle.refresh, T0 + 20);
+    r.ttl = 130;
+    assert!(matches!(db.store.rotate_refresh(&r).await.unwrap(), gatehouse::store::Rotation::Rotated { .. }));
+
+    let at = T0 + 600;
+    let ids = |v: Vec<gatehouse::store::Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(db.store.list_sessions(u.id, T0 + 99).await.unwrap()), vec![rotated_idle.id, idle.id, in_use.id]);
+    assert_eq!(ids(db.store.list_sessions(u.id, at).await.unwrap()), vec![in_use.id]);
+    let (newest, s) = new_session(u.id, at);
+    let (_, evicted) = db.store.open_session(&s, 2).await.unwrap().expect("session opened");
+    assert!(evicted.is_empty(), "the session in use was ended for idle ones: {evicted:?}");
+    assert_eq!(ids(db.store.list_sessions(u.id, at).await.unwrap()), vec![newest.id, in_use.id]);
+    let (third, s) = new_session(u.id, at + 1);
+    let (_, evicted) = db.store.open_session(&s, 2).await.unwrap().expect("session opened");
+    assert_eq!(evicted, vec![in_use.id], "past the limit, the oldest held session ends");
+    assert_eq!(ids(db.store.list_sessions(u.id, at + 1).await.unwrap()), vec![third.id, newest.id]);
 }
 
 /// Two evictions (a lowered limit), then nine: each one ended and in the audit trail,

@@ -5,13 +5,13 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{AppState, BODY_LIMIT};
 use crate::config::TrustedProxies;
 use crate::domain::user::Role;
 use crate::domain::FieldError;
@@ -31,7 +31,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let json = is_json(req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(""));
         // The size first, whatever the content type: a body over the limit is 413 (read
-        // no further than the limit), then a wrong content type 415.
+        // no further than the limit), then a wrong content type 415. A body declared
+        // over the limit is refused before any of it is read (nor `100 Continue` sent).
+        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+            return Err(ApiError::PayloadTooLarge);
+        }
         let bytes = match Bytes::from_request(req, state).await {
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge),
             _ if !json => return Err(ApiError::UnsupportedMediaType),

@@ -22,6 +22,34 @@ async fn raw(app: &TestApp, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqw
     r.send().await.unwrap()
 }
 
+/// A request that declares a body of 100 MB and sends two bytes, asking to be told to
+/// go on: what comes back within 3 s.
+async fn declared_too_large(app: &TestApp, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n{{}}"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&answer).contains("payload_too_large") {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn bad_bodies_get_the_contract_errors(b: Backend) {
     let app = TestApp::spawn(b).await;
     for path in
@@ -51,6 +79,11 @@ async fn bad_bodies_get_the_contract_errors(b: Backend) {
             assert_problem(raw(&app, path, ct, big.clone()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
                 .await;
         }
+        // Declared too large: answered at once, before the body (which never comes)
+        // and without `100 Continue`.
+        let answer = declared_too_large(&app, path).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains("payload_too_large") && !answer.contains("100 Continue"), "{path}: {answer}");
         for body in [&b"[]"[..], b"null", b"42", b"\"s\""] {
             let r = raw(&app, path, Some("application/json"), body.to_vec()).await;
             assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;

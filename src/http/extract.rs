@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, USER_AGENT};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
@@ -31,13 +31,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let json = is_json(req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(""));
         // The size first, whatever the content type: a body over the limit is 413 (read
-        // no further than the limit), then a wrong content type 415. A body declared
-        // over the limit is refused before any of it is read (nor `100 Continue` sent).
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        // no further than the limit), then a wrong content type 415. A client that
+        // declares a body over the limit and waits to be told to go on (`Expect:
+        // 100-continue`) is answered at once; any other is read up to the limit as it
+        // sends (answering before would cut off its upload, and the answer with it),
+        // and is 413 even if its body then never comes (the read times out).
+        let headers = req.headers();
+        let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let too_large = declared.is_some_and(|n| n > BODY_LIMIT as u64);
+        let waits = headers.get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if too_large && waits {
             return Err(ApiError::PayloadTooLarge);
         }
         let bytes = match Bytes::from_request(req, state).await {
+            Err(_) if too_large => return Err(ApiError::PayloadTooLarge),
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge),
             _ if !json => return Err(ApiError::UnsupportedMediaType),
             Err(_) => return Err(ApiError::InvalidJson),

@@ -79,8 +79,8 @@ async fn bad_bodies_get_the_contract_errors(b: Backend) {
             assert_problem(raw(&app, path, ct, big.clone()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
                 .await;
         }
-        // Declared too large: answered at once, before the body (which never comes)
-        // and without `100 Continue`.
+        // Declared too large by a client that waits to be told to go on: answered at
+        // once, without `100 Continue`.
         let answer = declared_too_large(&app, path).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
         assert!(answer.contains("payload_too_large") && !answer.contains("100 Continue"), "{path}: {answer}");

@@ -188,6 +188,16 @@ pub struct Settings {
     pub log_format: String,
 }
 
+/// The keys of `f` that name no setting (a file's typo would otherwise be ignored). The
+/// environment is not checked: other `GATEHOUSE_*` variables (the log filter, tests')
+/// live there.
+fn unknown_keys(f: &Figment) -> Vec<String> {
+    let Ok(merged) = f.extract::<figment::value::Value>() else { return Vec::new() };
+    let mut unknown = Vec::new();
+    let _ = serde_ignored::deserialize(&merged, |path| unknown.push(path.to_string())) as Result<Settings, _>;
+    unknown
+}
+
 /// The defaults of the contract, as TOML-equivalent values.
 #[derive(Serialize)]
 struct Defaults {
@@ -243,6 +253,18 @@ const DEFAULTS: Defaults = Defaults {
 impl Settings {
     /// Loads defaults, then `file` (if given), then the process environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(path) = file {
+            std::fs::metadata(path)
+                .map_err(|e| anyhow::anyhow!("cannot read the settings file {}: {e}", path.display()))?;
+            let unknown = unknown_keys(&Self::figment(file));
+            if !unknown.is_empty() {
+                anyhow::bail!(
+                    "invalid settings: {} has no setting named {} (see the README's Settings)",
+                    path.display(),
+                    unknown.join(", ")
+                );
+            }
+        }
         Self::from_figment(Self::figment(file).merge(Env::prefixed("GATEHOUSE_")))
     }
 
@@ -373,6 +395,17 @@ mod tests {
         assert!(err.contains("GATEHOUSE_LISTEN"), "{err}");
         let err = with(&[("password_hash", "md5")]).unwrap_err().to_string();
         assert!(err.contains("GATEHOUSE_PASSWORD_HASH"), "{err}");
+    }
+
+    #[test]
+    fn only_keys_that_name_no_setting_are_unknown() {
+        let known = Settings::figment(None)
+            .merge(("device_limit", 3))
+            .merge(("smtp_url", "smtp://x:25"))
+            .merge(("trusted_proxies", "10.0.0.1"));
+        assert!(unknown_keys(&known).is_empty(), "{:?}", unknown_keys(&known));
+        let typo = Settings::figment(None).merge(("device_limt", 3)).merge(("lockout_tiers", "3:30"));
+        assert_eq!(unknown_keys(&typo), vec!["device_limt".to_owned()]);
     }
 
     #[test]

@@ -228,6 +228,17 @@ async fn a_bad_setting_stops_start_up_naming_it() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A key that names no setting (a typo) stops it, named; so does a missing file.
+    std::fs::write(&toml, "device_limt = 3\nlockout_tiers = \"3:30\"\n").unwrap();
+    let out = command(&db, dir.path(), &[]).args(["--config", toml.to_str().unwrap(), "migrate"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("device_limt") && err.contains("gatehouse.toml"), "{err}");
+    let missing = dir.path().join("missing.toml");
+    let out = command(&db, dir.path(), &[]).args(["--config", missing.to_str().unwrap(), "migrate"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.toml"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

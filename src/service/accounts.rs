@@ -14,6 +14,7 @@ use super::refused_locks::Refusal;
 use super::{required, Checks, ClientMeta, Error, Result, Services, CODE_ATTEMPTS};
 use crate::crypto::tokens;
 use crate::domain::email::Email;
+use crate::domain::lockout::Lock;
 use crate::domain::password::{self, MAX_LOGIN_BYTES};
 use crate::domain::user::{Role, Status, User};
 use crate::domain::FieldError;
@@ -257,15 +258,13 @@ impl Services {
                     serde_json::json!({"failures": failures}),
                 )
                 .await;
-                if self.policy.lockout.lock_after(failures) != crate::domain::lockout::Lock::None {
-                    self.audit(
-                        user.as_ref(),
-                        Some(email.as_str()),
-                        "lockout",
-                        Some(meta),
-                        serde_json::json!({"failures": failures}),
-                    )
-                    .await;
+                let lock = match self.policy.lockout.lock_after(failures) {
+                    Lock::None => None,
+                    Lock::For(seconds) => Some(serde_json::json!({"failures": failures, "seconds": seconds})),
+                    Lock::Hard => Some(serde_json::json!({"failures": failures, "permanent": true})),
+                };
+                if let Some(detail) = lock {
+                    self.audit(user.as_ref(), Some(email.as_str()), "lockout", Some(meta), detail).await;
                 }
                 return Err(Error::InvalidCredentials);
             }

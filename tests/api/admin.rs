@@ -523,6 +523,7 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
     assert_eq!(kinds.iter().filter(|k| **k == "login").count(), 1);
     assert_eq!(kinds.iter().filter(|k| **k == "session_ended").count(), 1);
 
+    assert_eq!(events[pos("lockout")]["detail"], json!({"failures": 2, "seconds": 60}), "how long it locks");
     let ended = &events[pos("session_ended")];
     assert_eq!(ended["ip"], "127.0.0.1");
     assert_eq!(ended["user_agent"], "trail-agent/2.0");

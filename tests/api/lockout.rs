@@ -2,7 +2,7 @@
 //! hashing admission control.
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::{both_backends, postgres_only};
@@ -141,6 +141,10 @@ async fn the_hard_lock_holds_until_a_reset_or_an_admin_unlock(b: Backend) {
     let r = app.login("hard@example.com", PASSWORD).await;
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     let admin = str_of(&app.login_ok("root@example.com").await, "access_token");
+    let r = app.get_bearer(&format!("/v1/admin/users/{}/events", str_of(&user, "id")), &admin).await;
+    let trail: Value = r.json().await.unwrap();
+    let lock = trail["events"].as_array().unwrap().iter().find(|e| e["type"] == "lockout").unwrap();
+    assert_eq!(lock["detail"], json!({"failures": 100, "permanent": true}), "the newest lockout is the hard one");
     let r = app.post_bearer(&format!("/v1/admin/users/{}/unlock", str_of(&user, "id")), &admin, None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.login("hard@example.com", PASSWORD).await.status(), StatusCode::OK);

@@ -273,6 +273,16 @@ impl Services {
             // A right password is no guess, even when the account cannot log in. (On
             // success the session's transaction clears the count.)
             self.store.clear_login_failures(email.as_str(), self.now()).await?;
+            // In the trail, as its 403 says it (it takes the right password, so nobody
+            // else can fill the trail this way; refusals of a lock are not recorded).
+            let reason = match user.status {
+                Status::Active => "email_not_verified",
+                Status::Deactivated => "account_deactivated",
+                Status::Suspended => "account_suspended",
+                Status::Deleted => "account_deleted",
+            };
+            let detail = serde_json::json!({"reason": reason});
+            self.audit(Some(&user), Some(email.as_str()), "login_refused", Some(meta), detail).await;
         }
         match user.status {
             Status::Active => {}

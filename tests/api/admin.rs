@@ -422,6 +422,11 @@ async fn the_other_inactive_states_refuse_login_with_their_own_code(b: Backend) 
         )
         .await;
         assert_problem(app.login(&email, PASSWORD).await, StatusCode::FORBIDDEN, code).await;
+        // The refusal is in the user's trail, with its reason.
+        let r = app.get_bearer(&format!("/v1/admin/users/{}/events", str_of(&t["user"], "id")), &admin).await;
+        let trail: Value = r.json().await.unwrap();
+        let newest = &trail["events"][0];
+        assert_eq!((&newest["type"], &newest["detail"]), (&json!("login_refused"), &json!({"reason": code})));
     }
 }
 

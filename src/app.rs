@@ -39,7 +39,12 @@ impl App {
     /// Builds the service with a given clock (tests use a manual one).
     pub async fn build_with_clock(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let services = services(settings, clock, true).await?;
-        let (router, state) = http::router(services, settings.trusted_proxies.clone(), settings.rate_limit_per_ip);
+        let (router, state) = http::router(
+            services,
+            settings.trusted_proxies.clone(),
+            settings.rate_limit_per_ip,
+            &settings.cors_origins,
+        );
         Ok(Self { router, state })
     }
 

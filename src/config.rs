@@ -82,6 +82,29 @@ impl FromStr for TrustedProxies {
     }
 }
 
+/// A comma-separated list of web origins (`https://app.example.com`) whose pages may
+/// call the API from a browser (CORS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorsOrigins(pub Vec<String>);
+
+impl FromStr for CorsOrigins {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut origins = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let url =
+                url::Url::parse(part).map_err(|_| format!("{part:?} is not an origin like https://app.example.com"))?;
+            let origin = url.origin().ascii_serialization();
+            // An origin alone: a scheme, a host and perhaps a port; no "*", no path.
+            if !matches!(url.scheme(), "http" | "https") || origin.trim_end_matches('/') != part.trim_end_matches('/') {
+                return Err(format!("{part:?} is not an origin like https://app.example.com"));
+            }
+            origins.push(origin);
+        }
+        Ok(Self(origins))
+    }
+}
+
 impl TrustedProxies {
     /// Whether `ip` belongs to a trusted proxy.
     pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
@@ -111,7 +134,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(RateLimit, TrustedProxies, LockoutTiers, HashParams);
+deserialize_via_from_str!(RateLimit, TrustedProxies, CorsOrigins, LockoutTiers, HashParams);
 
 /// Every setting of the service, typed.
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +185,9 @@ pub struct Settings {
     /// Proxies whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub trusted_proxies: TrustedProxies,
+    /// Web origins whose pages may call the API from a browser (none: same origin only).
+    #[serde(default)]
+    pub cors_origins: CorsOrigins,
     /// Base64 of 32 bytes: encrypts signing keys at rest (AES-256-GCM). Keep it out of
     /// the database (environment or secret store); every instance needs the same one.
     #[serde(default)]
@@ -415,6 +441,17 @@ mod tests {
         assert!(t.contains(&"192.168.4.4".parse().unwrap()));
         assert!(!t.contains(&"10.0.0.2".parse().unwrap()));
         assert!("nonsense".parse::<TrustedProxies>().is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_origins_only() {
+        let o: CorsOrigins = "https://app.example.com, http://localhost:5173".parse().unwrap();
+        assert_eq!(o.0, vec!["https://app.example.com", "http://localhost:5173"]);
+        assert_eq!("https://app.example.com/".parse::<CorsOrigins>().unwrap().0, vec!["https://app.example.com"]);
+        for bad in ["*", "app.example.com", "https://app.example.com/login", "ftp://x.example", "https://a.example?x=1"]
+        {
+            assert!(bad.parse::<CorsOrigins>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -11,17 +11,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::{RateLimit, TrustedProxies};
+use crate::config::{CorsOrigins, RateLimit, TrustedProxies};
 use crate::service::{Error, Services};
 use error::ApiError;
 use routes::{admin, auth, me, ops, well_known};
@@ -111,7 +113,12 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi, Router<AppState>) {
 }
 
 /// Builds the router over `state`'s services.
-pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: RateLimit) -> (Router, AppState) {
+pub fn router(
+    services: Services,
+    trusted_proxies: TrustedProxies,
+    rate_limit: RateLimit,
+    cors_origins: &CorsOrigins,
+) -> (Router, AppState) {
     let (auth_routes, doc, rest) = api();
     let openapi_json = doc.to_json().unwrap_or_else(|_| "{}".into());
     let (hasher, store) = (services.hasher.clone(), services.store.clone());
@@ -133,10 +140,32 @@ pub fn router(services: Services, trusted_proxies: TrustedProxies, rate_limit: R
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked"))).into_response()
         }))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(middleware::from_fn(security_headers))
-        .with_state(state.clone());
+        .layer(middleware::from_fn_with_state(state.clone(), observe));
+    // Inside the security headers, so that preflight answers carry them too.
+    let router = match cors(cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    let router = router.layer(middleware::from_fn(security_headers)).with_state(state.clone());
     (router, state)
+}
+
+/// Cross-origin calls from the pages of `origins` (none: no CORS headers, and a
+/// preflight is 405 as any unknown method). Tokens travel in headers, never cookies,
+/// so no credentials mode; 429 and 503 tell their `Retry-After`.
+fn cors(origins: &CorsOrigins) -> Option<CorsLayer> {
+    if origins.0.is_empty() {
+        return None;
+    }
+    let list = origins.0.iter().filter_map(|o| HeaderValue::from_str(o).ok());
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+            .allow_headers([AUTHORIZATION, CONTENT_TYPE, HeaderName::from_static("x-api-key")])
+            .expose_headers([RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// Per-IP fixed-window limit on the auth endpoints, counted in the database so every

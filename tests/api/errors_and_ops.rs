@@ -1,7 +1,7 @@
 //! Bad input gets problem+json, never a 5xx; operations endpoints.
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::both_backends;
 use crate::helpers::*;
@@ -12,6 +12,7 @@ both_backends!(
     health_readiness_metrics_and_discovery_answer,
     metrics_count_how_the_session_memory_answered,
     the_openapi_document_covers_every_route,
+    browsers_on_the_listed_origins_only_may_call_the_api,
 );
 
 async fn raw(app: &TestApp, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqwest::Response {
@@ -249,4 +250,51 @@ async fn the_openapi_document_covers_every_route(b: Backend) {
         let pointer = target.strip_prefix('#').unwrap_or_else(|| panic!("external reference {target}"));
         assert!(doc.pointer(pointer).is_some(), "unresolved reference {target}");
     }
+}
+
+async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
+    app.client
+        .request(reqwest::Method::OPTIONS, app.url("/v1/auth/login"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn browsers_on_the_listed_origins_only_may_call_the_api(b: Backend) {
+    // By default no origin is listed: no CORS headers, and a preflight is 405.
+    let app = TestApp::spawn(b).await;
+    let r = preflight(&app, "https://app.example.com").await;
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let app =
+        TestApp::spawn_with(b, |f| f.merge(("cors_origins", "https://app.example.com,http://localhost:5173"))).await;
+    let r = preflight(&app, "https://app.example.com").await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"), "{h:?}");
+    assert!(h["access-control-allow-headers"].to_str().unwrap().contains("content-type"), "{h:?}");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert!(h.get("access-control-allow-credentials").is_none(), "tokens travel in headers, not cookies");
+    // The call itself: answered with the origin, Retry-After readable by the page.
+    let r = app
+        .client
+        .post(app.url("/v1/auth/login"))
+        .header("origin", "http://localhost:5173")
+        .json(&json!({"email": "nobody@example.com", "password": "not the password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://localhost:5173");
+    assert!(r.headers()["access-control-expose-headers"].to_str().unwrap().contains("retry-after"));
+    // Another origin is told nothing.
+    let r = preflight(&app, "https://evil.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = app.client.get(app.url("/v1/me")).header("origin", "https://evil.example").send().await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
 }

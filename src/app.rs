@@ -127,6 +127,7 @@ pub async fn services(settings: &Settings, clock: Arc<dyn Clock>, mail_worker: b
         verify_code_ttl: settings.verify_code_ttl,
         reset_ttl: settings.reset_token_ttl,
         public_url: settings.issuer(),
+        mail_per_address: settings.mail_per_address,
     };
     let worker = MailWorker {
         store: store.clone(),

@@ -174,6 +174,9 @@ pub struct Settings {
     pub refresh_grace: u32,
     /// Auth requests per window per client IP.
     pub rate_limit_per_ip: RateLimit,
+    /// Mails that anyone can ask for (verification, reset, the taken-email notice) per
+    /// address per window, across instances; 0 turns it off.
+    pub mail_per_address: RateLimit,
     /// Parameters for new password hashes.
     pub password_hash: HashParams,
     /// Password hashes computed at once (default: the number of cores).
@@ -240,6 +243,7 @@ struct Defaults {
     session_max_age: u32,
     refresh_grace: u32,
     rate_limit_per_ip: &'static str,
+    mail_per_address: &'static str,
     password_hash: &'static str,
     jwt_audience: &'static str,
     verify_link_ttl: u32,
@@ -265,6 +269,7 @@ const DEFAULTS: Defaults = Defaults {
     session_max_age: 7_776_000,
     refresh_grace: 5,
     rate_limit_per_ip: "60/60",
+    mail_per_address: "10/3600",
     password_hash: "argon2id:m=19456,t=2,p=1",
     jwt_audience: "gatehouse",
     verify_link_ttl: 86_400,

@@ -68,6 +68,13 @@ impl MailWorker {
     }
 
     async fn work(&self, job: MailJob) {
+        if job.attempts == 1 && !self.within_address_limit(&job).await {
+            tracing::info!(kind = ?job.kind, "mail not sent: its address had its share of mails for now");
+            if let Err(e) = self.store.finish_mail_job(job.id, job.lease).await {
+                tracing::warn!(error = %e, "could not update the mail queue");
+            }
+            return;
+        }
         // The claim must outlast the work, or another instance would send it again.
         let budget = Duration::from_secs(u64::try_from(LEASE - 5).unwrap_or(1));
         let outcome = match tokio::time::timeout(budget, self.render_and_send(&job)).await {
@@ -88,6 +95,27 @@ impl MailWorker {
         };
         if let Err(e) = done {
             tracing::warn!(error = %e, "could not update the mail queue");
+        }
+    }
+
+    /// Whether a mail that anyone can ask for (by registering a taken email, asking for
+    /// a verification or a reset) is within the address's share: without it, many
+    /// clients (each within its own per-IP limit) could flood one inbox. Counted once
+    /// per mail, at its first try, in the database (every instance shares the count),
+    /// by a hash of the address. The notice of a changed password always goes. If the
+    /// count cannot be read, the mail goes.
+    async fn within_address_limit(&self, job: &MailJob) -> bool {
+        let limit = self.policy.mail_per_address;
+        if job.kind == MailKind::PasswordChanged || !limit.enabled() {
+            return true;
+        }
+        let key = format!("mail:{}", tokens::hash_token(&job.email));
+        match self.store.hit_rate_limit(&key, limit, self.clock.now()).await {
+            Ok(over) => over.is_none(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count the address's mails; sending");
+                true
+            }
         }
     }
 

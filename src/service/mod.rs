@@ -137,6 +137,8 @@ pub struct Policy {
     pub reset_ttl: u32,
     /// Base of links in mails.
     pub public_url: String,
+    /// Mails anyone can ask for, per address (see the mail worker).
+    pub mail_per_address: crate::config::RateLimit,
 }
 
 /// Wrong tries a verification code allows.

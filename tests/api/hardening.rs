@@ -15,6 +15,7 @@ both_backends!(
     a_later_forgot_password_does_not_kill_the_earlier_link,
     a_password_reset_revokes_api_keys,
     hashes_made_with_older_parameters_log_in_in_parallel,
+    one_address_gets_no_more_than_its_share_of_the_mails_anyone_can_ask_for,
 );
 
 async fn a_grace_of_zero_treats_any_second_use_as_reuse(b: Backend) {
@@ -143,4 +144,47 @@ async fn hashes_made_with_older_parameters_log_in_in_parallel(b: Backend) {
     for r in logins {
         assert_eq!(r.status(), StatusCode::OK);
     }
+}
+
+/// Many requests (from as many addresses as an attacker likes) cannot flood one inbox:
+/// verification, reset and taken-email mails share a per-address limit (3 an hour
+/// here); the notice of a changed password always goes. Every answer stays 202.
+async fn one_address_gets_no_more_than_its_share_of_the_mails_anyone_can_ask_for(b: Backend) {
+    let app = TestApp::spawn_with(b, |f| f.merge(("mail_per_address", "3/3600"))).await;
+    app.verified_user("flooded@example.com").await; // its verification: the first mail
+    assert_eq!(app.register("flooded@example.com").await.status(), StatusCode::ACCEPTED); // the notice: second
+    for _ in 0..5 {
+        app.clock.advance(1);
+        let r = app.post("/v1/auth/password/forgot", json!({"email": "flooded@example.com"})).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    // Mails go out in the order they were asked for: once another address's has gone,
+    // every one of those has been sent or dropped.
+    app.clock.advance(1);
+    app.post("/v1/auth/password/forgot", json!({"email": "sentinel@example.com"})).await;
+    app.register("sentinel@example.com").await;
+    app.wait_mail("sentinel@example.com", "Verify").await;
+    let subjects = |mails: Vec<String>| -> Vec<String> {
+        mails.iter().filter_map(|m| m.lines().find_map(|l| l.strip_prefix("Subject: ")).map(str::to_owned)).collect()
+    };
+    assert_eq!(
+        subjects(app.mails_to("flooded@example.com")),
+        ["Verify your email address", "Sign-up attempt with your email address", "Reset your password"],
+        "three mails, then nothing"
+    );
+    // The notice of a changed password is not held back.
+    let t = app.login_ok("flooded@example.com").await;
+    let r = app
+        .post_bearer(
+            "/v1/me/password",
+            &str_of(&t, "access_token"),
+            Some(json!({"current_password": PASSWORD, "new_password": "another long passphrase"})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    app.wait_mail("flooded@example.com", "changed").await;
+    // An hour later the address has its share again.
+    app.clock.advance(3600);
+    app.post("/v1/auth/password/forgot", json!({"email": "flooded@example.com"})).await;
+    assert_eq!(app.wait_mails("flooded@example.com", "Reset", 2).await.len(), 2);
 }

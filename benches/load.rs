@@ -568,42 +568,58 @@ async fn overload(
     })
 }
 
-/// Median latencies of unknown-email and wrong-password logins, interleaved in the
-/// order unknown, wrong, wrong, unknown, ... The hashing threads take jobs that come
-/// one at a time in turn (the one waiting on the queue's lock gets the next), so a
-/// strict alternation put every unknown email on one thread and every wrong password
-/// on the other (seen in each thread's `schedstat`, 2026-12-07): the figure compared
-/// the two threads (and mostly their cores) more than the two paths. It measured up to
-/// 8.3% on SQLite that way; now each kind runs on each thread half the time.
-async fn timing(base: &str, known: &str, samples: usize) -> Value {
+/// Median latencies (ms) of two kinds of request, `a` and `b`, interleaved in the order
+/// a, b, b, a, ... The hashing threads take jobs that come one at a time in turn (the
+/// one waiting on the queue's lock gets the next), so a strict alternation put every
+/// `a` on one thread and every `b` on the other (seen in each thread's `schedstat`,
+/// 2026-12-07): the figure compared the two threads (and mostly their cores) more than
+/// the two paths. It measured up to 8.3% on SQLite that way; now each kind runs on each
+/// thread half the time.
+async fn paired_medians(
+    samples: usize,
+    status: u16,
+    send: impl Fn(&reqwest::Client, bool, usize) -> reqwest::RequestBuilder,
+) -> (f64, f64) {
     let c = reqwest::Client::new();
-    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..samples * 2 {
-        let is_unknown = matches!(i % 4, 0 | 3);
-        let email = if is_unknown { format!("nobody{i}@example.com") } else { known.to_owned() };
+        let is_a = matches!(i % 4, 0 | 3);
         let t = Instant::now();
-        let r = c
-            .post(format!("{base}/v1/auth/login"))
-            .json(&json!({"email": email, "password": "wrong password"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401);
+        let r = send(&c, is_a, i).send().await.unwrap();
+        assert_eq!(r.status(), status);
         let _ = r.bytes().await;
         let us = t.elapsed().as_micros() as u64;
-        if is_unknown {
-            unknown.push(us)
+        if is_a {
+            a.push(us)
         } else {
-            wrong.push(us)
+            b.push(us)
         }
     }
     let med = |v: &mut Vec<u64>| {
         v.sort_unstable();
         v[v.len() / 2] as f64 / 1000.0
     };
-    let (mu, mw) = (med(&mut unknown), med(&mut wrong));
+    (med(&mut a), med(&mut b))
+}
+
+/// What an observer could tell from the time of an answer: unknown-email against
+/// wrong-password logins, and registrations of a new email against a taken one (the
+/// same 202 either way).
+async fn timing(base: &str, known: &str, samples: usize) -> Value {
+    let (mu, mw) = paired_medians(samples, 401, |c, unknown, i| {
+        let email = if unknown { format!("nobody{i}@example.com") } else { known.to_owned() };
+        c.post(format!("{base}/v1/auth/login")).json(&json!({"email": email, "password": "wrong password"}))
+    })
+    .await;
+    let (rn, rt) = paired_medians(samples, 202, |c, new, i| {
+        let email = if new { format!("newcomer{i}@example.com") } else { known.to_owned() };
+        c.post(format!("{base}/v1/auth/register")).json(&json!({"email": email, "password": "a fine long passphrase"}))
+    })
+    .await;
+    let share = |x: f64, y: f64| (x - y).abs() / x.max(y);
     json!({"samples_each": samples, "unknown_email_median_ms": mu, "wrong_password_median_ms": mw,
-           "difference": (mu - mw).abs() / mu.max(mw)})
+           "difference": share(mu, mw), "register_new_median_ms": rn, "register_taken_median_ms": rt,
+           "register_difference": share(rn, rt)})
 }
 
 /// One run against the minimal handler (the framework's ceiling), served by as many
@@ -1007,6 +1023,12 @@ fn table(results: &Value) -> String {
             format!("{} / {}", f(&tm["unknown_email_median_ms"]), f(&tm["wrong_password_median_ms"])),
         );
         row(&mut t, "timing difference (share)", f(&tm["difference"]));
+        row(
+            &mut t,
+            "median register new / taken email ms",
+            format!("{} / {}", f(&tm["register_new_median_ms"]), f(&tm["register_taken_median_ms"])),
+        );
+        row(&mut t, "register timing difference (share)", f(&tm["register_difference"]));
         row(&mut t, "RSS idle / peak MiB", format!("{} / {}", f(&b["rss_idle_mib"]), f(&b["rss_peak_mib"])));
     }
     t

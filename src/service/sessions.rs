@@ -119,9 +119,19 @@ impl Services {
         Ok(())
     }
 
-    /// The caller's live sessions, newest first.
+    /// The caller's sessions still held (see the store's list), newest first, and the
+    /// calling session in any case: with a refresh token life shorter than the access
+    /// token's, its token can outlive its place, and a session in use is listed.
     pub async fn sessions(&self, caller: &Caller) -> Result<Vec<Session>> {
-        Ok(self.store.list_sessions(caller.user.id, self.now()).await?)
+        let now = self.now();
+        let mut list = self.store.list_sessions(caller.user.id, now).await?;
+        if let Some(sid) = caller.session_id.filter(|sid| !list.iter().any(|s| s.id == *sid)) {
+            if let Some((own, _)) = self.store.session_with_user(sid).await?.filter(|(s, _)| s.is_live(now)) {
+                list.push(own);
+                list.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+            }
+        }
+        Ok(list)
     }
 
     /// Ends one of the caller's sessions; someone else's is not found.

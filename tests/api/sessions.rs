@@ -14,6 +14,7 @@ both_backends!(
     reuse_after_the_grace_window_ends_the_session_for_both_holders,
     expired_unknown_or_ended_refresh_tokens_are_invalid,
     the_login_beyond_the_device_limit_ends_the_oldest_session,
+    an_idle_session_holds_no_place_but_the_calling_one_is_listed,
     parallel_logins_never_leave_more_than_the_device_limit,
     logout_stops_access_and_refresh_tokens_at_once,
     sessions_are_listed_with_current_and_ended_one_by_one_or_all_others,
@@ -307,4 +308,34 @@ async fn a_password_reset_ends_every_session(b: Backend) {
     assert_problem(r, StatusCode::BAD_REQUEST, "invalid_token").await;
     assert_eq!(app.login("forgot@example.com", "the new passphrase").await.status(), StatusCode::OK);
     app.assert_no_mail_with("ghost@example.com", "Reset").await;
+}
+
+/// A session whose refresh token expired holds no place under the device limit and is
+/// not listed; with access tokens that outlive refresh tokens (an odd setting), the
+/// session of the calling token is listed all the same.
+async fn an_idle_session_holds_no_place_but_the_calling_one_is_listed(b: Backend) {
+    let app = TestApp::spawn_with(b, |f| f.merge(("refresh_token_ttl", 60)).merge(("device_limit", 2))).await;
+    app.verified_user("idle@example.com").await;
+    let idle = app.login_ok("idle@example.com").await;
+    app.clock.advance(30);
+    let in_use = app.login_ok("idle@example.com").await;
+    app.clock.advance(40);
+    let r = refresh(&app, &str_of(&in_use, "refresh_token")).await;
+    assert_eq!(r.status(), StatusCode::OK, "the second session is renewed");
+    app.clock.advance(40); // the first one's refresh token expired 50 s ago
+    let third = app.login_ok("idle@example.com").await;
+    // The limit (2) ended nothing: the idle session held no place.
+    assert_eq!(app.get_bearer("/v1/me", &str_of(&in_use, "access_token")).await.status(), StatusCode::OK);
+    let ids = |list: Vec<Value>| list.iter().map(|s| str_of(s, "id")).collect::<Vec<_>>();
+    let list: Vec<Value> =
+        app.get_bearer("/v1/me/sessions", &str_of(&third, "access_token")).await.json().await.unwrap();
+    assert_eq!(ids(list), [str_of(&third, "session_id"), str_of(&in_use, "session_id")]);
+    // Its access token (1 h) still works, and its own list shows it, as current.
+    let list: Vec<Value> =
+        app.get_bearer("/v1/me/sessions", &str_of(&idle, "access_token")).await.json().await.unwrap();
+    assert_eq!(
+        ids(list.clone()),
+        [str_of(&third, "session_id"), str_of(&in_use, "session_id"), str_of(&idle, "session_id")]
+    );
+    assert_eq!(list[2]["current"], true);
 }

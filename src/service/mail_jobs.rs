@@ -68,13 +68,6 @@ impl MailWorker {
     }
 
     async fn work(&self, job: MailJob) {
-        if job.attempts == 1 && !self.within_address_limit(&job).await {
-            tracing::info!(kind = ?job.kind, "mail not sent: its address had its share of mails for now");
-            if let Err(e) = self.store.finish_mail_job(job.id, job.lease).await {
-                tracing::warn!(error = %e, "could not update the mail queue");
-            }
-            return;
-        }
         // The claim must outlast the work, or another instance would send it again.
         let budget = Duration::from_secs(u64::try_from(LEASE - 5).unwrap_or(1));
         let outcome = match tokio::time::timeout(budget, self.render_and_send(&job)).await {
@@ -99,19 +92,26 @@ impl MailWorker {
     }
 
     /// Whether a mail that anyone can ask for (by registering a taken email, asking for
-    /// a verification or a reset) is within the address's share: without it, many
-    /// clients (each within its own per-IP limit) could flood one inbox. Counted once
-    /// per mail, at its first try, in the database (every instance shares the count),
-    /// by a hash of the address. The notice of a changed password always goes. If the
-    /// count cannot be read, the mail goes.
+    /// a verification or a reset), one that would go out, is within its address's share
+    /// of that kind: without it, many clients (each within its own per-IP limit) could
+    /// flood one inbox. Asked only once the account qualifies and before anything is
+    /// issued, so a mail held back supersedes nothing: the address got `n` mails of the
+    /// same kind within the window, whose links still work (unless a window is longer
+    /// than their life). Counted once per mail, at its first try, in the database
+    /// (every instance shares the count), under a hash of the address. If the count
+    /// cannot be read, the mail goes.
     async fn within_address_limit(&self, job: &MailJob) -> bool {
         let limit = self.policy.mail_per_address;
-        if job.kind == MailKind::PasswordChanged || !limit.enabled() {
+        if job.attempts > 1 || !limit.enabled() {
             return true;
         }
-        let key = format!("mail:{}", tokens::hash_token(&job.email));
+        let key = format!("mail:{}:{}", job.kind.as_str(), tokens::hash_token(&job.email));
         match self.store.hit_rate_limit(&key, limit, self.clock.now()).await {
-            Ok(over) => over.is_none(),
+            Ok(None) => true,
+            Ok(Some(_)) => {
+                tracing::info!(kind = ?job.kind, "mail not sent: its address had its share of this kind for now");
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not count the address's mails; sending");
                 true
@@ -132,11 +132,17 @@ impl MailWorker {
         let p = &self.policy;
         let now = self.clock.now();
         Ok(match job.kind {
-            MailKind::AlreadyRegistered => Some(templates::already_registered(&job.email, &p.public_url)),
+            MailKind::AlreadyRegistered => {
+                if !self.within_address_limit(job).await {
+                    return Ok(None);
+                }
+                Some(templates::already_registered(&job.email, &p.public_url))
+            }
+            // The notice of a changed password always goes.
             MailKind::PasswordChanged => Some(templates::password_changed(&job.email)),
             MailKind::Verification => {
                 let Some(user) = self.store.user_by_email(&job.email).await? else { return Ok(None) };
-                if user.email_verified() || user.status != Status::Active {
+                if user.email_verified() || user.status != Status::Active || !self.within_address_limit(job).await {
                     return Ok(None);
                 }
                 let (link, code) = (tokens::new_link_token(), tokens::new_code());
@@ -163,7 +169,7 @@ impl MailWorker {
             }
             MailKind::Reset => {
                 let Some(user) = self.store.user_by_email(&job.email).await? else { return Ok(None) };
-                if user.status == Status::Deleted {
+                if user.status == Status::Deleted || !self.within_address_limit(job).await {
                     return Ok(None);
                 }
                 let token = tokens::new_link_token();

@@ -325,7 +325,8 @@ pub enum MailKind {
 impl MailKind {
     const ALL: [Self; 4] = [Self::Verification, Self::AlreadyRegistered, Self::Reset, Self::PasswordChanged];
 
-    fn as_str(self) -> &'static str {
+    /// The name stored in `mail_jobs.kind`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Verification => "verification",
             Self::AlreadyRegistered => "already_registered",

@@ -92,14 +92,19 @@ impl FromStr for CorsOrigins {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut origins = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let url =
-                url::Url::parse(part).map_err(|_| format!("{part:?} is not an origin like https://app.example.com"))?;
-            let origin = url.origin().ascii_serialization();
+            let bad = || format!("{part:?} is not an origin like https://app.example.com");
+            let url = url::Url::parse(part).map_err(|_| bad())?;
             // An origin alone: a scheme, a host and perhaps a port; no "*", no path.
-            if !matches!(url.scheme(), "http" | "https") || origin.trim_end_matches('/') != part.trim_end_matches('/') {
-                return Err(format!("{part:?} is not an origin like https://app.example.com"));
+            let bare = url.path() == "/"
+                && url.query().is_none()
+                && url.fragment().is_none()
+                && url.username().is_empty()
+                && url.password().is_none();
+            if !matches!(url.scheme(), "http" | "https") || !bare || part.ends_with('?') || part.ends_with('#') {
+                return Err(bad());
             }
-            origins.push(origin);
+            // As browsers send it: host in lower case, a default port left out.
+            origins.push(url.origin().ascii_serialization());
         }
         Ok(Self(origins))
     }
@@ -285,7 +290,7 @@ impl Settings {
     /// Loads defaults, then `file` (if given), then the process environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         if let Some(path) = file {
-            std::fs::metadata(path)
+            std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("cannot read the settings file {}: {e}", path.display()))?;
             let unknown = unknown_keys(&Self::figment(file));
             if !unknown.is_empty() {
@@ -453,8 +458,16 @@ mod tests {
         let o: CorsOrigins = "https://app.example.com, http://localhost:5173".parse().unwrap();
         assert_eq!(o.0, vec!["https://app.example.com", "http://localhost:5173"]);
         assert_eq!("https://app.example.com/".parse::<CorsOrigins>().unwrap().0, vec!["https://app.example.com"]);
-        for bad in ["*", "app.example.com", "https://app.example.com/login", "ftp://x.example", "https://a.example?x=1"]
-        {
+        let o: CorsOrigins = "https://App.Example.com, https://a.example:443, http://a.example:8080".parse().unwrap();
+        assert_eq!(o.0, vec!["https://app.example.com", "https://a.example", "http://a.example:8080"]);
+        for bad in [
+            "*",
+            "app.example.com",
+            "https://app.example.com/login",
+            "ftp://x.example",
+            "https://a.example?x=1",
+            "https://u@a.example",
+        ] {
             assert!(bad.parse::<CorsOrigins>().is_err(), "{bad}");
         }
     }

@@ -291,7 +291,9 @@ async fn a_mail_acknowledged_before_a_crash_is_sent_after_the_restart() {
         .await;
         assert_eq!(r.status(), StatusCode::ACCEPTED);
         // The first instance has claimed the mail and is sending it.
-        let (_held, _) = tokio::task::spawn_blocking(move || silent.accept()).await.unwrap().unwrap();
+        let accepted =
+            tokio::time::timeout(Duration::from_secs(20), tokio::task::spawn_blocking(move || silent.accept()));
+        let (_held, _) = accepted.await.expect("the instance never connected to the mail server").unwrap().unwrap();
         let mut a = a;
         a.child.kill().unwrap();
         a.child.wait().unwrap();

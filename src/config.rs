@@ -179,8 +179,8 @@ pub struct Settings {
     pub refresh_grace: u32,
     /// Auth requests per window per client IP.
     pub rate_limit_per_ip: RateLimit,
-    /// Mails that anyone can ask for (verification, reset, the taken-email notice) per
-    /// address per window, across instances; 0 turns it off.
+    /// Mails of each kind that anyone can ask for (verification, reset, the taken-email
+    /// notice) per address per window, across instances; 0 turns it off.
     pub mail_per_address: RateLimit,
     /// Parameters for new password hashes.
     pub password_hash: HashParams,

@@ -151,8 +151,9 @@ pub fn router(
 }
 
 /// Cross-origin calls from the pages of `origins` (none: no CORS headers, and a
-/// preflight is 405 as any unknown method). Tokens travel in headers, never cookies,
-/// so no credentials mode; 429 and 503 tell their `Retry-After`.
+/// preflight is 405 as any unknown method; with origins, the layer answers every
+/// `OPTIONS` itself). Tokens travel in headers, never cookies, so no credentials mode;
+/// 429 and 503 tell their `Retry-After`.
 fn cors(origins: &CorsOrigins) -> Option<CorsLayer> {
     if origins.0.is_empty() {
         return None;

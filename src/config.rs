@@ -354,7 +354,8 @@ impl Settings {
         use secrecy::ExposeSecret;
         match &self.database_url {
             Some(u) if !u.expose_secret().trim().is_empty() => u.expose_secret().trim().to_owned(),
-            _ => format!("sqlite://{}?mode=rwc", self.data_dir.join("gatehouse.db").display()),
+            // The store creates a SQLite file that is missing (see `sqlite_creating`).
+            _ => format!("sqlite://{}", self.data_dir.join("gatehouse.db").display()),
         }
     }
 

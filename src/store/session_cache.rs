@@ -289,30 +289,38 @@ impl SessionCache {
                 return Some((ack_channel(from), format!("{}:{n}", self.id)));
             }
         } else if let Some(note) = payload.strip_prefix(LOGIN_NOTE) {
-            let (uid, at) = note.split_once(':').unwrap_or((note, ""));
-            let mut state = self.state();
-            match (Uuid::parse_str(uid), at.parse::<i64>()) {
-                (Ok(uid), Ok(at)) => state.note_login(uid, at),
-                // Not understood: forget what it may concern.
-                (Ok(uid), _) => state.forget_user(uid),
-                _ => state.forget_all(),
-            }
+            self.note(note, |state, uid, at| {
+                state.note_login(uid, at.parse().ok()?);
+                Some(())
+            });
         } else if let Some(note) = payload.strip_prefix(USE_NOTE) {
-            let mut parts = note.splitn(3, ':');
-            let (uid, sid, at) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let mut state = self.state();
-            match (Uuid::parse_str(uid), Uuid::parse_str(sid), at.parse::<i64>()) {
-                (Ok(uid), Ok(sid), Ok(at)) => state.note_use(uid, sid, at),
-                // Not understood: forget what it may concern.
-                (Ok(uid), _, _) => state.forget_user(uid),
-                _ => state.forget_all(),
-            }
+            self.note(note, |state, uid, rest| {
+                let (sid, at) = rest.split_once(':')?;
+                state.note_use(uid, Uuid::parse_str(sid).ok()?, at.parse().ok()?);
+                Some(())
+            });
         } else if payload == FORGET_ALL {
             self.state().forget_all();
         } else if let Ok(uid) = Uuid::parse_str(payload) {
             self.state().forget_user(uid);
         }
         None
+    }
+
+    /// A note `<user>:<rest>` about one user's sessions: `apply` it to the memory, or,
+    /// when it is not understood (`apply` gives `None`, or no user id), forget what it
+    /// may concern: that user, or everything.
+    fn note(&self, note: &str, apply: impl FnOnce(&mut State, Uuid, &str) -> Option<()>) {
+        let (uid, rest) = note.split_once(':').unwrap_or((note, ""));
+        let mut state = self.state();
+        match Uuid::parse_str(uid) {
+            Ok(uid) => {
+                if apply(&mut state, uid, rest).is_none() {
+                    state.forget_user(uid);
+                }
+            }
+            Err(_) => state.forget_all(),
+        }
     }
 
     /// Instance `from` handled this instance's acknowledgement request `n`.

@@ -27,8 +27,8 @@ async fn raw(app: &TestApp, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqw
 /// go on: what comes back within 3 s.
 async fn declared_too_large(app: &TestApp, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let addr = app.addr;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n{{}}"

@@ -159,6 +159,12 @@ impl ApiError {
                 Error::SessionEnded => p(S::UNAUTHORIZED, "session_ended", "Session ended", "This session has ended."),
                 Error::Forbidden => p(S::FORBIDDEN, "forbidden", "Forbidden", "You may not do this."),
                 Error::NotFound => p(S::NOT_FOUND, "not_found", "Not found", "No such resource."),
+                Error::LastAdmin => p(
+                    S::CONFLICT,
+                    "last_admin",
+                    "Last admin",
+                    "This change would leave no active admin; make another admin first.",
+                ),
                 Error::Internal(_) => {
                     p(S::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "Something went wrong on our side.")
                 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{Caller, Checks, ClientMeta, Error, Result, Services};
 use crate::domain::user::{Role, Status, User};
 use crate::domain::FieldError;
-use crate::store::{Event, UserFilter, UserPatch};
+use crate::store::{Event, Patched, UserFilter, UserPatch};
 
 /// Query of `GET /v1/admin/users`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -105,7 +105,9 @@ impl Services {
         self.store.user_by_id(id).await?.ok_or(Error::NotFound)
     }
 
-    /// Changes a user; a state other than active ends their sessions.
+    /// Changes a user; a state other than active ends their sessions. A change that
+    /// would leave no active admin is refused (the service could not be run from its
+    /// API any more).
     pub async fn admin_patch_user(
         &self,
         admin: &Caller,
@@ -137,7 +139,11 @@ impl Services {
         }
         c.finish()?;
         let patch = UserPatch { status, role, email_verified: input.email_verified, name, metadata: input.metadata };
-        let (user, ended) = self.store.patch_user(id, &patch, self.now()).await?.ok_or(Error::NotFound)?;
+        let (user, ended) = match self.store.patch_user(id, &patch, self.now()).await? {
+            Patched::Changed(user, ended) => (*user, ended),
+            Patched::NotFound => return Err(Error::NotFound),
+            Patched::LastAdmin => return Err(Error::LastAdmin),
+        };
         let reason = status.map(|s| format!("account_{}", s.as_str())).unwrap_or_default();
         self.audit(
             Some(&user),

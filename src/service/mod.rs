@@ -82,6 +82,9 @@ pub enum Error {
     /// No such resource (or not the caller's).
     #[error("not found")]
     NotFound,
+    /// The change would leave no active admin.
+    #[error("last admin")]
+    LastAdmin,
     /// Something failed that is not the client's doing.
     #[error("internal error: {0}")]
     Internal(#[from] anyhow::Error),

@@ -296,6 +296,27 @@ pub struct UserPatch {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// What [`Store::patch_user`] did.
+#[derive(Debug)]
+pub enum Patched {
+    /// Changed: the user as it is now, and the sessions the change ended.
+    Changed(Box<User>, Vec<Uuid>),
+    /// No such user.
+    NotFound,
+    /// Not changed: no active admin would be left.
+    LastAdmin,
+}
+
+impl Patched {
+    /// The user and the sessions ended, if the change was made.
+    pub fn changed(self) -> Option<(User, Vec<Uuid>)> {
+        match self {
+            Self::Changed(user, ended) => Some((*user, ended)),
+            Self::NotFound | Self::LastAdmin => None,
+        }
+    }
+}
+
 /// A page request for the user list.
 #[derive(Debug, Clone, Default)]
 pub struct UserFilter {
@@ -398,8 +419,9 @@ pub trait Store: Send + Sync + 'static {
     /// A page of users ordered by id (creation order).
     async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>>;
     /// Applies an admin's changes; a state other than active ends the user's sessions.
-    /// Returns the user and the sessions ended.
-    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>>;
+    /// A change that would leave no active admin is not made ([`Patched::LastAdmin`]):
+    /// checked in the same transaction, one such change at a time across instances.
+    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Patched>;
     /// Replaces the hash of the same password (new parameters).
     /// Sets a new password, ends every session but `keep` and queues the notice mail;
     /// returns the sessions ended.

@@ -92,6 +92,10 @@ struct PgHot {
 /// PostgreSQL rotation batches in flight at once (one gathers while the other commits).
 const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 
+/// PostgreSQL's advisory lock key of changes to users' roles and states (the ASCII of
+/// "gh:admin"): taken by each such change, so the last active admin stays.
+const ADMIN_CHANGES_LOCK: i64 = 0x6768_3a61_646d_696e;
+
 /// Every PostgreSQL connection's session settings.
 macro_rules! pg_setup {
     () => {
@@ -755,8 +759,28 @@ impl Store for SqlStore {
         Ok(rows.iter().map(user_from).collect::<Result<_, _>>()?)
     }
 
-    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Option<(User, Vec<Uuid>)>> {
+    async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Patched> {
         let mut tx = self.begin().await?;
+        let admins_may_change = p.role.is_some() || p.status.is_some();
+        if admins_may_change && self.backend == "postgres" {
+            // One such change at a time, so that two admins demoting each other at
+            // once cannot each count the other as the one left (READ COMMITTED: the
+            // count below, after the lock, sees every earlier change committed).
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ADMIN_CHANGES_LOCK).execute(&mut *tx).await?;
+        }
+        let was_admin: Option<i64> = if admins_may_change {
+            // A write, not a read: on SQLite a transaction that reads first fails at its
+            // first write while another process (a `gatehouse` command) writes.
+            sqlx::query_scalar(
+                "UPDATE users SET updated_at = updated_at WHERE id = $1 \
+                 RETURNING CASE WHEN role = 'admin' AND status = 'active' THEN 1 ELSE 0 END",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+        } else {
+            None
+        };
         let (name_set, name) = match &p.name {
             Some(n) => (1i64, n.clone()),
             None => (0, None),
@@ -786,7 +810,17 @@ impl Store for SqlStore {
         .fetch_optional(&mut *tx)
         .await?;
         if row.is_none() {
-            return Ok(None);
+            return Ok(Patched::NotFound);
+        }
+        if was_admin.unwrap_or(0) > 0 {
+            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = 'admin' AND status = 'active'")
+                .fetch_one(&mut *tx)
+                .await?;
+            if left == 0 {
+                // This change made the last one something else. Dropping the
+                // transaction rolls it back.
+                return Ok(Patched::LastAdmin);
+            }
         }
         let ended = match p.status {
             Some(s) if s != Status::Active => {
@@ -797,7 +831,7 @@ impl Store for SqlStore {
         let user = user_in(&mut tx, id).await?;
         tx.commit().await?;
         self.settle().await;
-        Ok(user.map(|u| (u, ended)))
+        Ok(user.map_or(Patched::NotFound, |u| Patched::Changed(Box::new(u), ended)))
     }
 
     async fn change_password(

@@ -14,6 +14,7 @@ use crate::helpers::*;
 both_backends!(
     every_admin_route_is_forbidden_to_users_and_unauthorized_without_a_token,
     the_admin_role_is_read_from_the_store_on_every_request,
+    the_last_active_admin_cannot_demote_suspend_or_delete_itself,
     users_are_filtered_by_email_substring_and_by_status,
     pages_of_two_walk_every_user_once_with_a_cursor,
     bad_limits_states_and_cursors_are_validation_failures,
@@ -143,6 +144,32 @@ async fn the_admin_role_is_read_from_the_store_on_every_request(b: Backend) {
     assert_problem(app.get_bearer("/v1/admin/users", &other_at).await, StatusCode::FORBIDDEN, "forbidden").await;
     // A demotion is not a session end: the token still works where users may go.
     assert_eq!(app.get_bearer("/v1/me", &other_at).await.status(), StatusCode::OK);
+}
+
+async fn the_last_active_admin_cannot_demote_suspend_or_delete_itself(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let root = app.admin("root@example.com").await;
+    let (root_at, root_id) = (str_of(&root, "access_token"), str_of(&root["user"], "id"));
+    for body in [json!({"role": "user"}), json!({"status": "suspended"}), json!({"status": "deleted", "name": "x"})] {
+        let r = patch(&app, &root_at, &root_id, body.clone()).await;
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_problem(r, StatusCode::CONFLICT, "last_admin").await;
+    }
+    // Nothing of the refused changes was made, and the session goes on.
+    let me: Value = app.get_bearer("/v1/me", &root_at).await.json().await.unwrap();
+    assert_eq!((&me["role"], &me["status"], &me["name"]), (&json!("admin"), &json!("active"), &root["user"]["name"]));
+    // Once there is another admin, either may step down, but not the one left.
+    let second = app.admin("second@example.com").await;
+    let r = patch(&app, &root_at, &root_id, json!({"role": "user"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (second_at, second_id) = (str_of(&second, "access_token"), str_of(&second["user"], "id"));
+    assert_problem(
+        patch(&app, &second_at, &second_id, json!({"status": "deactivated"})).await,
+        StatusCode::CONFLICT,
+        "last_admin",
+    )
+    .await;
+    assert_eq!(patch(&app, &second_at, &second_id, json!({"name": "Still here"})).await.status(), StatusCode::OK);
 }
 
 async fn users_are_filtered_by_email_substring_and_by_status(b: Backend) {

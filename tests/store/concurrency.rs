@@ -144,7 +144,7 @@ async fn simultaneous_rotations_of_mixed_tokens_each_get_their_own_answer(b: Bac
     let suspended = login(&*db.store, leaving.id, T0).await;
     let suspend =
         gatehouse::store::UserPatch { status: Some(gatehouse::domain::user::Status::Suspended), ..Default::default() };
-    db.store.patch_user(leaving.id, &suspend, T0 + 1).await.unwrap().expect("user exists");
+    db.store.patch_user(leaving.id, &suspend, T0 + 1).await.unwrap().changed().expect("user exists");
     // Rotated before, within grace at T0 + 100: must come back as Grace, not Rotated.
     let earlier = login(&*db.store, active.id, T0).await;
     let (first, _) = rotate(&earlier.refresh, T0 + 90);

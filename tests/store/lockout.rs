@@ -229,6 +229,7 @@ async fn a_reservation_for_a_login_reads_the_account_with_the_count(b: Backend) 
         .patch_user(u.id, &gatehouse::store::UserPatch { name: Some(Some("Renamed".into())), ..Default::default() }, T0)
         .await
         .unwrap()
+        .changed()
         .unwrap()
         .0;
     let (r, read) = s.reserve_login_for(E, &p, T0).await.unwrap();

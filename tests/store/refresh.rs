@@ -188,6 +188,7 @@ async fn tokens_of_users_no_longer_active_are_invalid(b: Backend) {
             .patch_user(u.id, &UserPatch { status: Some(status), ..UserPatch::default() }, T0 + 11)
             .await
             .unwrap()
+            .changed()
             .unwrap();
         for (token, at) in [(&fresh.refresh, T0 + 12), (&rotated.refresh, T0 + 12), (&next, T0 + 12)] {
             let (r, _) = rotate(token, at);

@@ -192,6 +192,7 @@ async fn a_reset_is_refused_for_a_deleted_user_and_changes_nothing(b: Backend) {
         .patch_user(u.id, &UserPatch { status: Some(Status::Deleted), ..UserPatch::default() }, T0 + 1)
         .await
         .unwrap()
+        .changed()
         .unwrap();
     assert!(db.store.reset_password(&hash_token(&secret), "h", T0 + 2).await.unwrap().is_none());
     let stored = db.store.user_by_id(u.id).await.unwrap().unwrap();

@@ -1,7 +1,7 @@
 //! Users: creation, lookup, the admin list, admin patches and password changes.
 
 use gatehouse::domain::user::{Role, Status};
-use gatehouse::store::{NewUser, UserFilter, UserPatch};
+use gatehouse::store::{NewUser, Patched, UserFilter, UserPatch};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -19,7 +19,9 @@ both_backends!(
     the_status_filter_matches_exactly_and_combines_with_the_email_filter,
     a_patch_changes_only_the_fields_it_names,
     a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_their_ids,
-    a_patch_of_an_unknown_user_returns_none,
+    a_patch_of_an_unknown_user_returns_not_found,
+    the_last_active_admin_keeps_the_role_and_the_active_state,
+    two_admins_demoting_each_other_at_once_on_two_instances_leave_one,
     changing_the_password_ends_every_other_session_and_supersedes_reset_links,
 );
 
@@ -148,7 +150,7 @@ async fn the_status_filter_matches_exactly_and_combines_with_the_email_filter(b:
     let d = user(&*db.store, "deleted-a@example.test").await;
     for (id, status) in [(s1.id, Status::Suspended), (s2.id, Status::Suspended), (d.id, Status::Deleted)] {
         let patch = UserPatch { status: Some(status), ..UserPatch::default() };
-        db.store.patch_user(id, &patch, T0 + 1).await.unwrap().unwrap();
+        db.store.patch_user(id, &patch, T0 + 1).await.unwrap().changed().unwrap();
     }
     let list = |email: Option<&str>, status: Option<Status>| {
         let store = db.store.clone();
@@ -188,6 +190,7 @@ async fn a_patch_changes_only_the_fields_it_names(b: Backend) {
         )
         .await
         .unwrap()
+        .changed()
         .unwrap();
     assert!(ended.is_empty());
     assert_eq!(p.role, Role::Admin);
@@ -199,7 +202,7 @@ async fn a_patch_changes_only_the_fields_it_names(b: Backend) {
 
     // Verifying again keeps the first verification time.
     let verify_again = UserPatch { email_verified: Some(true), ..UserPatch::default() };
-    let (p, _) = db.store.patch_user(u.id, &verify_again, T0 + 20).await.unwrap().unwrap();
+    let (p, _) = db.store.patch_user(u.id, &verify_again, T0 + 20).await.unwrap().changed().unwrap();
     assert_eq!(p.email_verified_at, Some(T0 + 10));
 
     let (p, _) = db
@@ -207,6 +210,7 @@ async fn a_patch_changes_only_the_fields_it_names(b: Backend) {
         .patch_user(u.id, &UserPatch { name: Some(Some("Renamed".into())), ..UserPatch::default() }, T0 + 30)
         .await
         .unwrap()
+        .changed()
         .unwrap();
     assert_eq!(p.name.as_deref(), Some("Renamed"));
     assert_eq!(p.role, Role::Admin);
@@ -217,6 +221,7 @@ async fn a_patch_changes_only_the_fields_it_names(b: Backend) {
         .patch_user(u.id, &UserPatch { name: Some(None), email_verified: Some(false), ..UserPatch::default() }, T0 + 40)
         .await
         .unwrap()
+        .changed()
         .unwrap();
     assert_eq!(p.name, None, "Some(None) clears the name");
     assert_eq!(p.email_verified_at, None, "unverified");
@@ -245,6 +250,7 @@ async fn a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_
             .patch_user(u.id, &UserPatch { status: Some(status), ..UserPatch::default() }, T0 + 10)
             .await
             .unwrap()
+            .changed()
             .unwrap();
         assert_eq!(p.status, status);
         ended.sort();
@@ -264,6 +270,7 @@ async fn a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_
             .patch_user(u.id, &UserPatch { status: Some(Status::Active), ..UserPatch::default() }, T0 + 20)
             .await
             .unwrap()
+            .changed()
             .unwrap();
         assert_eq!(p.status, Status::Active);
         assert!(ended.is_empty());
@@ -278,15 +285,79 @@ async fn a_patch_to_a_non_active_state_ends_the_users_live_sessions_and_returns_
         .patch_user(u.id, &UserPatch { role: Some(Role::Admin), ..UserPatch::default() }, T0 + 5)
         .await
         .unwrap()
+        .changed()
         .unwrap();
     assert!(ended.is_empty());
     assert_eq!(db.store.list_sessions(u.id, T0 + 5).await.unwrap().len(), 1);
 }
 
-async fn a_patch_of_an_unknown_user_returns_none(b: Backend) {
+async fn a_patch_of_an_unknown_user_returns_not_found(b: Backend) {
     let db = Db::new(b).await;
     let patch = UserPatch { status: Some(Status::Suspended), ..UserPatch::default() };
-    assert!(db.store.patch_user(Uuid::new_v4(), &patch, T0).await.unwrap().is_none());
+    assert!(matches!(db.store.patch_user(Uuid::new_v4(), &patch, T0).await.unwrap(), Patched::NotFound));
+}
+
+async fn admin(store: &dyn gatehouse::store::Store, email: &str) -> Uuid {
+    let mut nu = new_user(email);
+    nu.role = Role::Admin;
+    store.create_user(nu).await.unwrap().unwrap().id
+}
+
+async fn the_last_active_admin_keeps_the_role_and_the_active_state(b: Backend) {
+    let db = Db::new(b).await;
+    let a = admin(&*db.store, "only-admin@example.test").await;
+    let session = login(&*db.store, a, T0).await;
+    let demote = UserPatch { role: Some(Role::User), ..UserPatch::default() };
+    for change in [
+        demote.clone(),
+        UserPatch { status: Some(Status::Suspended), ..UserPatch::default() },
+        UserPatch { status: Some(Status::Deactivated), ..UserPatch::default() },
+        UserPatch { status: Some(Status::Deleted), name: Some(Some("Gone".into())), ..UserPatch::default() },
+    ] {
+        assert!(matches!(db.store.patch_user(a, &change, T0 + 1).await.unwrap(), Patched::LastAdmin), "{change:?}");
+    }
+    // Nothing of a refused change was kept: not its other fields, not its session ends.
+    let kept = db.store.user_by_id(a).await.unwrap().unwrap();
+    assert_eq!((kept.role, kept.status, kept.name.as_deref()), (Role::Admin, Status::Active, Some("Test User")));
+    assert_eq!(db.store.list_sessions(a, T0 + 1).await.unwrap().len(), 1);
+    assert_eq!(db.store.list_sessions(a, T0 + 1).await.unwrap()[0].id, session.id);
+    // What leaves it an active admin is made.
+    let same = UserPatch { role: Some(Role::Admin), status: Some(Status::Active), ..UserPatch::default() };
+    assert!(matches!(db.store.patch_user(a, &same, T0 + 2).await.unwrap(), Patched::Changed(..)));
+    // With a second active admin, either may go, but not both.
+    let b2 = admin(&*db.store, "second-admin@example.test").await;
+    assert!(matches!(db.store.patch_user(a, &demote, T0 + 3).await.unwrap(), Patched::Changed(..)));
+    assert!(matches!(db.store.patch_user(b2, &demote, T0 + 4).await.unwrap(), Patched::LastAdmin));
+    // A suspended admin is no admin left: suspending the other is refused too.
+    let promote = UserPatch { role: Some(Role::Admin), ..UserPatch::default() };
+    assert!(matches!(db.store.patch_user(a, &promote, T0 + 5).await.unwrap(), Patched::Changed(..)));
+    let suspend = UserPatch { status: Some(Status::Suspended), ..UserPatch::default() };
+    assert!(matches!(db.store.patch_user(a, &suspend, T0 + 6).await.unwrap(), Patched::Changed(..)));
+    assert!(matches!(db.store.patch_user(b2, &suspend, T0 + 7).await.unwrap(), Patched::LastAdmin));
+    // Users who are not admins change freely, whatever the admins.
+    let u = user(&*db.store, "plain@example.test").await;
+    assert!(matches!(db.store.patch_user(u.id, &suspend, T0 + 8).await.unwrap(), Patched::Changed(..)));
+}
+
+/// The rule holds across instances: two admins demoting each other (on PostgreSQL on
+/// two instances of the store), each change alone allowed, never leave none.
+async fn two_admins_demoting_each_other_at_once_on_two_instances_leave_one(b: Backend) {
+    let db = Db::new(b).await;
+    let other = db.another_instance().await;
+    let (a, c) = (admin(&*db.store, "admin-a@example.test").await, admin(&*db.store, "admin-c@example.test").await);
+    let demote = UserPatch { role: Some(Role::User), ..UserPatch::default() };
+    let promote = UserPatch { role: Some(Role::Admin), ..UserPatch::default() };
+    for round in 0..20 {
+        let (x, y) =
+            tokio::join!(db.store.patch_user(a, &demote, T0 + round), other.patch_user(c, &demote, T0 + round));
+        let made = [x.unwrap(), y.unwrap()].iter().filter(|p| matches!(p, Patched::Changed(..))).count();
+        assert_eq!(made, 1, "round {round}: exactly one of the two demotions");
+        let admins = db.store.list_users(&UserFilter { limit: 10, ..UserFilter::default() }).await.unwrap();
+        assert_eq!(admins.iter().filter(|u| u.role == Role::Admin).count(), 1, "round {round}");
+        for id in [a, c] {
+            assert!(matches!(db.store.patch_user(id, &promote, T0 + round).await.unwrap(), Patched::Changed(..)));
+        }
+    }
 }
 
 async fn changing_the_password_ends_every_other_session_and_supersedes_reset_links(b: Backend) {

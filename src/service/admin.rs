@@ -25,6 +25,50 @@ pub struct UserQuery {
     pub cursor: Option<String>,
 }
 
+/// Query of `GET /v1/admin/users/{id}/events`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Page size, 1 to 200 (default 200).
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// The largest page of the admin lists.
+const MAX_PAGE: u32 = 200;
+
+/// A page's size from its query (`default` when absent or empty), and its cursor.
+fn page(limit: Option<String>, cursor: Option<String>, default: u32, c: &mut Checks) -> (u32, Option<Uuid>) {
+    let limit = match limit.filter(|l| !l.is_empty()) {
+        None => default,
+        Some(l) => c
+            .take(
+                l.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| FieldError::new("limit", "out_of_range", "a whole number from 1 to 200")),
+            )
+            .unwrap_or(default),
+    };
+    let after = cursor.filter(|s| !s.is_empty()).and_then(|s| {
+        c.take(Uuid::parse_str(&s).map_err(|_| FieldError::new("cursor", "invalid", "not a cursor of this list")))
+    });
+    (limit, after)
+}
+
+/// The first `limit` of `items` (fetched one more than a page) and, if there were more,
+/// the cursor of the next page: the id of the page's last item.
+fn split_page<T>(mut items: Vec<T>, limit: u32, id: impl Fn(&T) -> Uuid) -> (Vec<T>, Option<String>) {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        let next = items.last().map(|t| id(t).to_string());
+        (items, next)
+    } else {
+        (items, None)
+    }
+}
+
 /// `PATCH /v1/admin/users/{id}`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UserPatchInput {
@@ -70,34 +114,14 @@ impl Services {
         let status = q.status.filter(|s| !s.is_empty()).and_then(|s| {
             c.take(s.parse::<Status>().map_err(|_| FieldError::new("status", "invalid_value", "not an account state")))
         });
-        let limit = match q.limit.filter(|l| !l.is_empty()) {
-            None => 50,
-            Some(l) => c
-                .take(
-                    l.parse::<u32>()
-                        .ok()
-                        .filter(|n| (1..=200).contains(n))
-                        .ok_or_else(|| FieldError::new("limit", "out_of_range", "a whole number from 1 to 200")),
-                )
-                .unwrap_or(50),
-        };
-        let after = q.cursor.filter(|s| !s.is_empty()).and_then(|s| {
-            c.take(Uuid::parse_str(&s).map_err(|_| FieldError::new("cursor", "invalid", "not a cursor of this list")))
-        });
+        let (limit, after) = page(q.limit, q.cursor, 50, &mut c);
         if q.email.as_ref().is_some_and(|e| e.chars().any(char::is_control)) {
             c.push(FieldError::new("email", "invalid_characters", "control characters are not allowed"));
         }
         c.finish()?;
         let email = q.email.map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
         let users = self.store.list_users(&UserFilter { email, status, limit: limit + 1, after }).await?;
-        let mut users = users;
-        let next = if users.len() > limit as usize {
-            users.truncate(limit as usize);
-            users.last().map(|u| u.id.to_string())
-        } else {
-            None
-        };
-        Ok((users, next))
+        Ok(split_page(users, limit, |u| u.id))
     }
 
     /// One user.
@@ -165,9 +189,15 @@ impl Services {
         Ok(())
     }
 
-    /// The user's latest audit events.
-    pub async fn admin_events(&self, id: Uuid) -> Result<Vec<Event>> {
+    /// A page of the user's audit events, newest first (the latest 200 by default), and
+    /// the cursor of the next (older) page.
+    pub async fn admin_events(&self, id: Uuid, q: EventQuery) -> Result<(Vec<Event>, Option<String>)> {
+        let mut c = Checks::default();
+        let (limit, before) = page(q.limit, q.cursor, MAX_PAGE, &mut c);
+        c.finish()?;
         self.store.user_by_id(id).await?.ok_or(Error::NotFound)?;
-        Ok(self.store.list_events(id, 200).await?)
+        let events = self.store.events_page(id, limit + 1, before).await?;
+        let (events, next) = split_page(events, limit, |(id, _)| *id);
+        Ok((events.into_iter().map(|(_, e)| e).collect(), next))
     }
 }

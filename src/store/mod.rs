@@ -546,7 +546,12 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an audit event.
     async fn record_event(&self, e: &Event) -> StoreResult<()>;
     /// The user's latest events, newest first.
-    async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>>;
+    async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>> {
+        Ok(self.events_page(user_id, limit, None).await?.into_iter().map(|(_, e)| e).collect())
+    }
+    /// Up to `limit` of the user's events, newest first, each with its id; with
+    /// `before`, only those older than the event of that id.
+    async fn events_page(&self, user_id: Uuid, limit: u32, before: Option<Uuid>) -> StoreResult<Vec<(Uuid, Event)>>;
 
     /// The signing key all instances share (storing `candidate` if there is none yet)
     /// and every key whose tokens are still accepted.

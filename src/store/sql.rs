@@ -1371,26 +1371,33 @@ impl Store for SqlStore {
         Ok(insert_event(&mut *self.write().await?, e).await?)
     }
 
-    async fn list_events(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<Event>> {
+    async fn events_page(&self, user_id: Uuid, limit: u32, before: Option<Uuid>) -> StoreResult<Vec<(Uuid, Event)>> {
         let rows = sqlx::query(
-            "SELECT user_id, email, kind, at, ip, user_agent, detail FROM events WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+            "SELECT id, user_id, email, kind, at, ip, user_agent, detail FROM events \
+             WHERE user_id = $1 AND ($3 = '' OR id < $3) ORDER BY id DESC LIMIT $2",
         )
         .bind(user_id.to_string())
         .bind(i64::from(limit))
+        .bind(before.map(|id| id.to_string()).unwrap_or_default())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
                 let uid: Option<String> = r.try_get("user_id")?;
-                Ok(Event {
-                    user_id: uid.and_then(|u| Uuid::parse_str(&u).ok()),
-                    email: r.try_get("email")?,
-                    kind: r.try_get("kind")?,
-                    at: r.try_get("at")?,
-                    ip: r.try_get("ip")?,
-                    user_agent: r.try_get("user_agent")?,
-                    detail: json(r.try_get("detail")?).unwrap_or_else(|| serde_json::json!({})),
-                })
+                let id: String = r.try_get("id")?;
+                let id = Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                Ok((
+                    id,
+                    Event {
+                        user_id: uid.and_then(|u| Uuid::parse_str(&u).ok()),
+                        email: r.try_get("email")?,
+                        kind: r.try_get("kind")?,
+                        at: r.try_get("at")?,
+                        ip: r.try_get("ip")?,
+                        user_agent: r.try_get("user_agent")?,
+                        detail: json(r.try_get("detail")?).unwrap_or_else(|| serde_json::json!({})),
+                    },
+                ))
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError)

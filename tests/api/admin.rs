@@ -25,6 +25,7 @@ both_backends!(
     the_other_inactive_states_refuse_login_with_their_own_code,
     unlock_clears_a_lockout_so_the_right_password_works_at_once,
     events_list_logins_failures_lockouts_and_session_ends_newest_first,
+    events_come_a_page_at_a_time_with_a_cursor_and_bad_pages_are_validation_failures,
 );
 
 /// A verified user made through the store; returns its id.
@@ -571,6 +572,59 @@ async fn events_list_logins_failures_lockouts_and_session_ends_newest_first(b: B
     let text = body.to_string();
     for secret in [PASSWORD, "wrong password!", &str_of(&t, "access_token"), &str_of(&t, "refresh_token")] {
         assert!(!text.contains(secret), "the trail holds a secret: {text}");
+    }
+}
+
+async fn events_come_a_page_at_a_time_with_a_cursor_and_bad_pages_are_validation_failures(b: Backend) {
+    let app = TestApp::spawn_with(b, |f| f.merge(("lockout_tiers", "100:60"))).await;
+    let admin = str_of(&app.admin("root@example.com").await, "access_token");
+    let id = str_of(&app.verified_user("pages@example.com").await, "id");
+    for _ in 0..5 {
+        app.clock.advance(1);
+        app.login("pages@example.com", "wrong password!").await;
+    }
+    let events = |query: String| {
+        let (app, admin, id) = (&app, admin.clone(), id.clone());
+        async move {
+            let r = app.get_bearer(&format!("/v1/admin/users/{id}/events{query}"), &admin).await;
+            assert_eq!(r.status(), StatusCode::OK, "{query}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let all = events(String::new()).await;
+    assert!(all["next_cursor"].is_null(), "one page holds them all: {all}");
+    let all = all["events"].as_array().unwrap().clone();
+    // The five failures, then the verification and registration of the account.
+    assert!(all.len() >= 5, "{all:?}");
+    let failures: Vec<i64> = all.iter().take(5).map(|e| e["detail"]["failures"].as_i64().unwrap()).collect();
+    assert_eq!(failures, [5, 4, 3, 2, 1], "newest first");
+
+    let (mut walked, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let query = cursor.as_ref().map_or_else(|| "?limit=2".to_owned(), |c| format!("?limit=2&cursor={c}"));
+        let page = events(query).await;
+        let got = page["events"].as_array().unwrap();
+        assert!(got.len() <= 2 && !got.is_empty(), "{page}");
+        walked.extend(got.iter().cloned());
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all, "the pages walk the whole trail once, in order");
+    assert_eq!(pages, all.len().div_ceil(2));
+
+    for (query, field) in [
+        ("?limit=0", "limit"),
+        ("?limit=201", "limit"),
+        ("?limit=two", "limit"),
+        ("?cursor=not-a-cursor", "cursor"),
+        ("?limit=1&limit=2", "query"),
+    ] {
+        let r = app.get_bearer(&format!("/v1/admin/users/{id}/events{query}"), &admin).await;
+        let body = assert_problem(r, StatusCode::BAD_REQUEST, "validation_failed").await;
+        assert_eq!(body["errors"][0]["field"], field, "{query}: {body}");
     }
 }
 

@@ -10,10 +10,15 @@ use crate::domain::FieldError;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{AdminCaller, AppJson, Client, PathId};
 use crate::http::AppState;
-use crate::service::admin::{UserPatchInput, UserQuery};
+use crate::service::admin::{EventQuery, UserPatchInput, UserQuery};
 use crate::service::Error;
 
 type Res<T> = Result<T, ApiError>;
+
+/// A query string that does not parse (a repeated parameter, say): a validation failure.
+fn query_problem(e: QueryRejection) -> Error {
+    Error::Validation(vec![FieldError::new("query", "invalid", e.body_text())])
+}
 
 /// List users, filtered, a page at a time.
 #[utoipa::path(get, path = "/v1/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
@@ -23,7 +28,7 @@ pub async fn users(
     _admin: AdminCaller,
     q: Result<Query<UserQuery>, QueryRejection>,
 ) -> Res<Json<UserPage>> {
-    let Query(q) = q.map_err(|e| Error::Validation(vec![FieldError::new("query", "invalid", e.body_text())]))?;
+    let Query(q) = q.map_err(query_problem)?;
     let (users, next_cursor) = s.services.admin_list_users(q).await?;
     Ok(Json(UserPage { users: users.into_iter().map(Into::into).collect(), next_cursor }))
 }
@@ -66,11 +71,17 @@ pub async fn unlock(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The user's audit trail, newest first.
+/// The user's audit trail, newest first, a page at a time (the latest 200 by default).
 #[utoipa::path(get, path = "/v1/admin/users/{id}/events", tag = "admin", security(("bearer" = [])),
-    params(("id" = String, Path, description = "User id")),
-    responses((status = 200, body = EventPage), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn events(State(s): State<AppState>, _admin: AdminCaller, PathId(id): PathId) -> Res<Json<EventPage>> {
-    let events = s.services.admin_events(id).await?;
-    Ok(Json(EventPage { events: events.into_iter().map(Into::into).collect() }))
+    params(("id" = String, Path, description = "User id"), EventQuery),
+    responses((status = 200, body = EventPage), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn events(
+    State(s): State<AppState>,
+    _admin: AdminCaller,
+    PathId(id): PathId,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> Res<Json<EventPage>> {
+    let Query(q) = q.map_err(query_problem)?;
+    let (events, next_cursor) = s.services.admin_events(id, q).await?;
+    Ok(Json(EventPage { events: events.into_iter().map(Into::into).collect(), next_cursor }))
 }

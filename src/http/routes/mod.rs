@@ -185,8 +185,10 @@ impl From<Event> for EventView {
     }
 }
 
-/// A user's events, newest first.
+/// A page of a user's events, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventPage {
     events: Vec<EventView>,
+    /// `cursor` of the next (older) page; null on the last.
+    next_cursor: Option<String>,
 }

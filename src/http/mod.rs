@@ -139,14 +139,17 @@ pub fn router(
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked"))).into_response()
-        }))
-        .layer(middleware::from_fn_with_state(state.clone(), observe));
-    // Inside the security headers, so that preflight answers carry them too.
+        }));
+    // Inside the metrics, so that the preflights it answers itself are counted, and
+    // inside the security headers, so that they carry them too.
     let router = match cors(cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
     };
-    let router = router.layer(middleware::from_fn(security_headers)).with_state(state.clone());
+    let router = router
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(state.clone());
     (router, state)
 }
 

@@ -297,4 +297,8 @@ async fn browsers_on_the_listed_origins_only_may_call_the_api(b: Backend) {
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let r = app.client.get(app.url("/v1/me")).header("origin", "https://evil.example").send().await.unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
+    // The preflights the CORS layer answered itself are counted like any request.
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let preflights = "gatehouse_http_requests_total{method=\"OPTIONS\",route=\"/v1/auth/login\",status=\"200\"} 2";
+    assert!(metrics.contains(preflights), "{metrics}");
 }

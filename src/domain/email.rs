@@ -40,6 +40,12 @@ impl Email {
         {
             return Err(bad("the domain after @ is not valid"));
         }
+        // What passes here but the mailer cannot address (invisible and format
+        // characters such as U+200B or U+202E, a combining mark after an ASCII letter)
+        // would make an account that never gets its mail, and can look like another.
+        if e.parse::<lettre::Address>().is_err() {
+            return Err(bad("the address cannot receive mail as written"));
+        }
         Ok(Self(e))
     }
 
@@ -91,6 +97,21 @@ mod tests {
     #[test]
     fn plus_addresses_and_subdomains_are_fine() {
         assert!(Email::parse("a.b+tag@mail.example.co.uk", "email").is_ok());
+    }
+
+    #[test]
+    fn addresses_the_mailer_cannot_use_are_rejected_and_international_ones_kept() {
+        // Each of these once made an account whose mail failed at every try.
+        for bad in
+            ["a\u{200b}@x.io", "\u{202e}a@x.io", "b\u{202e}@x.io", "\u{feff}d@x.io", "e\u{301}@x.io", "a\u{ad}b@x.io"]
+        {
+            let err = Email::parse(bad, "email").unwrap_err();
+            assert_eq!((err.field.as_str(), err.code.as_str()), ("email", "invalid_email"), "{bad:?}");
+        }
+        for good in ["üñí@exämple.com", "é@x.io", "a@xn--exmple-cua.com"] {
+            let e = Email::parse(good, "email").unwrap_or_else(|err| panic!("{good}: {err:?}"));
+            assert!(e.as_str().parse::<lettre::message::Mailbox>().is_ok(), "{good}");
+        }
     }
 
     #[test]

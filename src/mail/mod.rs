@@ -114,9 +114,15 @@ fn seven_bit(text: &str) -> Option<Body> {
     ok.then(|| Body::dangerous_pre_encoded(text.replace('\n', "\r\n").into_bytes(), ContentTransferEncoding::SevenBit))
 }
 
-/// Builds and sends one mail, once; the mail queue (`service::mail_jobs`) retries.
+/// The recipient's address cannot be written in a mail: no try will ever send it.
+#[derive(Debug, thiserror::Error)]
+#[error("the recipient address cannot be used")]
+pub struct UnusableRecipient;
+
+/// Builds and sends one mail, once; the mail queue (`service::mail_jobs`) retries,
+/// unless the error is [`UnusableRecipient`].
 pub async fn deliver(mailer: &dyn Mailer, from: &Mailbox, mail: Mail) -> anyhow::Result<()> {
-    let to: Mailbox = mail.to.parse().map_err(|_| anyhow::anyhow!("the recipient address cannot be used"))?;
+    let to: Mailbox = mail.to.parse().map_err(|_| UnusableRecipient)?;
     let body = seven_bit(&mail.body).unwrap_or_else(|| Body::new(mail.body.clone()));
     // Named in the sender's domain: lettre's own would name this host. A retry renders
     // the mail anew, with fresh tokens, so each attempt is a message of its own.

@@ -20,7 +20,7 @@ use super::Policy;
 use crate::clock::Clock;
 use crate::crypto::tokens;
 use crate::domain::user::Status;
-use crate::mail::{deliver, templates, Mail, Mailer};
+use crate::mail::{deliver, templates, Mail, Mailer, UnusableRecipient};
 use crate::store::{MailJob, MailKind, NewOneTimeToken, Store};
 
 /// Tries before a mail is given up: with delays doubling from 10 s up to an hour
@@ -76,6 +76,11 @@ impl MailWorker {
         };
         let done = match outcome {
             Ok(()) => self.store.finish_mail_job(job.id, job.lease).await,
+            // An address accepted before the email check asked the mailer's parser.
+            Err(e) if e.is::<UnusableRecipient>() => {
+                tracing::error!(error = %e, kind = ?job.kind, "mail given up: it cannot be addressed");
+                self.store.finish_mail_job(job.id, job.lease).await
+            }
             Err(e) if job.attempts >= MAX_ATTEMPTS => {
                 tracing::error!(error = %e, kind = ?job.kind, "mail given up after {MAX_ATTEMPTS} tries");
                 self.store.finish_mail_job(job.id, job.lease).await

@@ -5,6 +5,8 @@
 //! whether the account exists (issuing tokens, mailing) runs after the response, in
 //! the background. Login hashes against a dummy for unknown emails.
 
+use std::time::{Duration, Instant};
+
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -215,34 +217,23 @@ impl Services {
         let (Some(email), Some(pw)) = (email, pw) else {
             return Err(Error::Validation(vec![]));
         };
-        // Admission first: a login refused for overload must not count as a failure.
-        let permit = match self.hasher.admit() {
-            Ok(p) => p,
-            // Even when hashing is saturated, a locked email hears that it is locked (as
-            // read within the last second, see `refused_locks`).
-            Err(_) => {
-                let now = self.now();
-                let lock = match self.refused_locks.refusal(email.as_str(), now) {
-                    Refusal::Known(lock) => lock,
-                    Refusal::Read => match self.store.login_lock(email.as_str(), &self.policy.lockout, now).await {
-                        Ok(lock) => {
-                            self.refused_locks.put(email.as_str(), now, lock);
-                            lock
-                        }
-                        Err(e) => {
-                            self.refused_locks.read_failed(email.as_str());
-                            return Err(e.into());
-                        }
-                    },
-                };
-                return Err(lock.map_or(Error::Overloaded, |retry_after| Error::AccountLocked { retry_after }));
+        let mut settle = SettleWait::new();
+        let (permit, failures, user) = loop {
+            // Admission first: a login refused for overload must not count as a failure.
+            let permit = match self.hasher.admit() {
+                Ok(p) => p,
+                Err(_) => return Err(self.refused_for_overload(&email).await),
+            };
+            match self.store.reserve_login_for(email.as_str(), &self.policy.lockout, self.now()).await? {
+                (Reservation::Allowed { failures }, user) => break (permit, failures, user),
+                (Reservation::Locked { settling: true, .. }, _) if settle.may_wait() => {
+                    // Its place goes to others meanwhile.
+                    drop(permit);
+                    settle.wait().await;
+                }
+                (Reservation::Locked { retry_after, .. }, _) => return Err(Error::AccountLocked { retry_after }),
             }
         };
-        let (failures, user) =
-            match self.store.reserve_login_for(email.as_str(), &self.policy.lockout, self.now()).await? {
-                (Reservation::Locked { retry_after }, _) => return Err(Error::AccountLocked { retry_after }),
-                (Reservation::Allowed { failures }, user) => (failures, user),
-            };
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
@@ -258,14 +249,7 @@ impl Services {
                     serde_json::json!({"failures": failures}),
                 )
                 .await;
-                let lock = match self.policy.lockout.lock_after(failures) {
-                    Lock::None => None,
-                    Lock::For(seconds) => Some(serde_json::json!({"failures": failures, "seconds": seconds})),
-                    Lock::Hard => Some(serde_json::json!({"failures": failures, "permanent": true})),
-                };
-                if let Some(detail) = lock {
-                    self.audit(user.as_ref(), Some(email.as_str()), "lockout", Some(meta), detail).await;
-                }
+                self.failed_check(user.as_ref(), email.as_str(), failures, meta).await;
                 return Err(Error::InvalidCredentials);
             }
         };
@@ -304,6 +288,42 @@ impl Services {
             return Err(Error::EmailNotVerified);
         }
         self.open_session(&user, meta).await
+    }
+
+    /// A password check failed as failure number `failures`: if that started a lock, it
+    /// is recorded, and settled for the logins waiting on it.
+    async fn failed_check(&self, user: Option<&User>, email: &str, failures: u32, meta: &ClientMeta) {
+        let detail = match self.policy.lockout.lock_after(failures) {
+            Lock::None => return,
+            Lock::For(seconds) => serde_json::json!({"failures": failures, "seconds": seconds}),
+            Lock::Hard => serde_json::json!({"failures": failures, "permanent": true}),
+        };
+        if let Err(e) = self.store.settle_login_lock(email, failures, self.now()).await {
+            // The waiting logins answer 429 once their wait is over.
+            tracing::warn!(error = %e, "could not settle a login lock");
+        }
+        self.audit(user, Some(email), "lockout", Some(meta), detail).await;
+    }
+
+    /// The answer to a login refused for overload: even when hashing is saturated, a
+    /// locked email hears that it is locked (as read within the last second, see
+    /// `refused_locks`).
+    async fn refused_for_overload(&self, email: &Email) -> Error {
+        let now = self.now();
+        let lock = match self.refused_locks.refusal(email.as_str(), now) {
+            Refusal::Known(lock) => lock,
+            Refusal::Read => match self.store.login_lock(email.as_str(), &self.policy.lockout, now).await {
+                Ok(lock) => {
+                    self.refused_locks.put(email.as_str(), now, lock);
+                    lock
+                }
+                Err(e) => {
+                    self.refused_locks.read_failed(email.as_str());
+                    return e.into();
+                }
+            },
+        };
+        lock.map_or(Error::Overloaded, |retry_after| Error::AccountLocked { retry_after })
     }
 
     /// Opens a session for a user whose credentials were checked.
@@ -392,15 +412,22 @@ impl Services {
         let (Some(current), Some(new)) = (current, new) else {
             return Err(Error::Validation(vec![]));
         };
-        let permit = self.hasher.admit()?;
-        if let Reservation::Locked { retry_after } =
-            self.store.reserve_login(&user.email, &self.policy.lockout, self.now()).await?
-        {
-            return Err(Error::AccountLocked { retry_after });
-        }
+        let mut settle = SettleWait::new();
+        let (permit, failures) = loop {
+            let permit = self.hasher.admit()?;
+            match self.store.reserve_login(&user.email, &self.policy.lockout, self.now()).await? {
+                Reservation::Allowed { failures } => break (permit, failures),
+                Reservation::Locked { settling: true, .. } if settle.may_wait() => {
+                    drop(permit);
+                    settle.wait().await;
+                }
+                Reservation::Locked { retry_after, .. } => return Err(Error::AccountLocked { retry_after }),
+            }
+        };
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
         if !self.hasher.verify(permit, &current, stored).await? {
             self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
+            self.failed_check(Some(user), &user.email, failures, meta).await;
             return Err(Error::InvalidCredentials);
         }
         self.store.clear_login_failures(&user.email, self.now()).await?;
@@ -442,5 +469,33 @@ impl Services {
             })?;
         self.audit(Some(&user), None, "registered", None, serde_json::json!({"via": "cli"})).await;
         Ok(user)
+    }
+}
+
+/// How long a login waits for a settling lock (see [`Reservation::Locked`]): the
+/// attempts that started it are in the hashing queue, so they answer within the queue's
+/// drain time (a few hashes per worker, well under a second on these machines); past
+/// this, the lock is answered as it stands (its attempt may have died with its instance).
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
+
+/// The pauses between a waiting login's looks at a settling lock: from 10 ms, doubling
+/// up to 160 ms, until [`SETTLE_WAIT`] is spent.
+struct SettleWait {
+    until: Instant,
+    pause: Duration,
+}
+
+impl SettleWait {
+    fn new() -> Self {
+        Self { until: Instant::now() + SETTLE_WAIT, pause: Duration::from_millis(10) }
+    }
+
+    fn may_wait(&self) -> bool {
+        Instant::now() + self.pause <= self.until
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(160));
     }
 }

@@ -136,6 +136,10 @@ pub enum Reservation {
     Locked {
         /// Seconds until the lock ends (at least 1).
         retry_after: u32,
+        /// The lock was started by an attempt whose password check has not yet said
+        /// it failed ([`Store::settle_login_lock`]): a right password may still clear
+        /// it, so a login may wait for it to settle before answering.
+        settling: bool,
     },
 }
 
@@ -487,6 +491,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(Reservation, Option<User>)>;
     /// The lock in force for `email`, read only: `Some(retry_after)` when locked.
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>>;
+    /// The check of the attempt counted as failure number `failures` failed: a lock its
+    /// reservation started (if the count is still that) holds, and is no longer settling.
+    async fn settle_login_lock(&self, email: &str, failures: u32, now: UnixTime) -> StoreResult<()>;
     /// A right password: the count and every lock it started go (also a hard lock
     /// that this very attempt's reservation set).
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()>;

@@ -639,6 +639,29 @@ impl SqlStore {
     pub fn grouped_rotations(&self) -> u64 {
         self.grouped.load(AtomicOrdering::Relaxed)
     }
+
+    /// The lock in force for `email` (`Some(retry_after)`), and whether it is settling.
+    async fn lock_state(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<(Option<u32>, bool)> {
+        let query =
+            sqlx::query("SELECT locked_until, hard_locked, settling FROM login_throttle WHERE email = $1").bind(email);
+        // On PostgreSQL on connections of its own: this is what a locked email's every
+        // login reads, and a refused one's once a second (see `refused_locks`); the
+        // pool's ping when it takes a connection back would double its round trips.
+        let row = match &self.pg_hot {
+            Some(hot) => hot.reads.first_row(query).await?,
+            None => query.fetch_optional(&self.pool).await?,
+        };
+        let Some(row) = row else { return Ok((None, false)) };
+        let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
+        let lock = if hard != 0 {
+            Some(policy.hard_retry_after())
+        } else if until > now {
+            Some(u32::try_from(until - now).unwrap_or(u32::MAX))
+        } else {
+            None
+        };
+        Ok((lock, lock.is_some() && row.try_get::<i64, _>("settling")? != 0))
+    }
 }
 
 /// A task that stops when this is dropped.
@@ -1025,10 +1048,10 @@ impl Store for SqlStore {
             Lock::Hard => (0, 1),
         };
         let upsert = format!(
-            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at) \
-             VALUES ($1, 1, $3, $4, $2) \
+            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at, settling) \
+             VALUES ($1, 1, $3, $4, $2, 1) \
              ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2, \
-               locked_until = {until}, hard_locked = {hard} \
+               locked_until = {until}, hard_locked = {hard}, settling = 1 \
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
              RETURNING failures"
         );
@@ -1062,28 +1085,23 @@ impl Store for SqlStore {
         }
         // Locked. If the lock ended meanwhile (or the row was purged), the answer is the
         // shortest wait.
-        let retry_after = self.login_lock(email, policy, now).await?.unwrap_or(1);
-        Ok((Reservation::Locked { retry_after }, None))
+        let (lock, settling) = self.lock_state(email, policy, now).await?;
+        Ok((Reservation::Locked { retry_after: lock.unwrap_or(1), settling }, None))
     }
 
     async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
-        let query = sqlx::query("SELECT locked_until, hard_locked FROM login_throttle WHERE email = $1").bind(email);
-        // On PostgreSQL on connections of its own: this is what a locked email's every
-        // login reads, and a refused one's once a second (see `refused_locks`); the
-        // pool's ping when it takes a connection back would double its round trips.
-        let row = match &self.pg_hot {
-            Some(hot) => hot.reads.first_row(query).await?,
-            None => query.fetch_optional(&self.pool).await?,
-        };
-        let Some(row) = row else { return Ok(None) };
-        let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
-        Ok(if hard != 0 {
-            Some(policy.hard_retry_after())
-        } else if until > now {
-            Some(u32::try_from(until - now).unwrap_or(u32::MAX))
-        } else {
-            None
-        })
+        Ok(self.lock_state(email, policy, now).await?.0)
+    }
+
+    async fn settle_login_lock(&self, email: &str, failures: u32, _now: UnixTime) -> StoreResult<()> {
+        // On the counters' connections, as the reservation that started the lock.
+        self.count(
+            "UPDATE login_throttle SET settling = 0 WHERE email = $1 AND failures = $2",
+            email,
+            &[i64::from(failures)],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()> {

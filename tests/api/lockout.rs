@@ -1,6 +1,7 @@
 //! Progressive lockout per email, exact under concurrency; per-IP rate limit;
 //! hashing admission control.
 
+use gatehouse::clock::Clock;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -14,6 +15,7 @@ both_backends!(
     a_success_resets_the_count,
     the_hard_lock_holds_until_a_reset_or_an_admin_unlock,
     fifty_simultaneous_guesses_check_at_most_five_passwords,
+    simultaneous_logins_with_the_right_password_all_get_in,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -173,6 +175,40 @@ async fn fifty_simultaneous_guesses_check_at_most_five_passwords(b: Backend) {
     let locked = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
     assert_eq!(checked, 5, "{statuses:?}");
     assert_eq!(locked, 45);
+}
+
+/// Ten logins at once with the right password: each is counted before its check, so the
+/// fifth starts a lock while all are in flight. That lock is settling (a right password
+/// may clear it), so the later ones wait for it instead of hearing 429 `account_locked`
+/// for a lock that never holds (they did, with `Retry-After: 60`, before).
+async fn simultaneous_logins_with_the_right_password_all_get_in(b: Backend) {
+    // One hashing thread and a real hash: the ten are in flight together.
+    let app = TestApp::spawn_with(b, |f| {
+        f.merge(("hash_workers", 1)).merge(("password_hash", "argon2id:m=19456,t=2,p=1")).merge(("device_limit", 0))
+    })
+    .await;
+    app.verified_user("many@example.com").await;
+    let logins = (0..10).map(|_| app.login("many@example.com", PASSWORD));
+    let statuses: Vec<StatusCode> = futures::future::join_all(logins).await.iter().map(|r| r.status()).collect();
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    // Nothing is left locked or counted: four failures, and the fifth starts the lock.
+    for _ in 0..5 {
+        assert_problem(fail(&app, "many@example.com").await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    }
+    // Its check failed, so the lock is settled: logins now hear 429 without waiting.
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    let now = app.clock.now();
+    let r = store.reserve_login("many@example.com", lockout, now).await.unwrap();
+    assert_eq!(r, gatehouse::store::Reservation::Locked { retry_after: 60, settling: false });
+    // A wrong current password on a password change settles the lock it starts too.
+    let t = app.logged_in("changer@example.com").await;
+    let body = json!({"current_password": "wrong password!", "new_password": "another long passphrase"});
+    for _ in 0..5 {
+        let r = app.post_bearer("/v1/me/password", &str_of(&t, "access_token"), Some(body.clone())).await;
+        assert_problem(r, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    }
+    let r = store.reserve_login("changer@example.com", lockout, now).await.unwrap();
+    assert_eq!(r, gatehouse::store::Reservation::Locked { retry_after: 60, settling: false });
 }
 
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {

@@ -18,6 +18,7 @@ both_backends!(
     counts_and_locks_survive_reopening_the_store,
     reservations_racing_unlocks_always_get_an_answer,
     a_reservation_for_a_login_reads_the_account_with_the_count,
+    a_lock_settles_when_the_check_that_started_it_fails_and_not_for_another_count,
 );
 
 const E: &str = "guess@example.test";
@@ -26,8 +27,13 @@ fn allowed(failures: u32) -> Reservation {
     Reservation::Allowed { failures }
 }
 
+/// A lock started by a reservation whose failure nobody settled (as a store alone sees).
 fn locked(retry_after: u32) -> Reservation {
-    Reservation::Locked { retry_after }
+    Reservation::Locked { retry_after, settling: true }
+}
+
+fn settled(retry_after: u32) -> Reservation {
+    Reservation::Locked { retry_after, settling: false }
 }
 
 async fn every_tier_locks_exactly_on_its_failure_count_for_exactly_its_time(b: Backend) {
@@ -282,4 +288,39 @@ async fn a_count_waits_for_an_outside_lock_without_holding_the_runtime() {
     assert_eq!(counted, allowed(1));
     assert!(waited >= std::time::Duration::from_millis(300), "the count did not wait for the lock: {waited:?}");
     assert!(ticked >= 10, "the runtime's only worker was held while the count waited: {ticked} ticks in {waited:?}");
+}
+
+/// A lock is settling from the reservation that started it until that attempt's failure
+/// is settled; settling with another count (a later lock's, or after a clear) changes
+/// nothing, and the read-only lock says the same either way.
+async fn a_lock_settles_when_the_check_that_started_it_fails_and_not_for_another_count(b: Backend) {
+    let db = Db::new(b).await;
+    let s = &*db.store;
+    let p = default_policy();
+    for n in 1..=5 {
+        assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), allowed(n));
+    }
+    assert_eq!(s.reserve_login(E, &p, T0).await.unwrap(), locked(60));
+    // The check of failure 4 failing settles nothing: failure 5's may yet clear it.
+    s.settle_login_lock(E, 4, T0).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 1).await.unwrap(), locked(59));
+    assert_eq!(s.login_lock(E, &p, T0 + 1).await.unwrap(), Some(59));
+    s.settle_login_lock(E, 5, T0 + 1).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 2).await.unwrap(), settled(58));
+    assert_eq!(s.login_lock(E, &p, T0 + 2).await.unwrap(), Some(58));
+    // The next tier's lock settles on its own.
+    for n in 6..=10 {
+        assert_eq!(s.reserve_login(E, &p, T0 + 60).await.unwrap(), allowed(n));
+    }
+    assert_eq!(s.reserve_login(E, &p, T0 + 60).await.unwrap(), locked(300));
+    s.settle_login_lock(E, 10, T0 + 60).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 61).await.unwrap(), settled(299));
+    // A right password clears a settling lock too; a late settle then finds another count.
+    s.clear_login_failures(E, T0 + 62).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 62).await.unwrap(), allowed(1));
+    s.settle_login_lock(E, 10, T0 + 62).await.unwrap();
+    assert_eq!(s.reserve_login(E, &p, T0 + 62).await.unwrap(), allowed(2));
+    // An email never seen: nothing to settle, nothing made.
+    s.settle_login_lock("never@example.test", 5, T0).await.unwrap();
+    assert_eq!(s.login_lock("never@example.test", &p, T0).await.unwrap(), None);
 }

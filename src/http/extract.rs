@@ -20,9 +20,66 @@ use crate::service::{Caller, ClientMeta, Error};
 /// A JSON body, rejected in problem+json: 413, 415, `invalid_json`, `validation_failed`.
 pub struct AppJson<T>(pub T);
 
+/// JSON by its media type, in UTF-8: a `charset` other than UTF-8 is not a body this
+/// service can read as sent (RFC 8259 JSON is UTF-8), so it is 415, not parsed as UTF-8.
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let utf8 = parts.filter_map(|p| p.split_once('=')).all(|(k, v)| {
+        !k.trim().eq_ignore_ascii_case("charset") || v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+    });
+    utf8 && (essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")))
+}
+
+/// Reads a JSON document and fails on an object with a name twice: which one counts
+/// differs between parsers (serde_json keeps the last, others the first), so a proxy or
+/// log in front could read another password or email than this service does.
+struct UniqueNames;
+
+impl<'de> serde::Deserialize<'de> for UniqueNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueNames)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueNames {
+    type Value = UniqueNames;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<UniqueNames>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            map.next_value::<UniqueNames>()?;
+            if !seen.insert(name) {
+                return Err(serde::de::Error::custom("a name appears twice in an object"));
+            }
+        }
+        Ok(self)
+    }
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
@@ -50,6 +107,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
             Err(_) => return Err(ApiError::InvalidJson),
             Ok(bytes) => bytes,
         };
+        serde_json::from_slice::<UniqueNames>(&bytes).map_err(|_| ApiError::InvalidJson)?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
         if !value.is_object() {
             return Err(Error::Validation(vec![FieldError::new(
@@ -278,6 +336,9 @@ mod tests {
         assert!(is_json("application/json"));
         assert!(is_json("Application/JSON; charset=utf-8"));
         assert!(is_json("application/merge-patch+json"));
+        assert!(is_json("application/json;charset=\"UTF-8\""));
+        assert!(!is_json("application/json; charset=latin1"));
+        assert!(!is_json("application/json; charset=utf-16"));
         assert!(!is_json("text/plain"));
         assert!(!is_json(""));
     }

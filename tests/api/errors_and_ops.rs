@@ -74,6 +74,27 @@ async fn bad_bodies_get_the_contract_errors(b: Backend) {
             "unsupported_media_type",
         )
         .await;
+        // JSON is UTF-8: a body declared in another charset is not read as if it were.
+        assert_problem(
+            raw(&app, path, Some("application/json; charset=latin1"), b"{}".to_vec()).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        // A name twice in an object (escaped the second time, or nested): which counts
+        // would depend on the parser, so neither does.
+        for dup in [
+            &br#"{"email": "a@example.com", "password": "one", "password": "two"}"#[..],
+            br#"{"email": "a@example.com", "email": "b@example.com"}"#,
+            br#"{"token": "t", "x": {"k": 1, "k": 2}}"#,
+        ] {
+            assert_problem(
+                raw(&app, path, Some("application/json"), dup.to_vec()).await,
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+            )
+            .await;
+        }
         let big = format!("{{\"email\": \"{}\"}}", "a".repeat(70 * 1024)).into_bytes();
         // Too large is answered first, whatever the content type says.
         for ct in [Some("application/json"), Some("text/plain"), None] {

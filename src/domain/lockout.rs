@@ -19,11 +19,11 @@
 //! * At the hard limit (100 consecutive failures) the lock has no end: only a
 //!   completed password reset or an admin unlock clears it. `Retry-After` then
 //!   says the last tier's time, since no honest answer is shorter.
-//! * Because attempts are counted before they are checked, more *simultaneous*
-//!   attempts than the next tier allows are refused (429) while the earlier ones are
-//!   in flight, even with the right password; once those finish, a right password
-//!   clears the lock they provisionally started. Honest clients do not log in five
-//!   times at once; an attacker gains nothing from it.
+//! * Because attempts are counted before they are checked, the attempt that reaches a
+//!   tier starts its lock before its own check. That lock is *settling* until the
+//!   check fails (or for a few seconds at most): a right password in flight may clear
+//!   it, so later attempts wait for it to settle rather than hear 429 for a lock that
+//!   may never hold; ten simultaneous logins with the right password all get in.
 //! * A right password clears the count and any lock it started, whatever the account
 //!   state (a 403 for an unverified or suspended account is not a guess).
 //! * The count lives in the database, so it survives restarts and is shared by every

@@ -20,13 +20,16 @@ use crate::service::{Caller, ClientMeta, Error};
 /// A JSON body, rejected in problem+json: 413, 415, `invalid_json`, `validation_failed`.
 pub struct AppJson<T>(pub T);
 
-/// JSON by its media type, in UTF-8: a `charset` other than UTF-8 is not a body this
-/// service can read as sent (RFC 8259 JSON is UTF-8), so it is 415, not parsed as UTF-8.
+/// JSON by its media type, in UTF-8: a `charset` other than UTF-8 (or ASCII, a part
+/// of it) is not a body this service can read as sent (RFC 8259 JSON is UTF-8), so it
+/// is 415, not parsed as UTF-8.
 fn is_json(content_type: &str) -> bool {
     let mut parts = content_type.split(';');
     let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
     let utf8 = parts.filter_map(|p| p.split_once('=')).all(|(k, v)| {
-        !k.trim().eq_ignore_ascii_case("charset") || v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        let v = v.trim().trim_matches('"');
+        !k.trim().eq_ignore_ascii_case("charset")
+            || ["utf-8", "utf8", "us-ascii"].iter().any(|c| v.eq_ignore_ascii_case(c))
     });
     utf8 && (essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")))
 }
@@ -332,11 +335,24 @@ mod tests {
     }
 
     #[test]
+    fn a_name_twice_in_an_object_is_found_at_any_depth_and_escaped() {
+        let unique = |s: &str| serde_json::from_str::<UniqueNames>(s).is_ok();
+        assert!(unique(r#"{"a": 1, "b": {"a": 2, "c": [{"a": 3}, {"a": 4}]}, "d": null}"#));
+        assert!(unique(r#"[1, "x", true, 2.5, {}]"#));
+        assert!(!unique(r#"{"a": 1, "a": 1}"#));
+        assert!(!unique(r#"{"a": 1, "\u0061": 2}"#));
+        assert!(!unique(r#"{"x": [{"k": 1}, {"k": 1, "k": 2}]}"#));
+        assert!(!unique(r#"{"x": 1"#), "not JSON at all");
+    }
+
+    #[test]
     fn json_content_types_are_recognised() {
         assert!(is_json("application/json"));
         assert!(is_json("Application/JSON; charset=utf-8"));
         assert!(is_json("application/merge-patch+json"));
         assert!(is_json("application/json;charset=\"UTF-8\""));
+        assert!(is_json("application/json; charset=utf8"));
+        assert!(is_json("application/json; charset=US-ASCII"));
         assert!(!is_json("application/json; charset=latin1"));
         assert!(!is_json("application/json; charset=utf-16"));
         assert!(!is_json("text/plain"));

@@ -139,9 +139,11 @@ pub fn router(
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Service(Error::Internal(anyhow::anyhow!("a handler panicked"))).into_response()
-        }));
-    // Inside the metrics, so that the preflights it answers itself are counted, and
-    // inside the security headers, so that they carry them too.
+        }))
+        .layer(middleware::from_fn(problems_for_bare_answers));
+    // Outside what turns the framework's bare answers into problems, so that those carry
+    // the CORS headers; inside the metrics, so that the preflights it answers itself are
+    // counted, and inside the security headers, so that they carry them too.
     let router = match cors(cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
@@ -187,12 +189,19 @@ async fn rate_limit_per_ip(State(state): State<AppState>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// Records metrics and turns the framework's bare 405 and 408 into problem+json.
+/// Records metrics.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let res = next.run(req).await;
+    state.metrics.observe(&method, &route, res.status().as_u16(), start.elapsed().as_secs_f64());
+    res
+}
+
+/// Turns the framework's bare 405 and 408 into problem+json.
+async fn problems_for_bare_answers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     if !res.headers().contains_key(header::CONTENT_TYPE) {
         if res.status() == StatusCode::METHOD_NOT_ALLOWED {
@@ -205,7 +214,6 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
             res = ApiError::Timeout.into_response();
         }
     }
-    state.metrics.observe(&method, &route, res.status().as_u16(), start.elapsed().as_secs_f64());
     res
 }
 

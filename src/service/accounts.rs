@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::refused_locks::Refusal;
 use super::{required, Checks, ClientMeta, Error, Result, Services, CODE_ATTEMPTS};
+use crate::crypto::password::HashPermit;
 use crate::crypto::tokens;
 use crate::domain::email::Email;
 use crate::domain::lockout::Lock;
@@ -133,7 +134,7 @@ impl Services {
     /// Registers an account, or mails the owner of a taken email a notice.
     pub async fn register(&self, input: RegisterInput, meta: &ClientMeta) -> Result<()> {
         let mut c = Checks::default();
-        let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
+        let email = c.take(required(input.email, "email").and_then(|e| Email::parse_new(&e, "email")));
         let pw = c.take(new_password(input.password, email.as_ref().map(Email::as_str), "password"));
         let name = c.take(name_of(input.name));
         c.finish()?;
@@ -217,23 +218,7 @@ impl Services {
         let (Some(email), Some(pw)) = (email, pw) else {
             return Err(Error::Validation(vec![]));
         };
-        let mut settle = SettleWait::new();
-        let (permit, failures, user) = loop {
-            // Admission first: a login refused for overload must not count as a failure.
-            let permit = match self.hasher.admit() {
-                Ok(p) => p,
-                Err(_) => return Err(self.refused_for_overload(&email).await),
-            };
-            match self.store.reserve_login_for(email.as_str(), &self.policy.lockout, self.now()).await? {
-                (Reservation::Allowed { failures }, user) => break (permit, failures, user),
-                (Reservation::Locked { settling: true, .. }, _) if settle.may_wait() => {
-                    // Its place goes to others meanwhile.
-                    drop(permit);
-                    settle.wait().await;
-                }
-                (Reservation::Locked { retry_after, .. }, _) => return Err(Error::AccountLocked { retry_after }),
-            }
-        };
+        let (permit, failures, user) = self.reserve_attempt(email.as_str()).await?;
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
@@ -298,27 +283,53 @@ impl Services {
             Lock::For(seconds) => serde_json::json!({"failures": failures, "seconds": seconds}),
             Lock::Hard => serde_json::json!({"failures": failures, "permanent": true}),
         };
-        if let Err(e) = self.store.settle_login_lock(email, failures, self.now()).await {
+        if let Err(e) = self.store.settle_login_lock(email, failures).await {
             // The waiting logins answer 429 once their wait is over.
             tracing::warn!(error = %e, "could not settle a login lock");
         }
         self.audit(user, Some(email), "lockout", Some(meta), detail).await;
     }
 
+    /// A hashing place and a counted attempt for `email` (see `domain::lockout`), with
+    /// the account if it has one: admission first (an attempt refused for overload is
+    /// not counted), then the reservation. A lock that is settling (see
+    /// [`Reservation::Locked`]) is waited for, its hashing place given up meanwhile,
+    /// with reads of the lock alone, then the attempt is reserved again once the lock
+    /// is gone; a lock that holds (or still settles after the wait) is 429.
+    async fn reserve_attempt(&self, email: &str) -> Result<(HashPermit, u32, Option<User>)> {
+        let policy = &self.policy.lockout;
+        let mut settle = SettleWait::new();
+        loop {
+            let Ok(permit) = self.hasher.admit() else { return Err(self.refused_for_overload(email).await) };
+            let (mut lock, mut settling) = match self.store.reserve_login_for(email, policy, self.now()).await? {
+                (Reservation::Allowed { failures }, user) => return Ok((permit, failures, user)),
+                (Reservation::Locked { retry_after, settling }, _) => (Some(retry_after), settling),
+            };
+            drop(permit);
+            while let Some(retry_after) = lock {
+                if !settling || !settle.may_wait() {
+                    return Err(Error::AccountLocked { retry_after });
+                }
+                settle.wait().await;
+                (lock, settling) = self.store.login_lock_state(email, policy, self.now()).await?;
+            }
+        }
+    }
+
     /// The answer to a login refused for overload: even when hashing is saturated, a
     /// locked email hears that it is locked (as read within the last second, see
     /// `refused_locks`).
-    async fn refused_for_overload(&self, email: &Email) -> Error {
+    async fn refused_for_overload(&self, email: &str) -> Error {
         let now = self.now();
-        let lock = match self.refused_locks.refusal(email.as_str(), now) {
+        let lock = match self.refused_locks.refusal(email, now) {
             Refusal::Known(lock) => lock,
-            Refusal::Read => match self.store.login_lock(email.as_str(), &self.policy.lockout, now).await {
+            Refusal::Read => match self.store.login_lock(email, &self.policy.lockout, now).await {
                 Ok(lock) => {
-                    self.refused_locks.put(email.as_str(), now, lock);
+                    self.refused_locks.put(email, now, lock);
                     lock
                 }
                 Err(e) => {
-                    self.refused_locks.read_failed(email.as_str());
+                    self.refused_locks.read_failed(email);
                     return e.into();
                 }
             },
@@ -412,18 +423,7 @@ impl Services {
         let (Some(current), Some(new)) = (current, new) else {
             return Err(Error::Validation(vec![]));
         };
-        let mut settle = SettleWait::new();
-        let (permit, failures) = loop {
-            let permit = self.hasher.admit()?;
-            match self.store.reserve_login(&user.email, &self.policy.lockout, self.now()).await? {
-                Reservation::Allowed { failures } => break (permit, failures),
-                Reservation::Locked { settling: true, .. } if settle.may_wait() => {
-                    drop(permit);
-                    settle.wait().await;
-                }
-                Reservation::Locked { retry_after, .. } => return Err(Error::AccountLocked { retry_after }),
-            }
-        };
+        let (permit, failures, _) = self.reserve_attempt(&user.email).await?;
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
         if !self.hasher.verify(permit, &current, stored).await? {
             self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
@@ -448,7 +448,7 @@ impl Services {
         role: Role,
         verified: bool,
     ) -> Result<User> {
-        let email = Email::parse(email, "email").map_err(|e| Error::Validation(vec![e]))?;
+        let email = Email::parse_new(email, "email").map_err(|e| Error::Validation(vec![e]))?;
         let pw = new_password(Some(pw), Some(email.as_str()), "password").map_err(|e| Error::Validation(vec![e]))?;
         let hash = self.hasher.hash(self.hasher.admit()?, &pw).await?;
         let now = self.now();
@@ -473,9 +473,10 @@ impl Services {
 }
 
 /// How long a login waits for a settling lock (see [`Reservation::Locked`]): the
-/// attempts that started it are in the hashing queue, so they answer within the queue's
-/// drain time (a few hashes per worker, well under a second on these machines); past
-/// this, the lock is answered as it stands (its attempt may have died with its instance).
+/// attempt that started it is in the hashing queue, so it answers within the queue's
+/// drain time (with the default queue and hash, about a fifth of a second here); past
+/// this, the lock is answered as it stands (its client may have hung up). The store
+/// stops calling a lock settling a little later anyway.
 const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// The pauses between a waiting login's looks at a settling lock: from 10 ms, doubling

@@ -136,9 +136,10 @@ pub enum Reservation {
     Locked {
         /// Seconds until the lock ends (at least 1).
         retry_after: u32,
-        /// The lock was started by an attempt whose password check has not yet said
-        /// it failed ([`Store::settle_login_lock`]): a right password may still clear
-        /// it, so a login may wait for it to settle before answering.
+        /// The lock was started, less than a few seconds ago, by an attempt whose
+        /// password check has not yet said it failed ([`Store::settle_login_lock`]): a
+        /// right password in flight may still clear it, so a login may wait for it to
+        /// settle before answering.
         settling: bool,
     },
 }
@@ -490,10 +491,22 @@ pub trait Store: Send + Sync + 'static {
         now: UnixTime,
     ) -> StoreResult<(Reservation, Option<User>)>;
     /// The lock in force for `email`, read only: `Some(retry_after)` when locked.
-    async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>>;
+    async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
+        Ok(self.login_lock_state(email, policy, now).await?.0)
+    }
+    /// [`Store::login_lock`], and whether the lock is settling (see
+    /// [`Reservation::Locked`]).
+    async fn login_lock_state(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<(Option<u32>, bool)>;
     /// The check of the attempt counted as failure number `failures` failed: a lock its
     /// reservation started (if the count is still that) holds, and is no longer settling.
-    async fn settle_login_lock(&self, email: &str, failures: u32, now: UnixTime) -> StoreResult<()>;
+    /// (A later lock that reached the same count would be settled too: its waiting
+    /// logins then hear its 429 early.)
+    async fn settle_login_lock(&self, email: &str, failures: u32) -> StoreResult<()>;
     /// A right password: the count and every lock it started go (also a hard lock
     /// that this very attempt's reservation set).
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()>;

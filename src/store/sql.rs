@@ -96,6 +96,14 @@ const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 /// "gh:admin"): taken by each such change, so the last active admin stays.
 const ADMIN_CHANGES_LOCK: i64 = 0x6768_3a61_646d_696e;
 
+/// A user row that is an admin able to log in and act: the last such admin stays one.
+const ACTING_ADMIN: &str = "role = 'admin' AND status = 'active' AND email_verified_at IS NOT NULL";
+
+/// How long a lock a reservation started stays settling unless its attempt's failure
+/// settles it first (see `Reservation::Locked`): longer than the service waits for it
+/// (2 s), and short, since an attempt whose client hung up never settles it.
+const SETTLING_SECONDS: i64 = 3;
+
 /// Every PostgreSQL connection's session settings.
 macro_rules! pg_setup {
     () => {
@@ -639,29 +647,6 @@ impl SqlStore {
     pub fn grouped_rotations(&self) -> u64 {
         self.grouped.load(AtomicOrdering::Relaxed)
     }
-
-    /// The lock in force for `email` (`Some(retry_after)`), and whether it is settling.
-    async fn lock_state(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<(Option<u32>, bool)> {
-        let query =
-            sqlx::query("SELECT locked_until, hard_locked, settling FROM login_throttle WHERE email = $1").bind(email);
-        // On PostgreSQL on connections of its own: this is what a locked email's every
-        // login reads, and a refused one's once a second (see `refused_locks`); the
-        // pool's ping when it takes a connection back would double its round trips.
-        let row = match &self.pg_hot {
-            Some(hot) => hot.reads.first_row(query).await?,
-            None => query.fetch_optional(&self.pool).await?,
-        };
-        let Some(row) = row else { return Ok((None, false)) };
-        let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
-        let lock = if hard != 0 {
-            Some(policy.hard_retry_after())
-        } else if until > now {
-            Some(u32::try_from(until - now).unwrap_or(u32::MAX))
-        } else {
-            None
-        };
-        Ok((lock, lock.is_some() && row.try_get::<i64, _>("settling")? != 0))
-    }
 }
 
 /// A task that stops when this is dropped.
@@ -784,7 +769,9 @@ impl Store for SqlStore {
 
     async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Patched> {
         let mut tx = self.begin().await?;
-        let admins_may_change = p.role.is_some() || p.status.is_some();
+        // What can make an admin one who cannot act as one: the role, the state, and
+        // the verification (an unverified account cannot log in).
+        let admins_may_change = p.role.is_some() || p.status.is_some() || p.email_verified == Some(false);
         if admins_may_change && self.backend == "postgres" {
             // One such change at a time, so that two admins demoting each other at
             // once cannot each count the other as the one left (READ COMMITTED: the
@@ -794,10 +781,10 @@ impl Store for SqlStore {
         let was_admin: Option<i64> = if admins_may_change {
             // A write, not a read: on SQLite a transaction that reads first fails at its
             // first write while another process (a `gatehouse` command) writes.
-            sqlx::query_scalar(
+            sqlx::query_scalar(&format!(
                 "UPDATE users SET updated_at = updated_at WHERE id = $1 \
-                 RETURNING CASE WHEN role = 'admin' AND status = 'active' THEN 1 ELSE 0 END",
-            )
+                 RETURNING CASE WHEN {ACTING_ADMIN} THEN 1 ELSE 0 END"
+            ))
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?
@@ -836,7 +823,7 @@ impl Store for SqlStore {
             return Ok(Patched::NotFound);
         }
         if was_admin.unwrap_or(0) > 0 {
-            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = 'admin' AND status = 'active'")
+            let left: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM users WHERE {ACTING_ADMIN}"))
                 .fetch_one(&mut *tx)
                 .await?;
             if left == 0 {
@@ -1048,10 +1035,10 @@ impl Store for SqlStore {
             Lock::Hard => (0, 1),
         };
         let upsert = format!(
-            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at, settling) \
-             VALUES ($1, 1, $3, $4, $2, 1) \
+            "INSERT INTO login_throttle (email, failures, locked_until, hard_locked, updated_at, settling_until) \
+             VALUES ($1, 1, $3, $4, $2, $2 + {SETTLING_SECONDS}) \
              ON CONFLICT (email) DO UPDATE SET failures = login_throttle.failures + 1, updated_at = $2, \
-               locked_until = {until}, hard_locked = {hard}, settling = 1 \
+               locked_until = {until}, hard_locked = {hard}, settling_until = $2 + {SETTLING_SECONDS} \
              WHERE login_throttle.hard_locked = 0 AND login_throttle.locked_until <= $2 \
              RETURNING failures"
         );
@@ -1085,22 +1072,42 @@ impl Store for SqlStore {
         }
         // Locked. If the lock ended meanwhile (or the row was purged), the answer is the
         // shortest wait.
-        let (lock, settling) = self.lock_state(email, policy, now).await?;
+        let (lock, settling) = self.login_lock_state(email, policy, now).await?;
         Ok((Reservation::Locked { retry_after: lock.unwrap_or(1), settling }, None))
     }
 
-    async fn login_lock(&self, email: &str, policy: &LockoutPolicy, now: UnixTime) -> StoreResult<Option<u32>> {
-        Ok(self.lock_state(email, policy, now).await?.0)
+    async fn login_lock_state(
+        &self,
+        email: &str,
+        policy: &LockoutPolicy,
+        now: UnixTime,
+    ) -> StoreResult<(Option<u32>, bool)> {
+        let query =
+            sqlx::query("SELECT locked_until, hard_locked, settling_until FROM login_throttle WHERE email = $1")
+                .bind(email);
+        // On PostgreSQL on connections of its own: this is what a locked email's every
+        // login reads, and a refused one's once a second (see `refused_locks`); the
+        // pool's ping when it takes a connection back would double its round trips.
+        let row = match &self.pg_hot {
+            Some(hot) => hot.reads.first_row(query).await?,
+            None => query.fetch_optional(&self.pool).await?,
+        };
+        let Some(row) = row else { return Ok((None, false)) };
+        let (until, hard): (i64, i64) = (row.try_get("locked_until")?, row.try_get("hard_locked")?);
+        let lock = if hard != 0 {
+            Some(policy.hard_retry_after())
+        } else if until > now {
+            Some(u32::try_from(until - now).unwrap_or(u32::MAX))
+        } else {
+            None
+        };
+        Ok((lock, lock.is_some() && row.try_get::<i64, _>("settling_until")? > now))
     }
 
-    async fn settle_login_lock(&self, email: &str, failures: u32, _now: UnixTime) -> StoreResult<()> {
+    async fn settle_login_lock(&self, email: &str, failures: u32) -> StoreResult<()> {
         // On the counters' connections, as the reservation that started the lock.
-        self.count(
-            "UPDATE login_throttle SET settling = 0 WHERE email = $1 AND failures = $2",
-            email,
-            &[i64::from(failures)],
-        )
-        .await?;
+        let sql = "UPDATE login_throttle SET settling_until = 0 WHERE email = $1 AND failures = $2";
+        self.count(sql, email, &[i64::from(failures)]).await?;
         Ok(())
     }
 

@@ -16,6 +16,7 @@ both_backends!(
     the_hard_lock_holds_until_a_reset_or_an_admin_unlock,
     fifty_simultaneous_guesses_check_at_most_five_passwords,
     simultaneous_logins_with_the_right_password_all_get_in,
+    a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -209,6 +210,34 @@ async fn simultaneous_logins_with_the_right_password_all_get_in(b: Backend) {
     }
     let r = store.reserve_login("changer@example.com", lockout, now).await.unwrap();
     assert_eq!(r, gatehouse::store::Reservation::Locked { retry_after: 60, settling: false });
+}
+
+/// The attempt that started a lock never says how its check ended (its client hung up):
+/// a login with the right password waits for it (about 2 s), then hears 429 with the
+/// lock's time; once the store no longer calls the lock settling (3 s on its clock),
+/// the answer comes without waiting.
+async fn a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most(b: Backend) {
+    use std::time::{Duration, Instant};
+    let app = TestApp::spawn(b).await;
+    app.verified_user("hung@example.com").await;
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    // Five attempts counted, as if their clients had hung up before their checks ended.
+    for _ in 0..5 {
+        store.reserve_login("hung@example.com", lockout, app.clock.now()).await.unwrap();
+    }
+    let t = Instant::now();
+    let r = app.login("hung@example.com", PASSWORD).await;
+    let waited = t.elapsed();
+    assert_eq!(retry_after(&r), 60);
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(waited >= Duration::from_millis(1500), "answered after {waited:?}, before the lock could settle");
+    app.clock.advance(3);
+    let t = Instant::now();
+    let r = app.login("hung@example.com", PASSWORD).await;
+    let took = t.elapsed();
+    assert_eq!(retry_after(&r), 57);
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(took < Duration::from_millis(1500), "a settled lock still kept the login waiting {took:?}");
 }
 
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {

@@ -198,7 +198,7 @@ async fn the_purge_forgets_failure_counts_untouched_for_thirty_days_but_never_a_
     assert_eq!(s.reserve_login("stale@example.test", &p, later).await.unwrap(), Reservation::Allowed { failures: 1 });
     assert_eq!(
         s.reserve_login("hard@example.test", &p, later).await.unwrap(),
-        Reservation::Locked { retry_after: 60, settling: true },
+        Reservation::Locked { retry_after: 60, settling: false },
         "a hard lock is never forgotten"
     );
     assert_eq!(s.reserve_login("recent@example.test", &p, later).await.unwrap(), Reservation::Allowed { failures: 2 });

@@ -226,7 +226,7 @@ async fn every_write_that_ends_a_session_or_changes_a_user_is_seen_by_another_in
         assert!(owner.email_verified_at.is_some(), "verification, round {round}");
         remembered(s.id).await;
         let rename = UserPatch { name: Some(Some(format!("Renamed {round}"))), ..Default::default() };
-        db.store.patch_user(u.id, &rename, T0 + 48).await.unwrap();
+        db.store.patch_user(u.id, &rename, T0 + 48).await.unwrap().changed().expect("user exists");
         let (_, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
         assert_eq!(owner.name, Some(format!("Renamed {round}")), "rename, round {round}");
 
@@ -242,7 +242,7 @@ async fn every_write_that_ends_a_session_or_changes_a_user_is_seen_by_another_in
         let s = login(&*db.store, u.id, T0 + 51).await;
         remembered(s.id).await;
         let suspend = UserPatch { status: Some(Status::Suspended), ..Default::default() };
-        db.store.patch_user(u.id, &suspend, T0 + 52).await.unwrap();
+        db.store.patch_user(u.id, &suspend, T0 + 52).await.unwrap().changed().expect("user exists");
         let (session, owner) = other.session_with_user(s.id).await.unwrap().expect("session exists");
         assert_eq!((session.ended_at, owner.status), (Some(T0 + 52), Status::Suspended), "suspension, round {round}");
     }

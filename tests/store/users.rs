@@ -174,6 +174,8 @@ async fn the_status_filter_matches_exactly_and_combines_with_the_email_filter(b:
 
 async fn a_patch_changes_only_the_fields_it_names(b: Backend) {
     let db = Db::new(b).await;
+    // Another admin, so that this one may be unverified below.
+    admin(&*db.store, "other-admin@example.test").await;
     let u = user(&*db.store, "patch@example.test").await;
 
     let (p, ended) = db
@@ -300,6 +302,7 @@ async fn a_patch_of_an_unknown_user_returns_not_found(b: Backend) {
 async fn admin(store: &dyn gatehouse::store::Store, email: &str) -> Uuid {
     let mut nu = new_user(email);
     nu.role = Role::Admin;
+    nu.email_verified_at = Some(T0);
     store.create_user(nu).await.unwrap().unwrap().id
 }
 
@@ -313,6 +316,8 @@ async fn the_last_active_admin_keeps_the_role_and_the_active_state(b: Backend) {
         UserPatch { status: Some(Status::Suspended), ..UserPatch::default() },
         UserPatch { status: Some(Status::Deactivated), ..UserPatch::default() },
         UserPatch { status: Some(Status::Deleted), name: Some(Some("Gone".into())), ..UserPatch::default() },
+        // Unverified, it could not log in to act as one.
+        UserPatch { email_verified: Some(false), ..UserPatch::default() },
     ] {
         assert!(matches!(db.store.patch_user(a, &change, T0 + 1).await.unwrap(), Patched::LastAdmin), "{change:?}");
     }
@@ -334,6 +339,17 @@ async fn the_last_active_admin_keeps_the_role_and_the_active_state(b: Backend) {
     let suspend = UserPatch { status: Some(Status::Suspended), ..UserPatch::default() };
     assert!(matches!(db.store.patch_user(a, &suspend, T0 + 6).await.unwrap(), Patched::Changed(..)));
     assert!(matches!(db.store.patch_user(b2, &suspend, T0 + 7).await.unwrap(), Patched::LastAdmin));
+    // An unverified admin is none either: b2 is the one left.
+    assert!(matches!(
+        db.store
+            .patch_user(a, &UserPatch { status: Some(Status::Active), ..UserPatch::default() }, T0 + 8)
+            .await
+            .unwrap(),
+        Patched::Changed(..)
+    ));
+    let unverify = UserPatch { email_verified: Some(false), ..UserPatch::default() };
+    assert!(matches!(db.store.patch_user(a, &unverify, T0 + 8).await.unwrap(), Patched::Changed(..)));
+    assert!(matches!(db.store.patch_user(b2, &demote, T0 + 8).await.unwrap(), Patched::LastAdmin));
     // Users who are not admins change freely, whatever the admins.
     let u = user(&*db.store, "plain@example.test").await;
     assert!(matches!(db.store.patch_user(u.id, &suspend, T0 + 8).await.unwrap(), Patched::Changed(..)));

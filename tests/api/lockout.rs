@@ -183,9 +183,13 @@ async fn fifty_simultaneous_guesses_check_at_most_five_passwords(b: Backend) {
 /// may clear it), so the later ones wait for it instead of hearing 429 `account_locked`
 /// for a lock that never holds (they did, with `Retry-After: 60`, before).
 async fn simultaneous_logins_with_the_right_password_all_get_in(b: Backend) {
-    // One hashing thread and a real hash: the ten are in flight together.
+    // One hashing thread and a real hash: the ten are in flight together (with room
+    // for all of them in the queue, so that none is refused for overload).
     let app = TestApp::spawn_with(b, |f| {
-        f.merge(("hash_workers", 1)).merge(("password_hash", "argon2id:m=19456,t=2,p=1")).merge(("device_limit", 0))
+        f.merge(("hash_workers", 1))
+            .merge(("hash_queue", 16))
+            .merge(("password_hash", "argon2id:m=19456,t=2,p=1"))
+            .merge(("device_limit", 0))
     })
     .await;
     app.verified_user("many@example.com").await;

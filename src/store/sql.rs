@@ -92,8 +92,9 @@ struct PgHot {
 /// PostgreSQL rotation batches in flight at once (one gathers while the other commits).
 const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 
-/// PostgreSQL's advisory lock key of changes to users' roles and states (the ASCII of
-/// "gh:admin"): taken by each such change, so the last active admin stays.
+/// PostgreSQL's advisory lock key of changes to users' roles, states and verification
+/// (the ASCII of "gh:admin"): taken by each such change, so the last admin able to act
+/// ([`ACTING_ADMIN`]) stays one.
 const ADMIN_CHANGES_LOCK: i64 = 0x6768_3a61_646d_696e;
 
 /// A user row that is an admin able to log in and act: the last such admin stays one.

@@ -29,7 +29,7 @@ fn is_json(content_type: &str) -> bool {
     let utf8 = parts.filter_map(|p| p.split_once('=')).all(|(k, v)| {
         let v = v.trim().trim_matches('"');
         !k.trim().eq_ignore_ascii_case("charset")
-            || ["utf-8", "utf8", "us-ascii"].iter().any(|c| v.eq_ignore_ascii_case(c))
+            || ["utf-8", "utf8", "us-ascii", "ascii"].iter().any(|c| v.eq_ignore_ascii_case(c))
     });
     utf8 && (essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")))
 }
@@ -353,6 +353,7 @@ mod tests {
         assert!(is_json("application/json;charset=\"UTF-8\""));
         assert!(is_json("application/json; charset=utf8"));
         assert!(is_json("application/json; charset=US-ASCII"));
+        assert!(is_json("application/json; charset=ascii"));
         assert!(!is_json("application/json; charset=latin1"));
         assert!(!is_json("application/json; charset=utf-16"));
         assert!(!is_json("text/plain"));

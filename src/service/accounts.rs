@@ -219,10 +219,12 @@ impl Services {
             return Err(Error::Validation(vec![]));
         };
         let (permit, failures, user) = self.reserve_attempt(email.as_str()).await?;
+        let unchecked = self.unchecked_lockout(user.as_ref(), email.as_str(), failures, meta);
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
         let verified = self.hasher.verify(permit, &pw, stored).await?;
+        unchecked.disarm();
         let user = match user {
             Some(u) if verified => u,
             user => {
@@ -275,14 +277,37 @@ impl Services {
         self.open_session(&user, meta).await
     }
 
+    /// The audit detail of the lock that failure number `failures` starts, if any.
+    fn lockout_detail(&self, failures: u32) -> Option<serde_json::Value> {
+        match self.policy.lockout.lock_after(failures) {
+            Lock::None => None,
+            Lock::For(seconds) => Some(serde_json::json!({"failures": failures, "seconds": seconds})),
+            Lock::Hard => Some(serde_json::json!({"failures": failures, "permanent": true})),
+        }
+    }
+
+    /// For an attempt counted as failure number `failures`: a guard that, if the attempt
+    /// ends before its check does (its client hung up, so the check is skipped, or the
+    /// request timed out), records the lock its count started, marked `unchecked`. The
+    /// lock holds either way; without this it would be missing from the trail.
+    fn unchecked_lockout(
+        &self,
+        user: Option<&User>,
+        email: &str,
+        failures: u32,
+        meta: &ClientMeta,
+    ) -> UncheckedLockout {
+        let event = self.lockout_detail(failures).map(|mut detail| {
+            detail["unchecked"] = serde_json::Value::Bool(true);
+            self.event(user, Some(email), "lockout", Some(meta), detail)
+        });
+        UncheckedLockout { store: self.store.clone(), event }
+    }
+
     /// A password check failed as failure number `failures`: if that started a lock, it
     /// is recorded, and settled for the logins waiting on it.
     async fn failed_check(&self, user: Option<&User>, email: &str, failures: u32, meta: &ClientMeta) {
-        let detail = match self.policy.lockout.lock_after(failures) {
-            Lock::None => return,
-            Lock::For(seconds) => serde_json::json!({"failures": failures, "seconds": seconds}),
-            Lock::Hard => serde_json::json!({"failures": failures, "permanent": true}),
-        };
+        let Some(detail) = self.lockout_detail(failures) else { return };
         if let Err(e) = self.store.settle_login_lock(email, failures).await {
             // The waiting logins answer 429 once their wait is over.
             tracing::warn!(error = %e, "could not settle a login lock");
@@ -424,8 +449,11 @@ impl Services {
             return Err(Error::Validation(vec![]));
         };
         let (permit, failures, _) = self.reserve_attempt(&user.email).await?;
+        let unchecked = self.unchecked_lockout(Some(user), &user.email, failures, meta);
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
-        if !self.hasher.verify(permit, &current, stored).await? {
+        let verified = self.hasher.verify(permit, &current, stored).await?;
+        unchecked.disarm();
+        if !verified {
             self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
             self.failed_check(Some(user), &user.email, failures, meta).await;
             return Err(Error::InvalidCredentials);
@@ -469,6 +497,35 @@ impl Services {
             })?;
         self.audit(Some(&user), None, "registered", None, serde_json::json!({"via": "cli"})).await;
         Ok(user)
+    }
+}
+
+/// See [`Services::unchecked_lockout`]: the event to record if dropped armed.
+struct UncheckedLockout {
+    store: std::sync::Arc<dyn crate::store::Store>,
+    event: Option<crate::store::Event>,
+}
+
+impl UncheckedLockout {
+    /// The check ended: its own outcome records what happened.
+    fn disarm(mut self) {
+        self.event = None;
+    }
+}
+
+impl Drop for UncheckedLockout {
+    fn drop(&mut self) {
+        let Some(event) = self.event.take() else { return };
+        let store = self.store.clone();
+        // A request's future is dropped on a runtime thread; outside one there is
+        // nothing to record with.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store.record_event(&event).await {
+                    tracing::error!(error = %err, "could not record an audit event");
+                }
+            });
+        }
     }
 }
 

@@ -17,6 +17,7 @@ both_backends!(
     fifty_simultaneous_guesses_check_at_most_five_passwords,
     simultaneous_logins_with_the_right_password_all_get_in,
     a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most,
+    an_attempt_abandoned_mid_check_leaves_its_lockout_in_the_trail,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -242,6 +243,47 @@ async fn a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most
     assert_eq!(retry_after(&r), 57);
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
     assert!(took < Duration::from_millis(1500), "a settled lock still kept the login waiting {took:?}");
+}
+
+/// The attempt that reaches a tier is counted, and starts its lock, before its check;
+/// if its client hangs up during the check, the check is skipped and no failure path
+/// runs. The lock still holds, and the trail says so (`unchecked`).
+async fn an_attempt_abandoned_mid_check_leaves_its_lockout_in_the_trail(b: Backend) {
+    let app =
+        TestApp::spawn_with(b, |f| f.merge(("hash_workers", 1)).merge(("password_hash", "argon2id:m=65536,t=3,p=1")))
+            .await;
+    let admin = str_of(&app.admin("root@example.com").await, "access_token");
+    let id = str_of(&app.verified_user("gone@example.com").await, "id");
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    for _ in 0..4 {
+        store.reserve_login("gone@example.com", lockout, app.clock.now()).await.unwrap();
+    }
+    // The fifth, abandoned once its (slow) check holds the hashing thread.
+    let url = app.url("/v1/auth/login");
+    let attempt = tokio::spawn(async move {
+        let body = json!({"email": "gone@example.com", "password": "wrong password!"});
+        reqwest::Client::new().post(url).json(&body).send().await
+    });
+    assert!(hashing_holds(&app, 1).await, "the fifth attempt never reached its check");
+    attempt.abort();
+    let lockout_event = || async {
+        let r = app.get_bearer(&format!("/v1/admin/users/{id}/events"), &admin).await;
+        let body: Value = r.json().await.unwrap();
+        body["events"].as_array().unwrap().iter().find(|e| e["type"] == "lockout").cloned()
+    };
+    let mut found = None;
+    for _ in 0..100 {
+        found = lockout_event().await;
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let event = found.expect("a lockout event for the abandoned attempt");
+    assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60, "unchecked": true}));
+    // The lock holds: the right password hears 429.
+    let r = app.login("gone@example.com", PASSWORD).await;
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
 }
 
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {

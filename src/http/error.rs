@@ -163,7 +163,7 @@ impl ApiError {
                     S::CONFLICT,
                     "last_admin",
                     "Last admin",
-                    "This change would leave no active admin; make another admin first.",
+                    "This change would leave no admin able to act; make another admin first.",
                 ),
                 Error::Internal(_) => {
                     p(S::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "Something went wrong on our side.")

@@ -34,54 +34,62 @@ fn is_json(content_type: &str) -> bool {
     utf8 && (essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")))
 }
 
-/// Reads a JSON document and fails on an object with a name twice: which one counts
-/// differs between parsers (serde_json keeps the last, others the first), so a proxy or
-/// log in front could read another password or email than this service does.
-struct UniqueNames;
+/// A JSON document read into a value, failing on an object with a name twice: which
+/// one counts differs between parsers (serde_json keeps the last, others the first), so
+/// a proxy or log in front could read another password or email than this service does.
+struct UniqueNames(serde_json::Value);
 
 impl<'de> serde::Deserialize<'de> for UniqueNames {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(UniqueNames)
+        d.deserialize_any(UniqueNamesVisitor).map(UniqueNames)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for UniqueNames {
-    type Value = UniqueNames;
+struct UniqueNamesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueNamesVisitor {
+    type Value = serde_json::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("JSON")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(self)
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(self)
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(self)
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(self)
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        serde_json::Number::from_f64(v).map(serde_json::Value::Number).ok_or_else(|| E::custom("not a JSON number"))
     }
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(self)
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
     }
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(self)
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<UniqueNames>()?.is_some() {}
-        Ok(self)
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        let mut seen = std::collections::HashSet::new();
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueNames(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
         while let Some(name) = map.next_key::<String>()? {
-            map.next_value::<UniqueNames>()?;
-            if !seen.insert(name) {
+            let UniqueNames(v) = map.next_value()?;
+            if object.insert(name, v).is_some() {
                 return Err(serde::de::Error::custom("a name appears twice in an object"));
             }
         }
-        Ok(self)
+        Ok(serde_json::Value::Object(object))
     }
 }
 
@@ -110,8 +118,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
             Err(_) => return Err(ApiError::InvalidJson),
             Ok(bytes) => bytes,
         };
-        serde_json::from_slice::<UniqueNames>(&bytes).map_err(|_| ApiError::InvalidJson)?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
+        let UniqueNames(value) = serde_json::from_slice(&bytes).map_err(|_| ApiError::InvalidJson)?;
         if !value.is_object() {
             return Err(Error::Validation(vec![FieldError::new(
                 "body",
@@ -337,8 +344,14 @@ mod tests {
     #[test]
     fn a_name_twice_in_an_object_is_found_at_any_depth_and_escaped() {
         let unique = |s: &str| serde_json::from_str::<UniqueNames>(s).is_ok();
-        assert!(unique(r#"{"a": 1, "b": {"a": 2, "c": [{"a": 3}, {"a": 4}]}, "d": null}"#));
-        assert!(unique(r#"[1, "x", true, 2.5, {}]"#));
+        // What it reads is what serde_json's own value reads.
+        for doc in [
+            r#"{"a": 1, "b": {"a": 2, "c": [{"a": 3}, {"a": 4}]}, "d": null}"#,
+            r#"[1, "x\u00e9\n", true, 2.5, -7, 18446744073709551615, {}, []]"#,
+        ] {
+            let UniqueNames(v) = serde_json::from_str(doc).unwrap();
+            assert_eq!(v, serde_json::from_str::<serde_json::Value>(doc).unwrap(), "{doc}");
+        }
         assert!(!unique(r#"{"a": 1, "a": 1}"#));
         assert!(!unique(r#"{"a": 1, "\u0061": 2}"#));
         assert!(!unique(r#"{"x": [{"k": 1}, {"k": 1, "k": 2}]}"#));

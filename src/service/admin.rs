@@ -130,7 +130,7 @@ impl Services {
     }
 
     /// Changes a user; a state other than active ends their sessions. A change that
-    /// would leave no active admin is refused (the service could not be run from its
+    /// would leave no admin able to act (active, verified) is refused (the service could not be run from its
     /// API any more).
     pub async fn admin_patch_user(
         &self,

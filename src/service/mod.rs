@@ -82,7 +82,7 @@ pub enum Error {
     /// No such resource (or not the caller's).
     #[error("not found")]
     NotFound,
-    /// The change would leave no active admin.
+    /// The change would leave no admin able to act (active, verified).
     #[error("last admin")]
     LastAdmin,
     /// Something failed that is not the client's doing.

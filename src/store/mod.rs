@@ -308,7 +308,7 @@ pub enum Patched {
     Changed(Box<User>, Vec<Uuid>),
     /// No such user.
     NotFound,
-    /// Not changed: no active admin would be left.
+    /// Not changed: no admin able to act (active, verified) would be left.
     LastAdmin,
 }
 
@@ -424,7 +424,7 @@ pub trait Store: Send + Sync + 'static {
     /// A page of users ordered by id (creation order).
     async fn list_users(&self, f: &UserFilter) -> StoreResult<Vec<User>>;
     /// Applies an admin's changes; a state other than active ends the user's sessions.
-    /// A change that would leave no active admin is not made ([`Patched::LastAdmin`]):
+    /// A change that would leave no admin able to act (active, verified) is not made ([`Patched::LastAdmin`]):
     /// checked in the same transaction, one such change at a time across instances.
     async fn patch_user(&self, id: Uuid, p: &UserPatch, now: UnixTime) -> StoreResult<Patched>;
     /// Replaces the hash of the same password (new parameters).

@@ -41,12 +41,12 @@ pub async fn user(State(s): State<AppState>, _admin: AdminCaller, PathId(id): Pa
     Ok(Json(s.services.admin_user(id).await?.into()))
 }
 
-/// Change a user; a state other than active ends their sessions. The last active admin
-/// keeps the role and the active state (409 `last_admin`).
+/// Change a user; a state other than active ends their sessions. The last admin able to
+/// act (active, verified) keeps the role, the state and the verification (409 `last_admin`).
 #[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])), request_body = UserPatchInput,
     params(("id" = String, Path, description = "User id")),
     responses((status = 200, body = UserView), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
-        (status = 409, description = "`last_admin`: the change would leave no active admin", body = Problem)))]
+        (status = 409, description = "`last_admin`: the change would leave no admin able to act (active, verified)", body = Problem)))]
 pub async fn patch_user(
     State(s): State<AppState>,
     AdminCaller(admin): AdminCaller,

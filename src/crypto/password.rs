@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +66,35 @@ pub struct Overloaded;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// Whether the request a check is for was given up (its client hung up, or it timed
+/// out). A use case that must act on its check's outcome whatever the client does runs
+/// on a task of its own, which its request's future does not end; this is how its
+/// queued job still learns that nobody waits for it (see [`PasswordHasher::verify`]).
+#[derive(Clone, Debug, Default)]
+pub struct Abandoned(Arc<AtomicBool>);
+
+impl Abandoned {
+    /// Whether the request was given up.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// A guard, for the request's own future, that marks the request given up when it
+    /// is dropped (after the answer too, when nothing looks any more).
+    pub fn on_drop(&self) -> AbandonOnDrop {
+        AbandonOnDrop(Arc::clone(&self.0))
+    }
+}
+
+/// See [`Abandoned::on_drop`].
+pub struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// A reserved place in the hashing pool. Taking one first lets a caller learn about
 /// overload before it commits to anything else (such as counting a login attempt).
 pub struct HashPermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
@@ -83,6 +113,7 @@ struct Inner {
     capacity: usize,
     dummy: String,
     workers: usize,
+    running: Arc<AtomicUsize>,
 }
 
 thread_local! {
@@ -116,6 +147,7 @@ impl PasswordHasher {
                 capacity,
                 dummy,
                 workers,
+                running: Arc::default(),
             }),
         }
     }
@@ -123,6 +155,11 @@ impl PasswordHasher {
     /// Jobs queued or running now.
     pub fn in_flight(&self) -> usize {
         self.inner.capacity - self.inner.admission.available_permits()
+    }
+
+    /// Jobs running now (the rest of [`Self::in_flight`] waits in the queue).
+    pub fn running(&self) -> usize {
+        self.inner.running.load(Ordering::Relaxed)
     }
 
     /// Worker threads.
@@ -144,17 +181,20 @@ impl PasswordHasher {
 
     /// Checks `password` against `stored`, or against a dummy hash of equal cost when
     /// there is none, so that unknown users take as long as known ones. A stored hash
-    /// keeps the parameters it was made with: it verifies with them.
+    /// keeps the parameters it was made with: it verifies with them. A check whose
+    /// request is `abandoned` before it starts is skipped (`Overloaded`); one that has
+    /// started ends, and its outcome is returned.
     pub async fn verify(
         &self,
         permit: HashPermit,
         password: &SecretString,
         stored: Option<&str>,
+        abandoned: &Abandoned,
     ) -> Result<bool, Overloaded> {
         let pw = password.expose_secret().as_bytes().to_vec();
         let real = stored.is_some();
         let phc = stored.unwrap_or(&self.inner.dummy).to_owned();
-        self.run(permit, move || verify_blocking(&pw, &phc) && real).await
+        self.run_for(permit, Some(abandoned.clone()), move || verify_blocking(&pw, &phc) && real).await
     }
 
     async fn run<T: Send + 'static>(
@@ -162,18 +202,30 @@ impl PasswordHasher {
         permit: HashPermit,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Overloaded> {
+        self.run_for(permit, None, f).await
+    }
+
+    async fn run_for<T: Send + 'static>(
+        &self,
+        permit: HashPermit,
+        abandoned: Option<Abandoned>,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Overloaded> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
+        let running = Arc::clone(&self.inner.running);
         let job: Job = Box::new(move || {
             // A request dropped while its job waited (its client went away, or timed
             // out under overload) wants no answer: its hash would only delay the
             // queued ones behind it.
-            if reply.is_closed() {
+            if reply.is_closed() || abandoned.as_ref().is_some_and(Abandoned::is_set) {
                 drop(permit);
                 return;
             }
             let _g = span.enter();
+            running.fetch_add(1, Ordering::Relaxed);
             let out = f();
+            running.fetch_sub(1, Ordering::Relaxed);
             // The place is free before the answer is: whoever reads it sees it free.
             drop(permit);
             let _ = reply.send(out);
@@ -327,11 +379,20 @@ mod tests {
         let h = PasswordHasher::start(CHEAP, 1, 4);
         let pw = SecretString::from("correct horse");
         let phc = h.hash(h.admit().unwrap(), &pw).await.unwrap();
-        assert!(h.verify(h.admit().unwrap(), &pw, Some(&phc)).await.unwrap());
-        assert!(!h.verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc)).await.unwrap());
+        assert!(h.verify(h.admit().unwrap(), &pw, Some(&phc), &Abandoned::default()).await.unwrap());
+        assert!(!h
+            .verify(h.admit().unwrap(), &SecretString::from("wrong"), Some(&phc), &Abandoned::default())
+            .await
+            .unwrap());
         let old = hash_blocking(&HashParams { m: 128, t: 1, p: 1 }, b"correct horse");
-        assert!(h.verify(h.admit().unwrap(), &pw, Some(&old)).await.unwrap(), "older parameters still verify");
-        assert!(!h.verify(h.admit().unwrap(), &pw, None).await.unwrap(), "the dummy never matches");
+        assert!(
+            h.verify(h.admit().unwrap(), &pw, Some(&old), &Abandoned::default()).await.unwrap(),
+            "older parameters still verify"
+        );
+        assert!(
+            !h.verify(h.admit().unwrap(), &pw, None, &Abandoned::default()).await.unwrap(),
+            "the dummy never matches"
+        );
     }
 
     #[cfg(target_os = "linux")]
@@ -385,13 +446,42 @@ mod tests {
         assert_eq!(h.in_flight(), 0, "its place was given back");
     }
 
+    #[tokio::test]
+    async fn a_job_whose_request_was_abandoned_while_it_waited_is_skipped_but_a_started_one_ends() {
+        let h = PasswordHasher::start(CHEAP, 1, 4);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, is_started) = tokio::sync::oneshot::channel();
+        let running = Abandoned::default();
+        let (h2, r2) = (h.clone(), running.clone());
+        let holding = tokio::spawn(async move {
+            h2.run_for(h2.admit().unwrap(), Some(r2), move || {
+                let _ = started.send(());
+                let _ = held.recv();
+                "ended"
+            })
+            .await
+        });
+        is_started.await.unwrap();
+        let queued = Abandoned::default();
+        let (h3, q3) = (h.clone(), queued.clone());
+        let waiting = tokio::spawn(async move { h3.run_for(h3.admit().unwrap(), Some(q3), || "ran").await });
+        // Both requests are given up; their callers (the use cases' tasks) still wait.
+        let (mark_running, mark_queued) = (running.on_drop(), queued.on_drop());
+        drop((mark_running, mark_queued));
+        assert!(running.is_set() && queued.is_set());
+        release.send(()).unwrap();
+        assert_eq!(holding.await.unwrap(), Ok("ended"), "a started job ends and answers");
+        assert_eq!(waiting.await.unwrap(), Err(Overloaded), "a waiting job of an abandoned request is skipped");
+        assert_eq!(h.in_flight(), 0);
+    }
+
     async fn futures_join(h: &PasswordHasher, pw: &SecretString, n: usize) -> Vec<Result<bool, Overloaded>> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {
             let (h, pw) = (h.clone(), pw.clone());
             set.spawn(async move {
                 let permit = h.admit()?;
-                h.verify(permit, &pw, None).await
+                h.verify(permit, &pw, None, &Abandoned::default()).await
             });
         }
         let mut out = Vec::new();

@@ -114,7 +114,8 @@ impl ApiError {
                     retry_after: Some(1),
                     ..p(S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", "The service is busy; try again shortly.")
                 },
-                Error::Unavailable => Parts {
+                // Nobody hears it (see the variant); answered as a timeout would be.
+                Error::Unavailable | Error::Abandoned => Parts {
                     retry_after: Some(1),
                     ..p(
                         S::SERVICE_UNAVAILABLE,

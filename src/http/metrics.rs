@@ -38,6 +38,8 @@ fn latency_histogram() -> Histogram {
 pub struct Readings {
     /// Password hashes queued or running.
     pub hash_in_flight: usize,
+    /// Password hashes running.
+    pub hash_running: usize,
     /// Password hashing threads.
     pub hash_workers: usize,
     /// How the session memory answered reads (PostgreSQL; `None` without one).
@@ -59,6 +61,7 @@ impl Collector for Live {
         let now = (self.0)();
         for (name, help, value) in [
             ("password_hash_in_flight", "Password hashes queued or running", now.hash_in_flight),
+            ("password_hash_running", "Password hashes running", now.hash_running),
             ("password_hash_workers", "Password hashing threads", now.hash_workers),
         ] {
             let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
@@ -153,6 +156,7 @@ mod tests {
         let seen = hits.clone();
         let m = Metrics::new(move || Readings {
             hash_in_flight: 1,
+            hash_running: 1,
             hash_workers: 2,
             memory: Some(MemoryReads { hits: seen.load(std::sync::atomic::Ordering::Relaxed), misses: 1, unleased: 0 }),
         });
@@ -176,6 +180,7 @@ mod tests {
         }
         assert!(text.contains("gatehouse_session_memory_reads_total{answer=\"hit\"} 3\n"), "{text}");
         assert!(text.contains("gatehouse_password_hash_in_flight 1\n"), "{text}");
+        assert!(text.contains("gatehouse_password_hash_running 1\n"), "{text}");
         assert!(text.contains("gatehouse_password_hash_workers 2\n"), "{text}");
         // Read at each scrape, as they are then.
         hits.store(7, std::sync::atomic::Ordering::Relaxed);
@@ -184,7 +189,7 @@ mod tests {
 
     #[test]
     fn without_a_session_memory_there_is_no_reads_family() {
-        let m = Metrics::new(|| Readings { hash_in_flight: 0, hash_workers: 2, memory: None });
+        let m = Metrics::new(|| Readings { hash_in_flight: 0, hash_running: 0, hash_workers: 2, memory: None });
         let text = prometheus_text(&m.render());
         assert!(!text.contains("session_memory_reads"), "{text}");
         assert!(text.contains("gatehouse_password_hash_workers 2\n"), "{text}");

@@ -124,6 +124,7 @@ pub fn router(
     let (hasher, store) = (services.hasher.clone(), services.store.clone());
     let metrics = metrics::Metrics::new(move || metrics::Readings {
         hash_in_flight: hasher.in_flight(),
+        hash_running: hasher.running(),
         hash_workers: hasher.workers(),
         memory: store.memory_reads(),
     });

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::refused_locks::Refusal;
 use super::{required, Checks, ClientMeta, Error, Result, Services, CODE_ATTEMPTS};
-use crate::crypto::password::HashPermit;
+use crate::crypto::password::{Abandoned, HashPermit};
 use crate::crypto::tokens;
 use crate::domain::email::Email;
 use crate::domain::lockout::Lock;
@@ -210,7 +210,14 @@ impl Services {
 
     /// The login of the contract, in its order: lockout, password, account state.
     /// (The per-IP rate limit runs before, in the HTTP layer.)
-    pub async fn login(&self, input: LoginInput, meta: &ClientMeta) -> Result<Tokens> {
+    ///
+    /// Meant to run on a task of its own (see the route): once the password check has
+    /// run, its outcome is acted on even if the request is `abandoned` meanwhile. A wrong
+    /// password is then a failure like any other (recorded, its lock settled); a right
+    /// one clears the count, as any right password does, and opens no session (nobody
+    /// would hold it). Without this, a right password whose client hung up during the
+    /// check left its attempt counted: the fifth, a lock of the account.
+    pub async fn login(&self, input: LoginInput, meta: &ClientMeta, abandoned: &Abandoned) -> Result<Tokens> {
         let mut c = Checks::default();
         let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
         let pw = c.take(token_of(input.password, "password"));
@@ -223,7 +230,7 @@ impl Services {
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
         let stored = if pw.expose_secret().len() > MAX_LOGIN_BYTES { None } else { stored };
-        let verified = self.hasher.verify(permit, &pw, stored).await?;
+        let verified = self.hasher.verify(permit, &pw, stored, abandoned).await?;
         unchecked.disarm();
         let user = match user {
             Some(u) if verified => u,
@@ -240,6 +247,10 @@ impl Services {
                 return Err(Error::InvalidCredentials);
             }
         };
+        if abandoned.is_set() {
+            self.store.clear_login_failures(email.as_str(), self.now()).await?;
+            return Err(Error::Abandoned);
+        }
         if user.status != Status::Active || !user.email_verified() {
             // A right password is no guess, even when the account cannot log in. (On
             // success the session's transaction clears the count.)
@@ -287,9 +298,10 @@ impl Services {
     }
 
     /// For an attempt counted as failure number `failures`: a guard that, if the attempt
-    /// ends before its check does (its client hung up, so the check is skipped, or the
-    /// request timed out), records the lock its count started, marked `unchecked`. The
-    /// lock holds either way; without this it would be missing from the trail.
+    /// ends without a check (its request was given up while its check waited in the
+    /// queue, so the check was skipped), records the lock its count started, marked
+    /// `unchecked`. The lock holds either way; without this it would be missing from the
+    /// trail. (A check that started ends and is acted on: see [`Services::login`].)
     fn unchecked_lockout(
         &self,
         user: Option<&User>,
@@ -433,13 +445,16 @@ impl Services {
 
     /// Changes the caller's password; ends their other sessions. A wrong current
     /// password counts toward the lockout, so a stolen access token cannot be used
-    /// to guess it.
+    /// to guess it. Like [`Services::login`], meant for a task of its own: a check
+    /// that ran is acted on even if the request is `abandoned` meanwhile (a right
+    /// current password clears the count but changes nothing).
     pub async fn change_password(
         &self,
         user: &User,
         session_id: Uuid,
         input: ChangePasswordInput,
         meta: &ClientMeta,
+        abandoned: &Abandoned,
     ) -> Result<()> {
         let mut c = Checks::default();
         let current = c.take(token_of(input.current_password, "current_password"));
@@ -451,7 +466,7 @@ impl Services {
         let (permit, failures, _) = self.reserve_attempt(&user.email).await?;
         let unchecked = self.unchecked_lockout(Some(user), &user.email, failures, meta);
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
-        let verified = self.hasher.verify(permit, &current, stored).await?;
+        let verified = self.hasher.verify(permit, &current, stored, abandoned).await?;
         unchecked.disarm();
         if !verified {
             self.audit(Some(user), None, "password_change_failed", Some(meta), serde_json::json!({})).await;
@@ -459,6 +474,9 @@ impl Services {
             return Err(Error::InvalidCredentials);
         }
         self.store.clear_login_failures(&user.email, self.now()).await?;
+        if abandoned.is_set() {
+            return Err(Error::Abandoned);
+        }
         let hash = self.hasher.hash(self.hasher.admit()?, &new).await?;
         let ended = self.store.change_password(user.id, &hash, Some(session_id), self.now()).await?;
         self.audit(Some(user), None, "password_changed", Some(meta), serde_json::json!({})).await;

@@ -46,6 +46,10 @@ pub enum Error {
     /// The password hashing pool is full.
     #[error("overloaded")]
     Overloaded,
+    /// The request was given up (its client hung up, or it timed out) before its
+    /// password check's outcome could be answered; nobody hears this.
+    #[error("abandoned")]
+    Abandoned,
     /// The database is saturated for now (pool, locks, timeouts).
     #[error("unavailable")]
     Unavailable,

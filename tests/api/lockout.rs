@@ -17,7 +17,9 @@ both_backends!(
     fifty_simultaneous_guesses_check_at_most_five_passwords,
     simultaneous_logins_with_the_right_password_all_get_in,
     a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most,
-    an_attempt_abandoned_mid_check_leaves_its_lockout_in_the_trail,
+    an_attempt_abandoned_mid_check_is_still_checked_and_recorded,
+    an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unchecked,
+    a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothing,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -35,9 +37,18 @@ async fn fail(app: &TestApp, email: &str) -> reqwest::Response {
     app.login(email, "wrong password!").await
 }
 
+/// Whether `n` hashes came to be running (the pool's gauge says so) within 500 looks at `/metrics`.
+async fn hashes_run(app: &TestApp, n: usize) -> bool {
+    gauge_reaches(app, &format!("gatehouse_password_hash_running {n}")).await
+}
+
 /// Whether `n` hashing places came to be held (the pool's gauge says so) within 500 looks at `/metrics`.
 async fn hashing_holds(app: &TestApp, n: usize) -> bool {
-    let line = format!("gatehouse_password_hash_in_flight {n}");
+    gauge_reaches(app, &format!("gatehouse_password_hash_in_flight {n}")).await
+}
+
+/// Whether `/metrics` came to hold the line `line` within 500 looks.
+async fn gauge_reaches(app: &TestApp, line: &str) -> bool {
     for _ in 0..500 {
         let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
         if metrics.lines().any(|l| l == line) {
@@ -245,45 +256,133 @@ async fn a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most
     assert!(took < Duration::from_millis(1500), "a settled lock still kept the login waiting {took:?}");
 }
 
-/// The attempt that reaches a tier is counted, and starts its lock, before its check;
-/// if its client hangs up during the check, the check is skipped and no failure path
-/// runs. The lock still holds, and the trail says so (`unchecked`).
-async fn an_attempt_abandoned_mid_check_leaves_its_lockout_in_the_trail(b: Backend) {
+/// An app for the abandonment tests: one hashing thread and a slow hash, so
+/// that a check can be caught running or waiting; an admin to read the trail.
+async fn slow_hashing_app(b: Backend) -> (TestApp, String) {
     let app =
-        TestApp::spawn_with(b, |f| f.merge(("hash_workers", 1)).merge(("password_hash", "argon2id:m=65536,t=3,p=1")))
+        TestApp::spawn_with(b, |f| f.merge(("hash_workers", 1)).merge(("password_hash", "argon2id:m=65536,t=6,p=1")))
             .await;
     let admin = str_of(&app.admin("root@example.com").await, "access_token");
-    let id = str_of(&app.verified_user("gone@example.com").await, "id");
+    (app, admin)
+}
+
+/// Counts four failed attempts of `email` through the store (as if guessed).
+async fn four_failures(app: &TestApp, email: &str) {
     let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
     for _ in 0..4 {
-        store.reserve_login("gone@example.com", lockout, app.clock.now()).await.unwrap();
+        store.reserve_login(email, lockout, app.clock.now()).await.unwrap();
     }
-    // The fifth, abandoned once its (slow) check holds the hashing thread.
+}
+
+/// A login of `email` with `password`, sent on a task of its own (to be aborted: its
+/// client hangs up).
+fn login_in_background(
+    app: &TestApp,
+    email: &str,
+    password: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let url = app.url("/v1/auth/login");
-    let attempt = tokio::spawn(async move {
-        let body = json!({"email": "gone@example.com", "password": "wrong password!"});
-        reqwest::Client::new().post(url).json(&body).send().await
-    });
-    assert!(hashing_holds(&app, 1).await, "the fifth attempt never reached its check");
-    attempt.abort();
-    let lockout_event = || async {
-        let r = app.get_bearer(&format!("/v1/admin/users/{id}/events"), &admin).await;
-        let body: Value = r.json().await.unwrap();
-        body["events"].as_array().unwrap().iter().find(|e| e["type"] == "lockout").cloned()
-    };
-    let mut found = None;
+    let body = json!({"email": email, "password": password});
+    tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await })
+}
+
+/// User `id`'s trail as it stands.
+async fn events(app: &TestApp, admin: &str, id: &str) -> Vec<Value> {
+    let r = app.get_bearer(&format!("/v1/admin/users/{id}/events"), admin).await;
+    r.json::<Value>().await.unwrap()["events"].as_array().unwrap().clone()
+}
+
+/// The first event of `kind` in user `id`'s trail, waited for up to 5 s.
+async fn event_of(app: &TestApp, admin: &str, id: &str, kind: &str) -> Option<Value> {
     for _ in 0..100 {
-        found = lockout_event().await;
-        if found.is_some() {
-            break;
+        if let Some(e) = events(app, admin, id).await.into_iter().find(|e| e["type"] == kind) {
+            return Some(e);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let event = found.expect("a lockout event for the abandoned attempt");
+    None
+}
+
+/// How many events of `kind` user `id`'s trail holds now.
+async fn count_of(app: &TestApp, admin: &str, id: &str, kind: &str) -> usize {
+    events(app, admin, id).await.iter().filter(|e| e["type"] == kind).count()
+}
+
+/// The attempt that reaches a tier is counted, and starts its lock, before its check.
+/// If its client hangs up once the check runs, the check still ends and is acted on:
+/// the failure and the lock are in the trail as for any wrong password, and the lock is
+/// settled, so the right password hears 429 without waiting for it.
+async fn an_attempt_abandoned_mid_check_is_still_checked_and_recorded(b: Backend) {
+    let (app, admin) = slow_hashing_app(b).await;
+    let id = str_of(&app.verified_user("gone@example.com").await, "id");
+    four_failures(&app, "gone@example.com").await;
+    let attempt = login_in_background(&app, "gone@example.com", "wrong password!");
+    assert!(hashes_run(&app, 1).await, "the fifth attempt's check never started");
+    attempt.abort();
+    let event = event_of(&app, &admin, &id, "lockout").await.expect("a lockout event for the abandoned attempt");
+    assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60}));
+    let failed = event_of(&app, &admin, &id, "login_failed").await.expect("its failure in the trail");
+    assert_eq!(failed["detail"], json!({"failures": 5}));
+    let t = std::time::Instant::now();
+    let r = app.login("gone@example.com", PASSWORD).await;
+    let took = t.elapsed();
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(took < std::time::Duration::from_millis(1500), "the settled lock kept the login waiting {took:?}");
+}
+
+/// An attempt given up while its check waits in the queue is never checked (its hash
+/// would only delay the others). The lock its count started holds, and the trail says
+/// so (`unchecked`).
+async fn an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unchecked(b: Backend) {
+    let (app, admin) = slow_hashing_app(b).await;
+    app.verified_user("holder@example.com").await;
+    let id = str_of(&app.verified_user("gone@example.com").await, "id");
+    four_failures(&app, "gone@example.com").await;
+    // Another login holds the one hashing thread; the fifth attempt waits behind it.
+    let holder = login_in_background(&app, "holder@example.com", PASSWORD);
+    assert!(hashes_run(&app, 1).await, "the first login's check never started");
+    let attempt = login_in_background(&app, "gone@example.com", "wrong password!");
+    assert!(hashing_holds(&app, 2).await, "the fifth attempt never queued");
+    attempt.abort();
+    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+    let event = event_of(&app, &admin, &id, "lockout").await.expect("a lockout event for the abandoned attempt");
     assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60, "unchecked": true}));
+    assert_eq!(count_of(&app, &admin, &id, "login_failed").await, 0, "an unchecked attempt failed nothing");
     // The lock holds: the right password hears 429.
     let r = app.login("gone@example.com", PASSWORD).await;
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+}
+
+/// A right password whose client hangs up during the check is no guess: the count is
+/// cleared, so the fifth attempt starts no lock, and nothing else happens (no session
+/// for a login, no new password for a change).
+async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothing(b: Backend) {
+    let (app, admin) = slow_hashing_app(b).await;
+    let id = str_of(&app.verified_user("back@example.com").await, "id");
+    four_failures(&app, "back@example.com").await;
+    let attempt = login_in_background(&app, "back@example.com", PASSWORD);
+    assert!(hashes_run(&app, 1).await, "the fifth attempt's check never started");
+    attempt.abort();
+    assert!(hashing_holds(&app, 0).await, "the check never ended");
+    let t = app.login("back@example.com", PASSWORD).await;
+    assert_eq!(t.status(), StatusCode::OK, "the abandoned right password locked the account");
+    let token = str_of(&t.json::<Value>().await.unwrap(), "access_token");
+    let sessions: Value = app.get_bearer("/v1/me/sessions", &token).await.json().await.unwrap();
+    assert_eq!(sessions.as_array().unwrap().len(), 1, "the abandoned login opened a session: {sessions}");
+    assert_eq!(count_of(&app, &admin, &id, "login").await, 1);
+
+    // A password change with the right current password, abandoned mid-check.
+    four_failures(&app, "back@example.com").await;
+    let (url, token_) = (app.url("/v1/me/password"), token.clone());
+    let body = json!({"current_password": PASSWORD, "new_password": "another long passphrase"});
+    let change =
+        tokio::spawn(async move { reqwest::Client::new().post(url).bearer_auth(token_).json(&body).send().await });
+    assert!(hashes_run(&app, 1).await, "the change's check never started");
+    change.abort();
+    assert!(hashing_holds(&app, 0).await, "the check never ended");
+    let r = app.login("back@example.com", PASSWORD).await;
+    assert_eq!(r.status(), StatusCode::OK, "the old password no longer logs in, or the account locked");
+    assert_eq!(count_of(&app, &admin, &id, "password_changed").await, 0);
 }
 
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::{StatusBody, TokenResponse, UserView};
+use super::{checking_password, StatusBody, TokenResponse, UserView};
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{AppJson, Client, SessionCaller};
 use crate::http::AppState;
@@ -56,7 +56,9 @@ pub async fn login(
     Client(meta): Client,
     AppJson(input): AppJson<LoginInput>,
 ) -> Res<Json<TokenResponse>> {
-    let tokens = s.services.login(input, &meta).await?;
+    let st = s.clone();
+    let tokens =
+        checking_password(|abandoned| async move { st.services.login(input, &meta, &abandoned).await }).await?;
     Ok(Json(TokenResponse::new(tokens, s.services.now())))
 }
 

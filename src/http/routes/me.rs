@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::{ApiKeyCreated, ApiKeyView, SessionView, UserView};
+use super::{checking_password, ApiKeyCreated, ApiKeyView, SessionView, UserView};
 use crate::clock::rfc3339;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{AnyCaller, AppJson, Client, PathId, SessionCaller};
@@ -32,7 +32,10 @@ pub async fn change_password(
     AppJson(input): AppJson<ChangePasswordInput>,
 ) -> Res<StatusCode> {
     let sid = caller.session_id.ok_or(Error::Unauthorized)?;
-    s.services.change_password(&caller.user, sid, input, &meta).await?;
+    checking_password(|abandoned| async move {
+        s.services.change_password(&caller.user, sid, input, &meta, &abandoned).await
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,14 +6,37 @@ pub mod me;
 pub mod ops;
 pub mod well_known;
 
+use std::future::Future;
+
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::clock::{rfc3339, UnixTime};
+use crate::crypto::password::Abandoned;
 use crate::domain::user::{Role, Status, User};
 use crate::service::accounts::Tokens;
+use crate::service::Error;
 use crate::store::{ApiKey, Event, Session};
+
+/// Runs a use case that checks a password (login, password change) on a task of its
+/// own, so that the check's outcome is acted on even if the client hangs up or the
+/// request times out: a request's future is dropped then, and would take the rest of
+/// the use case with it. The use case learns that through its [`Abandoned`].
+pub(crate) async fn checking_password<T, F>(use_case: impl FnOnce(Abandoned) -> F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let abandoned = Abandoned::default();
+    let _mark = abandoned.on_drop();
+    match tokio::spawn(use_case(abandoned.clone())).await {
+        Ok(out) => out,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(Error::Unavailable),
+    }
+}
 
 /// A user as clients see it.
 #[derive(Debug, Serialize, ToSchema)]

@@ -95,6 +95,22 @@ impl Drop for AbandonOnDrop {
     }
 }
 
+/// Counts a job as running while it lives (a panicking job too).
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A reserved place in the hashing pool. Taking one first lets a caller learn about
 /// overload before it commits to anything else (such as counting a login attempt).
 pub struct HashPermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
@@ -157,7 +173,8 @@ impl PasswordHasher {
         self.inner.capacity - self.inner.admission.available_permits()
     }
 
-    /// Jobs running now (the rest of [`Self::in_flight`] waits in the queue).
+    /// Jobs running now (the rest of [`Self::in_flight`]'s places wait in the queue, or
+    /// for their request to send its job).
     pub fn running(&self) -> usize {
         self.inner.running.load(Ordering::Relaxed)
     }
@@ -174,9 +191,20 @@ impl PasswordHasher {
 
     /// Hashes a new password into a PHC string.
     pub async fn hash(&self, permit: HashPermit, password: &SecretString) -> Result<String, Overloaded> {
+        self.hash_for(permit, password, None).await
+    }
+
+    /// [`Self::hash`] for a request that may be `abandoned` (skipped as
+    /// [`Self::verify`]'s check is).
+    pub async fn hash_for(
+        &self,
+        permit: HashPermit,
+        password: &SecretString,
+        abandoned: Option<&Abandoned>,
+    ) -> Result<String, Overloaded> {
         let params = self.inner.params;
         let pw = password.expose_secret().as_bytes().to_vec();
-        self.run(permit, move || hash_blocking(&params, &pw)).await
+        self.run(permit, abandoned.cloned(), move || hash_blocking(&params, &pw)).await
     }
 
     /// Checks `password` against `stored`, or against a dummy hash of equal cost when
@@ -194,18 +222,12 @@ impl PasswordHasher {
         let pw = password.expose_secret().as_bytes().to_vec();
         let real = stored.is_some();
         let phc = stored.unwrap_or(&self.inner.dummy).to_owned();
-        self.run_for(permit, Some(abandoned.clone()), move || verify_blocking(&pw, &phc) && real).await
+        self.run(permit, Some(abandoned.clone()), move || verify_blocking(&pw, &phc) && real).await
     }
 
+    /// Runs `f` on a hashing thread, unless its request is dropped or `abandoned` before
+    /// a thread reaches it.
     async fn run<T: Send + 'static>(
-        &self,
-        permit: HashPermit,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Overloaded> {
-        self.run_for(permit, None, f).await
-    }
-
-    async fn run_for<T: Send + 'static>(
         &self,
         permit: HashPermit,
         abandoned: Option<Abandoned>,
@@ -223,9 +245,10 @@ impl PasswordHasher {
                 return;
             }
             let _g = span.enter();
-            running.fetch_add(1, Ordering::Relaxed);
-            let out = f();
-            running.fetch_sub(1, Ordering::Relaxed);
+            let out = {
+                let _running = Running::start(&running);
+                f()
+            };
             // The place is free before the answer is: whoever reads it sees it free.
             drop(permit);
             let _ = reply.send(out);
@@ -401,7 +424,9 @@ mod tests {
         let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
         let h = PasswordHasher::start(CHEAP, 1, 4);
         let theirs = h
-            .run(h.admit().unwrap(), || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap())
+            .run(h.admit().unwrap(), None, || {
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+            })
             .await
             .unwrap();
         assert_eq!(theirs, (mine + HASH_NICE).min(19));
@@ -425,7 +450,7 @@ mod tests {
         let (started, is_started) = tokio::sync::oneshot::channel();
         let h2 = h.clone();
         let holding = tokio::spawn(async move {
-            h2.run(h2.admit().unwrap(), move || {
+            h2.run(h2.admit().unwrap(), None, move || {
                 let _ = started.send(());
                 let _ = held.recv();
             })
@@ -434,14 +459,14 @@ mod tests {
         is_started.await.unwrap();
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&ran);
-        let left = h.run(h.admit().unwrap(), move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+        let left = h.run(h.admit().unwrap(), None, move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
         // Queued, then dropped: the caller went away.
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), left).await.is_err());
         assert_eq!(h.in_flight(), 2, "the job left behind keeps its place until the worker reaches it");
         release.send(()).unwrap();
         holding.await.unwrap().unwrap();
         // The next job runs after the dropped one was reached.
-        assert!(h.run(h.admit().unwrap(), || true).await.unwrap());
+        assert!(h.run(h.admit().unwrap(), None, || true).await.unwrap());
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the abandoned job must not run");
         assert_eq!(h.in_flight(), 0, "its place was given back");
     }
@@ -451,10 +476,10 @@ mod tests {
         let h = PasswordHasher::start(CHEAP, 1, 4);
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (started, is_started) = tokio::sync::oneshot::channel();
-        let running = Abandoned::default();
-        let (h2, r2) = (h.clone(), running.clone());
+        let started_first = Abandoned::default();
+        let (h2, r2) = (h.clone(), started_first.clone());
         let holding = tokio::spawn(async move {
-            h2.run_for(h2.admit().unwrap(), Some(r2), move || {
+            h2.run(h2.admit().unwrap(), Some(r2), move || {
                 let _ = started.send(());
                 let _ = held.recv();
                 "ended"
@@ -464,11 +489,16 @@ mod tests {
         is_started.await.unwrap();
         let queued = Abandoned::default();
         let (h3, q3) = (h.clone(), queued.clone());
-        let waiting = tokio::spawn(async move { h3.run_for(h3.admit().unwrap(), Some(q3), || "ran").await });
+        let waiting = tokio::spawn(async move { h3.run(h3.admit().unwrap(), Some(q3), || "ran").await });
+        // The second job waits in the queue (its place is taken and its job sent in one
+        // poll of its task).
+        while h.in_flight() < 2 {
+            tokio::task::yield_now().await;
+        }
         // Both requests are given up; their callers (the use cases' tasks) still wait.
-        let (mark_running, mark_queued) = (running.on_drop(), queued.on_drop());
-        drop((mark_running, mark_queued));
-        assert!(running.is_set() && queued.is_set());
+        let (mark_started, mark_queued) = (started_first.on_drop(), queued.on_drop());
+        drop((mark_started, mark_queued));
+        assert!(started_first.is_set() && queued.is_set());
         release.send(()).unwrap();
         assert_eq!(holding.await.unwrap(), Ok("ended"), "a started job ends and answers");
         assert_eq!(waiting.await.unwrap(), Err(Overloaded), "a waiting job of an abandoned request is skipped");

@@ -114,7 +114,7 @@ impl ApiError {
                     retry_after: Some(1),
                     ..p(S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", "The service is busy; try again shortly.")
                 },
-                // Nobody hears it (see the variant); answered as a timeout would be.
+                // Nobody hears it (see the variant).
                 Error::Unavailable | Error::Abandoned => Parts {
                     retry_after: Some(1),
                     ..p(

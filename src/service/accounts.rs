@@ -212,11 +212,13 @@ impl Services {
     /// (The per-IP rate limit runs before, in the HTTP layer.)
     ///
     /// Meant to run on a task of its own (see the route): once the password check has
-    /// run, its outcome is acted on even if the request is `abandoned` meanwhile. A wrong
-    /// password is then a failure like any other (recorded, its lock settled); a right
-    /// one clears the count, as any right password does, and opens no session (nobody
-    /// would hold it). Without this, a right password whose client hung up during the
-    /// check left its attempt counted: the fifth, a lock of the account.
+    /// started, its outcome is acted on even if the request is `abandoned` meanwhile. A
+    /// wrong password is then a failure like any other (recorded, its lock settled); a
+    /// right one clears the count, as any right password does, and opens no session
+    /// (nobody would hold it) unless the session's writes had begun. Without this, a
+    /// right password whose client hung up during the check left its attempt counted:
+    /// the fifth, a lock of the account. A request abandoned before its attempt is
+    /// counted is not counted.
     pub async fn login(&self, input: LoginInput, meta: &ClientMeta, abandoned: &Abandoned) -> Result<Tokens> {
         let mut c = Checks::default();
         let email = c.take(required(input.email, "email").and_then(|e| Email::parse(&e, "email")));
@@ -225,7 +227,7 @@ impl Services {
         let (Some(email), Some(pw)) = (email, pw) else {
             return Err(Error::Validation(vec![]));
         };
-        let (permit, failures, user) = self.reserve_attempt(email.as_str()).await?;
+        let (permit, failures, user) = self.reserve_attempt(email.as_str(), abandoned).await?;
         let unchecked = self.unchecked_lockout(user.as_ref(), email.as_str(), failures, meta);
         let stored = user.as_ref().and_then(|u| u.password_hash.as_deref());
         // An over-long password cannot be right, but it costs the same dummy check.
@@ -285,6 +287,12 @@ impl Services {
             }
             return Err(Error::EmailNotVerified);
         }
+        if abandoned.is_set() {
+            // Given up since the look above: still no session (its writes are the last
+            // step; once they begin they end).
+            self.store.clear_login_failures(email.as_str(), self.now()).await?;
+            return Err(Error::Abandoned);
+        }
         self.open_session(&user, meta).await
     }
 
@@ -311,7 +319,7 @@ impl Services {
     ) -> UncheckedLockout {
         let event = self.lockout_detail(failures).map(|mut detail| {
             detail["unchecked"] = serde_json::Value::Bool(true);
-            self.event(user, Some(email), "lockout", Some(meta), detail)
+            (self.event(user, Some(email), "lockout", Some(meta), detail), email.to_owned(), failures)
         });
         UncheckedLockout { store: self.store.clone(), event }
     }
@@ -332,11 +340,16 @@ impl Services {
     /// not counted), then the reservation. A lock that is settling (see
     /// [`Reservation::Locked`]) is waited for, its hashing place given up meanwhile,
     /// with reads of the lock alone, then the attempt is reserved again once the lock
-    /// is gone; a lock that holds (or still settles after the wait) is 429.
-    async fn reserve_attempt(&self, email: &str) -> Result<(HashPermit, u32, Option<User>)> {
+    /// is gone; a lock that holds (or still settles after the wait) is 429. A request
+    /// `abandoned` before its attempt is counted is not counted: nobody would hear
+    /// its check.
+    async fn reserve_attempt(&self, email: &str, abandoned: &Abandoned) -> Result<(HashPermit, u32, Option<User>)> {
         let policy = &self.policy.lockout;
         let mut settle = SettleWait::new();
         loop {
+            if abandoned.is_set() {
+                return Err(Error::Abandoned);
+            }
             let Ok(permit) = self.hasher.admit() else { return Err(self.refused_for_overload(email).await) };
             let (mut lock, mut settling) = match self.store.reserve_login_for(email, policy, self.now()).await? {
                 (Reservation::Allowed { failures }, user) => return Ok((permit, failures, user)),
@@ -446,8 +459,9 @@ impl Services {
     /// Changes the caller's password; ends their other sessions. A wrong current
     /// password counts toward the lockout, so a stolen access token cannot be used
     /// to guess it. Like [`Services::login`], meant for a task of its own: a check
-    /// that ran is acted on even if the request is `abandoned` meanwhile (a right
-    /// current password clears the count but changes nothing).
+    /// that started is acted on even if the request is `abandoned` meanwhile (a right
+    /// current password clears the count but changes nothing unless the change's
+    /// writes had begun; the new password's hash is skipped or its result dropped).
     pub async fn change_password(
         &self,
         user: &User,
@@ -463,7 +477,7 @@ impl Services {
         let (Some(current), Some(new)) = (current, new) else {
             return Err(Error::Validation(vec![]));
         };
-        let (permit, failures, _) = self.reserve_attempt(&user.email).await?;
+        let (permit, failures, _) = self.reserve_attempt(&user.email, abandoned).await?;
         let unchecked = self.unchecked_lockout(Some(user), &user.email, failures, meta);
         let stored = if current.expose_secret().len() > MAX_LOGIN_BYTES { None } else { user.password_hash.as_deref() };
         let verified = self.hasher.verify(permit, &current, stored, abandoned).await?;
@@ -477,7 +491,10 @@ impl Services {
         if abandoned.is_set() {
             return Err(Error::Abandoned);
         }
-        let hash = self.hasher.hash(self.hasher.admit()?, &new).await?;
+        let hash = self.hasher.hash_for(self.hasher.admit()?, &new, Some(abandoned)).await?;
+        if abandoned.is_set() {
+            return Err(Error::Abandoned);
+        }
         let ended = self.store.change_password(user.id, &hash, Some(session_id), self.now()).await?;
         self.audit(Some(user), None, "password_changed", Some(meta), serde_json::json!({})).await;
         self.audit_ended(user, &ended, "password_changed", Some(meta)).await;
@@ -518,10 +535,11 @@ impl Services {
     }
 }
 
-/// See [`Services::unchecked_lockout`]: the event to record if dropped armed.
+/// See [`Services::unchecked_lockout`]: the event to record if dropped armed, and the
+/// lock to settle (email, failures).
 struct UncheckedLockout {
     store: std::sync::Arc<dyn crate::store::Store>,
-    event: Option<crate::store::Event>,
+    event: Option<(crate::store::Event, String, u32)>,
 }
 
 impl UncheckedLockout {
@@ -533,12 +551,16 @@ impl UncheckedLockout {
 
 impl Drop for UncheckedLockout {
     fn drop(&mut self) {
-        let Some(event) = self.event.take() else { return };
+        let Some((event, email, failures)) = self.event.take() else { return };
         let store = self.store.clone();
         // A request's future is dropped on a runtime thread; outside one there is
         // nothing to record with.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                // No check will settle it: the logins waiting on it hear 429 at once.
+                if let Err(e) = store.settle_login_lock(&email, failures).await {
+                    tracing::warn!(error = %e, "could not settle a login lock");
+                }
                 if let Err(err) = store.record_event(&event).await {
                     tracing::error!(error = %err, "could not record an audit event");
                 }
@@ -551,7 +573,8 @@ impl Drop for UncheckedLockout {
 /// attempt that started it is in the hashing queue, so it answers within the queue's
 /// drain time (with the default queue, 8 hashes per worker: with the default hash about
 /// 0.15 s on this session's machine, at 15-20 ms a hash); past this, the lock is
-/// answered as it stands (its client may have hung up). The store stops calling a lock
+/// answered as it stands (its attempt may have been abandoned between its count and
+/// the queue, or its instance stopped). The store stops calling a lock
 /// settling a little later anyway (3 s).
 const SETTLE_WAIT: Duration = Duration::from_secs(2);
 

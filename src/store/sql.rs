@@ -102,7 +102,7 @@ const ACTING_ADMIN: &str = "role = 'admin' AND status = 'active' AND email_verif
 
 /// How long a lock a reservation started stays settling unless its attempt's failure
 /// settles it first (see `Reservation::Locked`): longer than the service waits for it
-/// (2 s), and short, since an attempt whose client hung up never settles it.
+/// (2 s), and short, since an attempt whose instance stopped mid-check never settles it.
 const SETTLING_SECONDS: i64 = 3;
 
 /// Every PostgreSQL connection's session settings.

@@ -20,6 +20,7 @@ both_backends!(
     an_attempt_abandoned_mid_check_is_still_checked_and_recorded,
     an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unchecked,
     a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothing,
+    a_login_abandoned_while_it_waits_for_a_lock_is_not_counted,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -47,9 +48,10 @@ async fn hashing_holds(app: &TestApp, n: usize) -> bool {
     gauge_reaches(app, &format!("gatehouse_password_hash_in_flight {n}")).await
 }
 
-/// Whether `/metrics` came to hold the line `line` within 500 looks.
+/// Whether `/metrics` came to hold the line `line` within 10 s.
 async fn gauge_reaches(app: &TestApp, line: &str) -> bool {
-    for _ in 0..500 {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
         let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
         if metrics.lines().any(|l| l == line) {
             return true;
@@ -348,9 +350,49 @@ async fn an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unche
     let event = event_of(&app, &admin, &id, "lockout").await.expect("a lockout event for the abandoned attempt");
     assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60, "unchecked": true}));
     assert_eq!(count_of(&app, &admin, &id, "login_failed").await, 0, "an unchecked attempt failed nothing");
-    // The lock holds: the right password hears 429.
+    // The lock holds, and is settled (no check will settle it): the right password
+    // hears 429 without waiting for it.
+    let t = std::time::Instant::now();
     let r = app.login("gone@example.com", PASSWORD).await;
+    let took = t.elapsed();
     assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(took < std::time::Duration::from_millis(1500), "the unchecked lock kept the login waiting {took:?}");
+}
+
+/// A login given up while it waits for a settling lock is not counted once the lock
+/// is gone: nobody would hear its check.
+async fn a_login_abandoned_while_it_waits_for_a_lock_is_not_counted(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.verified_user("patient@example.com").await;
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    // A settling lock: five attempts counted whose checks never said how they ended.
+    for _ in 0..5 {
+        store.reserve_login("patient@example.com", lockout, app.clock.now()).await.unwrap();
+    }
+    let waiting = login_in_background(&app, "patient@example.com", PASSWORD);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    waiting.abort();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The lock goes (a right password elsewhere); the abandoned login's next look finds
+    // it gone (it looks at least every 160 ms).
+    store.clear_login_failures("patient@example.com", app.clock.now()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = store.reserve_login("patient@example.com", lockout, app.clock.now()).await.unwrap();
+    assert_eq!(r, gatehouse::store::Reservation::Allowed { failures: 1 }, "the abandoned login was counted");
+}
+
+/// Whether `email`'s lock (the one its fifth attempt started) is gone within 10 s: the
+/// abandoned attempt's task clears it after its check, on its own time.
+async fn lock_goes(app: &TestApp, email: &str) -> bool {
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        if store.login_lock(email, lockout, app.clock.now()).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
 }
 
 /// A right password whose client hangs up during the check is no guess: the count is
@@ -364,8 +406,9 @@ async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothi
     assert!(hashes_run(&app, 1).await, "the fifth attempt's check never started");
     attempt.abort();
     assert!(hashing_holds(&app, 0).await, "the check never ended");
+    assert!(lock_goes(&app, "back@example.com").await, "the abandoned right password left the account locked");
     let t = app.login("back@example.com", PASSWORD).await;
-    assert_eq!(t.status(), StatusCode::OK, "the abandoned right password locked the account");
+    assert_eq!(t.status(), StatusCode::OK);
     let token = str_of(&t.json::<Value>().await.unwrap(), "access_token");
     let sessions: Value = app.get_bearer("/v1/me/sessions", &token).await.json().await.unwrap();
     assert_eq!(sessions.as_array().unwrap().len(), 1, "the abandoned login opened a session: {sessions}");
@@ -379,7 +422,12 @@ async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothi
         tokio::spawn(async move { reqwest::Client::new().post(url).bearer_auth(token_).json(&body).send().await });
     assert!(hashes_run(&app, 1).await, "the change's check never started");
     change.abort();
+    // The check ends; a change that went on would take a place again for the new
+    // password's hash: give it time to (a slow hash is far longer than this).
     assert!(hashing_holds(&app, 0).await, "the check never ended");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(hashing_holds(&app, 0).await, "the change went on to hash a new password");
+    assert!(lock_goes(&app, "back@example.com").await, "the abandoned right password left the account locked");
     let r = app.login("back@example.com", PASSWORD).await;
     assert_eq!(r.status(), StatusCode::OK, "the old password no longer logs in, or the account locked");
     assert_eq!(count_of(&app, &admin, &id, "password_changed").await, 0);

@@ -230,7 +230,7 @@ async fn simultaneous_logins_with_the_right_password_all_get_in(b: Backend) {
     assert_eq!(r, gatehouse::store::Reservation::Locked { retry_after: 60, settling: false });
 }
 
-/// The attempt that started a lock never says how its check ended (its client hung up):
+/// The attempt that started a lock never says how its check ended (its instance stopped):
 /// a login with the right password waits for it (about 2 s), then hears 429 with the
 /// lock's time; once the store no longer calls the lock settling (3 s on its clock),
 /// the answer comes without waiting.
@@ -238,11 +238,8 @@ async fn a_lock_whose_attempt_never_settles_it_is_waited_for_two_seconds_at_most
     use std::time::{Duration, Instant};
     let app = TestApp::spawn(b).await;
     app.verified_user("hung@example.com").await;
-    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
-    // Five attempts counted, as if their clients had hung up before their checks ended.
-    for _ in 0..5 {
-        store.reserve_login("hung@example.com", lockout, app.clock.now()).await.unwrap();
-    }
+    // Five attempts counted, as if their instance had stopped before their checks ended.
+    counted_attempts(&app, "hung@example.com", 5).await;
     let t = Instant::now();
     let r = app.login("hung@example.com", PASSWORD).await;
     let waited = t.elapsed();
@@ -268,10 +265,11 @@ async fn slow_hashing_app(b: Backend) -> (TestApp, String) {
     (app, admin)
 }
 
-/// Counts four failed attempts of `email` through the store (as if guessed).
-async fn four_failures(app: &TestApp, email: &str) {
+/// Counts `n` attempts of `email` through the store, whose checks never say how they
+/// ended (as if guessed; the fifth starts a lock, settling).
+async fn counted_attempts(app: &TestApp, email: &str, n: usize) {
     let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
-    for _ in 0..4 {
+    for _ in 0..n {
         store.reserve_login(email, lockout, app.clock.now()).await.unwrap();
     }
 }
@@ -310,6 +308,16 @@ async fn count_of(app: &TestApp, admin: &str, id: &str, kind: &str) -> usize {
     events(app, admin, id).await.iter().filter(|e| e["type"] == kind).count()
 }
 
+/// The right password of `email` hears 429 `account_locked` without waiting for the
+/// lock to settle: the lock is settled.
+async fn locked_at_once(app: &TestApp, email: &str) {
+    let t = std::time::Instant::now();
+    let r = app.login(email, PASSWORD).await;
+    let took = t.elapsed();
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
+    assert!(took < std::time::Duration::from_millis(1500), "the lock kept the login waiting {took:?}");
+}
+
 /// The attempt that reaches a tier is counted, and starts its lock, before its check.
 /// If its client hangs up once the check runs, the check still ends and is acted on:
 /// the failure and the lock are in the trail as for any wrong password, and the lock is
@@ -317,7 +325,7 @@ async fn count_of(app: &TestApp, admin: &str, id: &str, kind: &str) -> usize {
 async fn an_attempt_abandoned_mid_check_is_still_checked_and_recorded(b: Backend) {
     let (app, admin) = slow_hashing_app(b).await;
     let id = str_of(&app.verified_user("gone@example.com").await, "id");
-    four_failures(&app, "gone@example.com").await;
+    counted_attempts(&app, "gone@example.com", 4).await;
     let attempt = login_in_background(&app, "gone@example.com", "wrong password!");
     assert!(hashes_run(&app, 1).await, "the fifth attempt's check never started");
     attempt.abort();
@@ -325,11 +333,7 @@ async fn an_attempt_abandoned_mid_check_is_still_checked_and_recorded(b: Backend
     assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60}));
     let failed = event_of(&app, &admin, &id, "login_failed").await.expect("its failure in the trail");
     assert_eq!(failed["detail"], json!({"failures": 5}));
-    let t = std::time::Instant::now();
-    let r = app.login("gone@example.com", PASSWORD).await;
-    let took = t.elapsed();
-    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
-    assert!(took < std::time::Duration::from_millis(1500), "the settled lock kept the login waiting {took:?}");
+    locked_at_once(&app, "gone@example.com").await;
 }
 
 /// An attempt given up while its check waits in the queue is never checked (its hash
@@ -339,7 +343,7 @@ async fn an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unche
     let (app, admin) = slow_hashing_app(b).await;
     app.verified_user("holder@example.com").await;
     let id = str_of(&app.verified_user("gone@example.com").await, "id");
-    four_failures(&app, "gone@example.com").await;
+    counted_attempts(&app, "gone@example.com", 4).await;
     // Another login holds the one hashing thread; the fifth attempt waits behind it.
     let holder = login_in_background(&app, "holder@example.com", PASSWORD);
     assert!(hashes_run(&app, 1).await, "the first login's check never started");
@@ -350,13 +354,8 @@ async fn an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unche
     let event = event_of(&app, &admin, &id, "lockout").await.expect("a lockout event for the abandoned attempt");
     assert_eq!(event["detail"], json!({"failures": 5, "seconds": 60, "unchecked": true}));
     assert_eq!(count_of(&app, &admin, &id, "login_failed").await, 0, "an unchecked attempt failed nothing");
-    // The lock holds, and is settled (no check will settle it): the right password
-    // hears 429 without waiting for it.
-    let t = std::time::Instant::now();
-    let r = app.login("gone@example.com", PASSWORD).await;
-    let took = t.elapsed();
-    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "account_locked").await;
-    assert!(took < std::time::Duration::from_millis(1500), "the unchecked lock kept the login waiting {took:?}");
+    // The lock holds, and is settled (no check will settle it).
+    locked_at_once(&app, "gone@example.com").await;
 }
 
 /// A login given up while it waits for a settling lock is not counted once the lock
@@ -364,11 +363,9 @@ async fn an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unche
 async fn a_login_abandoned_while_it_waits_for_a_lock_is_not_counted(b: Backend) {
     let app = TestApp::spawn(b).await;
     app.verified_user("patient@example.com").await;
-    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
     // A settling lock: five attempts counted whose checks never said how they ended.
-    for _ in 0..5 {
-        store.reserve_login("patient@example.com", lockout, app.clock.now()).await.unwrap();
-    }
+    counted_attempts(&app, "patient@example.com", 5).await;
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
     let waiting = login_in_background(&app, "patient@example.com", PASSWORD);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     waiting.abort();
@@ -401,7 +398,7 @@ async fn lock_goes(app: &TestApp, email: &str) -> bool {
 async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothing(b: Backend) {
     let (app, admin) = slow_hashing_app(b).await;
     let id = str_of(&app.verified_user("back@example.com").await, "id");
-    four_failures(&app, "back@example.com").await;
+    counted_attempts(&app, "back@example.com", 4).await;
     let attempt = login_in_background(&app, "back@example.com", PASSWORD);
     assert!(hashes_run(&app, 1).await, "the fifth attempt's check never started");
     attempt.abort();
@@ -415,7 +412,7 @@ async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothi
     assert_eq!(count_of(&app, &admin, &id, "login").await, 1);
 
     // A password change with the right current password, abandoned mid-check.
-    four_failures(&app, "back@example.com").await;
+    counted_attempts(&app, "back@example.com", 4).await;
     let (url, token_) = (app.url("/v1/me/password"), token.clone());
     let body = json!({"current_password": PASSWORD, "new_password": "another long passphrase"});
     let change =

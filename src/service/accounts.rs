@@ -573,9 +573,9 @@ impl Drop for UncheckedLockout {
 /// attempt that started it is in the hashing queue, so it answers within the queue's
 /// drain time (with the default queue, 8 hashes per worker: with the default hash about
 /// 0.15 s on this session's machine, at 15-20 ms a hash); past this, the lock is
-/// answered as it stands (its attempt may have been abandoned between its count and
-/// the queue, or its instance stopped). The store stops calling a lock
-/// settling a little later anyway (3 s).
+/// answered as it stands (its instance may have stopped mid-check, or the write that
+/// settles it failed). The store stops calling a lock settling a little later anyway
+/// (3 s).
 const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// The pauses between a waiting login's looks at a settling lock: from 10 ms, doubling

@@ -249,10 +249,6 @@ impl Services {
                 return Err(Error::InvalidCredentials);
             }
         };
-        if abandoned.is_set() {
-            self.store.clear_login_failures(email.as_str(), self.now()).await?;
-            return Err(Error::Abandoned);
-        }
         if user.status != Status::Active || !user.email_verified() {
             // A right password is no guess, even when the account cannot log in. (On
             // success the session's transaction clears the count.)
@@ -288,8 +284,9 @@ impl Services {
             return Err(Error::EmailNotVerified);
         }
         if abandoned.is_set() {
-            // Given up since the look above: still no session (its writes are the last
-            // step; once they begin they end).
+            // A right password clears the count as any does, but opens no session nobody
+            // would hold. (A refused account's right password was acted on above, as any.)
+            // The session's writes are the last step: once they begin they end.
             self.store.clear_login_failures(email.as_str(), self.now()).await?;
             return Err(Error::Abandoned);
         }
@@ -488,9 +485,7 @@ impl Services {
             return Err(Error::InvalidCredentials);
         }
         self.store.clear_login_failures(&user.email, self.now()).await?;
-        if abandoned.is_set() {
-            return Err(Error::Abandoned);
-        }
+        // Skipped if the request is given up before it starts.
         let hash = self.hasher.hash_for(self.hasher.admit()?, &new, Some(abandoned)).await?;
         if abandoned.is_set() {
             return Err(Error::Abandoned);

@@ -1113,13 +1113,7 @@ impl Store for SqlStore {
     }
 
     async fn clear_login_failures(&self, email: &str, now: UnixTime) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE login_throttle SET failures = 0, locked_until = 0, hard_locked = 0, updated_at = $2 WHERE email = $1",
-        )
-        .bind(email)
-        .bind(now)
-        .execute(&mut *self.write().await?)
-        .await?;
+        sqlx::query(ZERO_THROTTLE_SQL).bind(email).bind(now).execute(&mut *self.write().await?).await?;
         Ok(())
     }
 

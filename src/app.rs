@@ -22,6 +22,10 @@ use crate::service::{GeoLookup, Policy, Services};
 use crate::store;
 use secrecy::ExposeSecret;
 
+/// How long shutdown waits for the password checks under way (a full hashing queue
+/// takes about eight hashes' time).
+const CHECKS_AT_SHUTDOWN: Duration = Duration::from_secs(30);
+
 /// A built service: its router and shared state.
 pub struct App {
     /// The HTTP router, ready to serve.
@@ -70,6 +74,14 @@ impl App {
             .with_graceful_shutdown(shutdown)
             .await;
         housekeeping.abort();
+        // A check whose client hung up (or whose request timed out) is still acted on:
+        // a wrong password counted and recorded, a lock settled. Waited for before the
+        // store closes and the runtime (with the checks' tasks) ends.
+        let checks = &self.state.password_checks;
+        checks.close();
+        if tokio::time::timeout(CHECKS_AT_SHUTDOWN, checks.wait()).await.is_err() {
+            tracing::warn!(running = checks.len(), "stopping with password checks still running");
+        }
         self.state.services.store.close().await;
         Ok(served?)
     }

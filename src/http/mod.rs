@@ -16,6 +16,7 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
@@ -43,6 +44,9 @@ pub struct HttpState {
     pub metrics: metrics::Metrics,
     /// The OpenAPI document, rendered once.
     pub openapi_json: String,
+    /// The password checks under way (see [`routes::checking_password`]), waited for
+    /// at shutdown.
+    pub password_checks: TaskTracker,
 }
 
 /// Shared state handle.
@@ -128,7 +132,14 @@ pub fn router(
         hash_workers: hasher.workers(),
         memory: store.memory_reads(),
     });
-    let state = Arc::new(HttpState { services, trusted_proxies, rate_limit, metrics, openapi_json });
+    let state = Arc::new(HttpState {
+        services,
+        trusted_proxies,
+        rate_limit,
+        metrics,
+        openapi_json,
+        password_checks: TaskTracker::new(),
+    });
     let auth_routes = auth_routes.route_layer(middleware::from_fn_with_state(state.clone(), rate_limit_per_ip));
     let router = Router::new()
         .merge(auth_routes)

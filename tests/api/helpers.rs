@@ -28,6 +28,9 @@ pub struct TestApp {
     pub outbox: PathBuf,
     /// The database's URL (PostgreSQL: with the test's own schema).
     pub db_url: String,
+    /// Asks the server to shut down gracefully (see [`TestApp::shut_down`]).
+    stop: Arc<tokio::sync::Notify>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -55,7 +58,9 @@ impl TestApp {
         let state = app.state.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        tokio::spawn(app.serve(listener, std::future::pending()));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let asked = stop.clone();
+        let served = tokio::spawn(app.serve(listener, async move { asked.notified().await }));
         Self {
             addr,
             clock,
@@ -63,8 +68,18 @@ impl TestApp {
             client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
             outbox: settings.outbox_dir(),
             db_url: url,
+            stop,
+            served: Some(served),
             _dir: dir,
         }
+    }
+
+    /// Shuts the server down as a signal would, and waits until `App::serve` has
+    /// returned. The state (and its store) stays usable.
+    pub async fn shut_down(&mut self) {
+        self.stop.notify_one();
+        let served = self.served.take().expect("the server is running");
+        served.await.expect("serve panicked").expect("serve failed");
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -20,7 +20,9 @@ both_backends!(
     an_attempt_abandoned_mid_check_is_still_checked_and_recorded,
     an_attempt_abandoned_in_the_queue_leaves_its_lockout_in_the_trail_unchecked,
     a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothing,
+    a_password_change_abandoned_during_its_new_hash_changes_nothing,
     a_login_abandoned_while_it_waits_for_a_lock_is_not_counted,
+    shutdown_waits_for_a_check_whose_client_hung_up,
     the_per_ip_limit_answers_429_with_retry_after,
     forwarded_for_counts_only_from_trusted_proxies,
     a_full_hashing_queue_answers_503_at_once,
@@ -378,6 +380,26 @@ async fn a_login_abandoned_while_it_waits_for_a_lock_is_not_counted(b: Backend) 
     assert_eq!(r, gatehouse::store::Reservation::Allowed { failures: 1 }, "the abandoned login was counted");
 }
 
+/// A graceful shutdown (SIGTERM) waits for the checks under way, also one whose client
+/// hung up: when the server has stopped, the wrong password is counted and in the
+/// trail, and the lock its attempt started is settled. (Otherwise the runtime's end
+/// would cancel the check, the store closed beneath it.)
+async fn shutdown_waits_for_a_check_whose_client_hung_up(b: Backend) {
+    let (mut app, _admin) = slow_hashing_app(b).await;
+    let id = str_of(&app.verified_user("late@example.com").await, "id");
+    counted_attempts(&app, "late@example.com", 4).await;
+    let attempt = login_in_background(&app, "late@example.com", "wrong password!");
+    assert!(hashes_run(&app, 1).await, "the attempt's check never started");
+    attempt.abort();
+    app.shut_down().await;
+    let (store, lockout) = (&app.state.services.store, &app.state.services.policy.lockout);
+    let trail = store.list_events(id.parse().unwrap(), 50).await.unwrap();
+    let failed = trail.iter().find(|e| e.kind == "login_failed").expect("the failure recorded before the stop");
+    assert_eq!(failed.detail, json!({"failures": 5}));
+    let lock = store.login_lock_state("late@example.com", lockout, app.clock.now()).await.unwrap();
+    assert_eq!(lock, (Some(60), false), "locked for 60 s, settled");
+}
+
 /// Whether `email`'s lock (the one its fifth attempt started) is gone within 10 s: the
 /// abandoned attempt's task clears it after its check, on its own time.
 async fn lock_goes(app: &TestApp, email: &str) -> bool {
@@ -428,6 +450,34 @@ async fn a_right_password_abandoned_mid_check_clears_the_count_and_changes_nothi
     let r = app.login("back@example.com", PASSWORD).await;
     assert_eq!(r.status(), StatusCode::OK, "the old password no longer logs in, or the account locked");
     assert_eq!(count_of(&app, &admin, &id, "password_changed").await, 0);
+}
+
+/// A password change whose client hangs up after its check passed, while the new
+/// password's hash runs: the hash ends, and the change looks once more before it
+/// writes, so nothing changes (the old password still logs in, no `password_changed`).
+async fn a_password_change_abandoned_during_its_new_hash_changes_nothing(b: Backend) {
+    let (app, admin) = slow_hashing_app(b).await;
+    let id = str_of(&app.verified_user("late@example.com").await, "id");
+    let token = str_of(&app.login_ok("late@example.com").await, "access_token");
+    // Four attempts counted and the change's own start a lock, which its right current
+    // password clears just before the new password's hash: its going marks the step.
+    counted_attempts(&app, "late@example.com", 4).await;
+    let url = app.url("/v1/me/password");
+    let body = json!({"current_password": PASSWORD, "new_password": "another long passphrase"});
+    let change =
+        tokio::spawn(async move { reqwest::Client::new().post(url).bearer_auth(token).json(&body).send().await });
+    assert!(hashes_run(&app, 1).await, "the change's check never started");
+    assert!(lock_goes(&app, "late@example.com").await, "the change's check never passed");
+    assert!(hashes_run(&app, 1).await, "the new password's hash never started");
+    change.abort();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !app.state.password_checks.is_empty() && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(app.state.password_checks.is_empty(), "the change never ended");
+    assert_eq!(count_of(&app, &admin, &id, "password_changed").await, 0);
+    let r = app.login("late@example.com", PASSWORD).await;
+    assert_eq!(r.status(), StatusCode::OK, "the old password no longer logs in");
 }
 
 async fn the_per_ip_limit_answers_429_with_retry_after(b: Backend) {

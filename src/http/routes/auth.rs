@@ -58,7 +58,11 @@ pub async fn login(
 ) -> Res<Json<TokenResponse>> {
     let st = s.clone();
     let tokens =
-        checking_password(|abandoned| async move { st.services.login(input, &meta, &abandoned).await }).await?;
+        checking_password(
+            &s.password_checks,
+            |abandoned| async move { st.services.login(input, &meta, &abandoned).await },
+        )
+        .await?;
     Ok(Json(TokenResponse::new(tokens, s.services.now())))
 }
 

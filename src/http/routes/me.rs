@@ -32,7 +32,8 @@ pub async fn change_password(
     AppJson(input): AppJson<ChangePasswordInput>,
 ) -> Res<StatusCode> {
     let sid = caller.session_id.ok_or(Error::Unauthorized)?;
-    checking_password(|abandoned| async move {
+    let checks = s.password_checks.clone();
+    checking_password(&checks, |abandoned| async move {
         s.services.change_password(&caller.user, sid, input, &meta, &abandoned).await
     })
     .await?;

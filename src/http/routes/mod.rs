@@ -9,6 +9,7 @@ pub mod well_known;
 use std::future::Future;
 
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -22,15 +23,19 @@ use crate::store::{ApiKey, Event, Session};
 /// Runs a use case that checks a password (login, password change) on a task of its
 /// own, so that the check's outcome is acted on even if the client hangs up or the
 /// request times out: a request's future is dropped then, and would take the rest of
-/// the use case with it. The use case learns that through its [`Abandoned`].
-pub(crate) async fn checking_password<T, F>(use_case: impl FnOnce(Abandoned) -> F) -> Result<T, Error>
+/// the use case with it. The use case learns that through its [`Abandoned`]. The task
+/// is one of `checks`, which shutdown waits for before the store closes.
+pub(crate) async fn checking_password<T, F>(
+    checks: &TaskTracker,
+    use_case: impl FnOnce(Abandoned) -> F,
+) -> Result<T, Error>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let abandoned = Abandoned::default();
     let _mark = abandoned.on_drop();
-    match tokio::spawn(use_case(abandoned.clone())).await {
+    match checks.spawn(use_case(abandoned.clone())).await {
         Ok(out) => out,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // Cancelled: the runtime is shutting down.

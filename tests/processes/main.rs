@@ -192,6 +192,17 @@ async fn kill_9_loses_nothing_that_was_acknowledged() {
             assert_eq!(r.status(), StatusCode::OK);
             sessions.push(r.json::<Value>().await.unwrap());
         }
+        // Rotations, at once so that they commit in groups: their successors are what
+        // the clients now hold.
+        let rotations = sessions.iter().map(|s| {
+            let body = json!({"refresh_token": s["refresh_token"]});
+            post(&c, format!("{}/v1/auth/refresh", a.base), body)
+        });
+        let rotated = futures::future::join_all(rotations).await;
+        for (s, r) in sessions.iter_mut().zip(rotated) {
+            assert_eq!(r.status(), StatusCode::OK);
+            *s = r.json::<Value>().await.unwrap();
+        }
         for _ in 0..5 {
             login(&c, &a.base, "durable@example.com", "wrong password").await;
         }
@@ -203,6 +214,8 @@ async fn kill_9_loses_nothing_that_was_acknowledged() {
     let b = start(&db, &data, &[]).await;
     for s in &sessions {
         assert_eq!(me(&c, &b.base, s["access_token"].as_str().unwrap()).await, StatusCode::OK, "session survived");
+        let r = post(&c, format!("{}/v1/auth/refresh", b.base), json!({"refresh_token": s["refresh_token"]})).await;
+        assert_eq!(r.status(), StatusCode::OK, "the acknowledged rotation survived");
     }
     // The five acknowledged failures survived too: the account is locked.
     let r = login(&c, &b.base, "durable@example.com", PASSWORD).await;

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::one_per_key::OnePerKey;
 use super::pg_direct::{AnyQuery, Direct, IDLE_BEFORE_PING};
 use super::session_cache::SessionCache;
-use super::sqlite_rotations::{Flushing, Outcome, SqliteRotator};
+use super::sqlite_rotations::{Outcome, SqliteRotator};
 use super::*;
 use crate::domain::lockout::Lock;
 
@@ -89,7 +89,7 @@ struct PgHot {
     user_turns: OnePerKey,
 }
 
-/// Rotation batches in flight at once (see `spawn_rotation_batcher`).
+/// PostgreSQL rotation batches in flight at once (one gathers while the other commits).
 const ROTATION_BATCHES_AT_ONCE: u32 = 2;
 
 /// PostgreSQL's advisory lock key of changes to users' roles, states and verification
@@ -1606,9 +1606,7 @@ async fn successor_expiry(conn: &mut AnyConnection, sid: Uuid, default: UnixTime
     })
 }
 
-pub(super) type RotateJob = (Rotate, Reply);
-/// Where a rotation's answer goes.
-pub(super) type Reply = oneshot::Sender<Result<Rotation, sqlx::Error>>;
+pub(super) type RotateJob = (Rotate, oneshot::Sender<Result<Rotation, sqlx::Error>>);
 
 /// One rotation in its own transaction.
 async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Error> {
@@ -1624,11 +1622,10 @@ async fn rotate_alone(writer: &AnyPool, r: &Rotate) -> Result<Rotation, sqlx::Er
 
 /// Group commit of refresh rotations: a task takes every rotation waiting at that
 /// moment (up to 64) and answers them all after one durable commit; while it runs, the
-/// next batch gathers. A rotation is never answered before its commit is durable.
+/// next batch gathers. A rotation is never answered before its commit.
 ///
-/// Two batches run at once. PostgreSQL: a batch gathers while the other waits for its
-/// commit. SQLite has one writer: a batch writes while the other's commit is flushed
-/// (see `sqlite_rotations`).
+/// SQLite has one writer, so one batch at a time. PostgreSQL runs two at once: a batch
+/// gathers while the other waits for its commit.
 fn spawn_rotation_batcher(
     writer: AnyPool,
     pg_hot: Option<Arc<PgHot>>,
@@ -1637,7 +1634,8 @@ fn spawn_rotation_batcher(
     grouped: Arc<AtomicU64>,
 ) -> mpsc::Sender<RotateJob> {
     let (tx, mut rx) = mpsc::channel::<RotateJob>(1024);
-    let slots = Arc::new(tokio::sync::Semaphore::new(ROTATION_BATCHES_AT_ONCE as usize));
+    let slots =
+        Arc::new(tokio::sync::Semaphore::new(if pg_hot.is_some() { ROTATION_BATCHES_AT_ONCE as usize } else { 1 }));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -1660,17 +1658,9 @@ fn spawn_rotation_batcher(
                     drop(slot);
                 });
             } else {
-                // The writes one batch at a time, here; the flush and the answers on a
-                // task of their own, while the next batch writes.
-                match run_sqlite_rotation_batch(&writer, &turn, rotator.as_mut(), jobs).await {
-                    Some(flushing) => {
-                        tokio::spawn(async move {
-                            flushing.answer().await;
-                            drop(slot);
-                        });
-                    }
-                    None => drop(slot),
-                }
+                // One batch at a time: run it here rather than hand it to another task.
+                run_sqlite_rotation_batch(&writer, &turn, rotator.as_mut(), jobs).await;
+                drop(slot);
             }
         }
     });
@@ -1705,29 +1695,22 @@ async fn run_pg_rotation_batch(writer: &AnyPool, conns: &Direct, jobs: Vec<Rotat
 
 /// Answers the jobs a group rotated (`rotated`, by index in `jobs`), after adding them
 /// to `grouped` (so that an answer implies the count); returns the others, in order.
-fn answer_rotated(jobs: Vec<RotateJob>, rotated: HashMap<usize, Rotation>, grouped: &AtomicU64) -> Vec<RotateJob> {
-    let (answers, rest) = rotated_of(jobs, rotated);
-    grouped.fetch_add(answers.len() as u64, AtomicOrdering::Relaxed);
-    for (reply, rotation) in answers {
-        let _ = reply.send(Ok(rotation));
-    }
-    rest
-}
-
-/// The jobs a group rotated (`rotated`, by index in `jobs`) with their rotations, and
-/// the others, in order.
-pub(super) fn rotated_of(
+pub(super) fn answer_rotated(
     jobs: Vec<RotateJob>,
     mut rotated: HashMap<usize, Rotation>,
-) -> (Vec<(Reply, Rotation)>, Vec<RotateJob>) {
-    let (mut answers, mut rest) = (Vec::with_capacity(rotated.len()), Vec::new());
+    grouped: &AtomicU64,
+) -> Vec<RotateJob> {
+    grouped.fetch_add(rotated.len() as u64, AtomicOrdering::Relaxed);
+    let mut rest = Vec::new();
     for (i, (r, reply)) in jobs.into_iter().enumerate() {
         match rotated.remove(&i) {
-            Some(rotation) => answers.push((reply, rotation)),
+            Some(rotation) => {
+                let _ = reply.send(Ok(rotation));
+            }
             None => rest.push((r, reply)),
         }
     }
-    (answers, rest)
+    rest
 }
 
 /// The rotations performed, by index in `jobs`. Mirrors the ordinary case of
@@ -1787,45 +1770,38 @@ async fn pg_rotate_batch(conns: &Direct, jobs: &[RotateJob]) -> Result<HashMap<u
 }
 
 /// SQLite: the batch's ordinary rotations by the rotator (see `sqlite_rotations`),
-/// returned committed, to be answered once flushed; then the others (grace, reuse,
-/// invalid, a token presented twice) one by one through sqlx, each answered at its
-/// commit. The writer's turn is held throughout, so that no other write interleaves
-/// (SQLite has one writer).
+/// answered at its commit; then the others (grace, reuse, invalid, a token presented
+/// twice) one by one through sqlx. The writer's turn is held throughout, so that no
+/// other write interleaves (SQLite has one writer).
 async fn run_sqlite_rotation_batch(
     writer: &AnyPool,
     turn: &Turn,
     rotator: Option<&mut SqliteRotator>,
     jobs: Vec<RotateJob>,
-) -> Option<Flushing> {
+) {
     let _turn = match turn.take().await {
         Ok(turn) => turn,
-        Err(e) => {
-            fail_all(jobs, &e);
-            return None;
-        }
+        Err(e) => return fail_all(jobs, &e),
     };
-    let (flushing, rest) = match rotator {
-        None => (None, jobs),
+    let rest = match rotator {
+        None => jobs,
         Some(rotator) => match rotator.rotate(jobs) {
-            Outcome::Committed(flushing, rest) => (Some(flushing), rest),
+            Outcome::Rest(rest) => rest,
             // Under load the rest would only wait the same way.
-            Outcome::Failed(e, jobs) if is_transient_error(&e) => {
-                fail_all(jobs, &e);
-                return None;
-            }
+            Outcome::Failed(e, jobs) if is_transient_error(&e) => return fail_all(jobs, &e),
             Outcome::Failed(e, jobs) => {
                 tracing::warn!(error = %e, "rotation group failed; rotating one by one");
-                (None, jobs)
+                jobs
             }
         },
     };
-    if !rest.is_empty() {
-        match writer.acquire().await {
-            Ok(mut conn) => rotate_one_by_one(&mut conn, rest).await,
-            Err(e) => fail_all(rest, &e),
-        }
+    if rest.is_empty() {
+        return;
     }
-    flushing
+    match writer.acquire().await {
+        Ok(mut conn) => rotate_one_by_one(&mut conn, rest).await,
+        Err(e) => fail_all(rest, &e),
+    }
 }
 
 /// Answers every job with `e`, keeping its kind: under load a pool timeout (answered

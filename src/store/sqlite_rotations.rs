@@ -12,42 +12,24 @@
 //! connection writes, so writes stay one at a time and none waits in SQLite's busy
 //! handler. What the group does not rotate (grace, reuse, invalid, a token presented
 //! twice) is handed back and goes one by one through sqlx.
-//!
-//! The group commits without an fsync (`synchronous = NORMAL`: in WAL mode a commit is
-//! then a `write` of its frames to the WAL file, safe from a crash of the process but
-//! not yet from a power cut), and its answers wait for a flush of the WAL file
-//! ([`Flushing::answer`]) that runs after the writer's turn is given back: the next
-//! group writes while this one's frames reach the disk (pipelined group commit). An
-//! fsync of the file flushes what every connection wrote to it, so a rotation is
-//! durable before it is answered, as when the commit itself flushed. A checkpoint
-//! flushes the WAL before it copies it (so NORMAL), and SQLite removes the WAL file only
-//! when the last connection closes, so the file opened once stays the database's WAL.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::sql::{rotated_answer, rotated_of, Reply, RotateJob, SESSION_COLS, USER_COLS};
+use super::sql::{answer_rotated, rotated_answer, RotateJob, SESSION_COLS, USER_COLS};
 use super::sqlite_reads::{err, session_and_user};
 use super::Rotation;
 
 /// What became of a batch handed to the rotator.
 pub(super) enum Outcome {
-    /// The group committed; its rotations are answered once flushed; these jobs are left.
-    Committed(Flushing, Vec<RotateJob>),
+    /// The group committed and its rotations were answered; these jobs are left.
+    Rest(Vec<RotateJob>),
     /// Nothing was written: the error, and every job.
     Failed(sqlx::Error, Vec<RotateJob>),
-}
-
-/// A committed group's rotations, to be answered once the WAL file is flushed.
-pub(super) struct Flushing {
-    wal: Arc<File>,
-    answers: Vec<(Reply, Rotation)>,
-    grouped: Arc<AtomicU64>,
 }
 
 /// The rotation writer of one SQLite database file, owned by the batcher.
@@ -55,8 +37,6 @@ pub(super) struct SqliteRotator {
     conn: Connection,
     sql: Statements,
     grouped: Arc<AtomicU64>,
-    /// The database's WAL file.
-    wal: Arc<File>,
 }
 
 /// The group's statements, each driven by a JSON list (see [`rotate_group`]).
@@ -104,59 +84,30 @@ impl SqliteRotator {
     /// Opens the database file at `path` (already migrated). Rotations done by the
     /// group are added to `grouped`.
     pub(super) fn open(path: &Path, grouped: Arc<AtomicU64>) -> Result<Self, sqlx::Error> {
-        // Durable through the flush that follows each commit (see the module's doc).
-        let conn = super::sqlite_counters::open_writer(path, "NORMAL")?;
-        // Opening a database in WAL mode creates its WAL file, if need be.
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = Arc::new(File::open(&wal)?);
-        Ok(Self { conn, sql: Statements::new(), grouped, wal })
+        // As the sqlx connections: every commit durable (FULL), even after a power cut.
+        let conn = super::sqlite_counters::open_writer(path, "FULL")?;
+        Ok(Self { conn, sql: Statements::new(), grouped })
     }
 
-    /// Rotates what the group can of `jobs`; returns those rotations, committed, to be
-    /// answered once flushed, and the rest. Runs on the calling thread: on a
-    /// multi-threaded runtime its other tasks move to another thread meanwhile (handing
-    /// the batch to a thread of its own cost a wake-up each way, more than the
-    /// statements).
+    /// Rotates what the group can of `jobs` and answers those; returns the rest. Runs on
+    /// the calling thread: on a multi-threaded runtime its other tasks move to another
+    /// thread meanwhile (handing the batch to a thread of its own cost a wake-up each
+    /// way, more than the statements).
     pub(super) fn rotate(&mut self, jobs: Vec<RotateJob>) -> Outcome {
-        let committed = super::sqlite_counters::on_this_thread(|| {
-            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|tx| {
-                let group = rotate_group(&tx, &self.sql, &jobs)?;
-                tx.commit()?;
-                Ok(group)
-            })
-        });
-        match committed {
-            Ok(group) => {
-                let (answers, rest) = rotated_of(jobs, group);
-                Outcome::Committed(Flushing { wal: self.wal.clone(), answers, grouped: self.grouped.clone() }, rest)
-            }
-            Err(e) => Outcome::Failed(err(e), jobs),
-        }
+        super::sqlite_counters::on_this_thread(|| run(&mut self.conn, &self.sql, jobs, &self.grouped))
     }
 }
 
-impl Flushing {
-    /// Flushes the WAL file, then answers the group's rotations (with an error if the
-    /// flush failed: the clients keep their tokens, whose grace answers the successor).
-    pub(super) async fn answer(self) {
-        let wal = self.wal;
-        let flushed = match tokio::task::spawn_blocking(move || wal.sync_data()).await {
-            Ok(flushed) => flushed,
-            Err(e) => Err(std::io::Error::other(e)),
-        };
-        if let Err(e) = &flushed {
-            tracing::error!(error = %e, "flushing the SQLite WAL file failed");
-        } else {
-            self.grouped.fetch_add(self.answers.len() as u64, Ordering::Relaxed);
-        }
-        for (reply, rotation) in self.answers {
-            let answer = match &flushed {
-                Ok(()) => Ok(rotation),
-                Err(e) => Err(sqlx::Error::Io(std::io::Error::new(e.kind(), e.to_string()))),
-            };
-            let _ = reply.send(answer);
-        }
+/// One batch: the group in one transaction; on commit, its answers.
+fn run(conn: &mut Connection, sql: &Statements, jobs: Vec<RotateJob>, grouped: &AtomicU64) -> Outcome {
+    let group = conn.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|tx| {
+        let group = rotate_group(&tx, sql, &jobs)?;
+        tx.commit()?;
+        Ok(group)
+    });
+    match group {
+        Ok(group) => Outcome::Rest(answer_rotated(jobs, group, grouped)),
+        Err(e) => Outcome::Failed(err(e), jobs),
     }
 }
 

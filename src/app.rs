@@ -22,8 +22,8 @@ use crate::service::{GeoLookup, Policy, Services};
 use crate::store;
 use secrecy::ExposeSecret;
 
-/// How long shutdown waits for the password checks under way (a full hashing queue
-/// takes about eight hashes' time).
+/// How long after the shutdown signal the password checks under way are waited for (a
+/// full hashing queue takes about eight hashes' time; a request at most 30 s).
 const CHECKS_AT_SHUTDOWN: Duration = Duration::from_secs(30);
 
 /// A built service: its router and shared state.
@@ -70,16 +70,26 @@ impl App {
                 }
             }
         });
+        let asked = Arc::new(std::sync::OnceLock::new());
+        let shutdown = {
+            let asked = asked.clone();
+            async move {
+                shutdown.await;
+                let _ = asked.set(tokio::time::Instant::now());
+            }
+        };
         let served = axum::serve(listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown)
             .await;
         housekeeping.abort();
         // A check whose client hung up (or whose request timed out) is still acted on:
         // a wrong password counted and recorded, a lock settled. Waited for before the
-        // store closes and the runtime (with the checks' tasks) ends.
+        // store closes and the runtime (with the checks' tasks) ends, until one deadline
+        // counted from the signal (the requests still answered meanwhile count against it).
         let checks = &self.state.password_checks;
         checks.close();
-        if tokio::time::timeout(CHECKS_AT_SHUTDOWN, checks.wait()).await.is_err() {
+        let deadline = asked.get().copied().unwrap_or_else(tokio::time::Instant::now) + CHECKS_AT_SHUTDOWN;
+        if tokio::time::timeout_at(deadline, checks.wait()).await.is_err() {
             tracing::warn!(running = checks.len(), "stopping with password checks still running");
         }
         self.state.services.store.close().await;

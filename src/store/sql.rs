@@ -466,11 +466,7 @@ impl SqlStore {
         // SQLite needs a file: its hot paths open connections of their own to it (and an
         // identity service in memory would lose every account when it stops).
         let file = match backend {
-            "sqlite" => Some(sqlite_path(url).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "GATEHOUSE_DATABASE_URL: SQLite needs a file (sqlite://path/to/gatehouse.db), not memory"
-                )
-            })?),
+            "sqlite" => Some(sqlite_path(url)?),
             _ => None,
         };
         if let Some(parent) = file.as_ref().and_then(|p| p.parent()) {
@@ -680,11 +676,20 @@ fn sqlite_creating(url: &str) -> String {
     }
 }
 
-fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+/// The file of a SQLite URL as sqlx names it (the URL normalised, its path then
+/// percent-decoded), so that the store's own rusqlite connections open the very file
+/// the pool opens; an error for a database in memory or a URL sqlx cannot read.
+fn sqlite_path(url: &str) -> anyhow::Result<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let memory = path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
-    (!memory).then(|| std::path::PathBuf::from(path))
+    if path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
+        anyhow::bail!("GATEHOUSE_DATABASE_URL: SQLite needs a file (sqlite://path/to/gatehouse.db), not memory");
+    }
+    let unreadable = |e: &dyn std::fmt::Display| anyhow::anyhow!("GATEHOUSE_DATABASE_URL: {e}");
+    let parsed = url::Url::parse(url).map_err(|e| unreadable(&e))?;
+    let options =
+        <sqlx::sqlite::SqliteConnectOptions as ConnectOptions>::from_url(&parsed).map_err(|e| unreadable(&e))?;
+    Ok(options.get_filename().to_path_buf())
 }
 
 #[async_trait]
@@ -1926,7 +1931,40 @@ async fn end_sessions_by_id(
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_creating;
+    use std::path::Path;
+
+    use super::{sqlite_creating, sqlite_path};
+    use crate::store::StoreOptions;
+
+    /// A file name the URL spells percent-encoded, as sqlx reads it: the pool and the
+    /// store's own rusqlite connections open one file (before, the rusqlite ones looked
+    /// for `my%20gatehouse.db`, and the store did not open).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_percent_encoded_sqlite_file_name_is_one_file_for_every_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/my%20gatehouse.db?mode=rwc", dir.path().display());
+        let options = StoreOptions { max_connections: 2, acquire_timeout_secs: 5, session_cache_entries: 0 };
+        let store = crate::store::open(&url, &options).await.expect("the store opens");
+        store.ping().await.unwrap();
+        let mut files: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(files[0], "my gatehouse.db", "{files:?}");
+        assert!(files.iter().all(|f| f.starts_with("my gatehouse.db")), "{files:?}");
+    }
+
+    #[test]
+    fn the_sqlite_file_is_named_as_sqlx_names_it_and_memory_is_refused() {
+        assert_eq!(sqlite_path("sqlite:///x/my%20g.db?mode=rwc").unwrap(), Path::new("/x/my g.db"));
+        assert_eq!(sqlite_path("sqlite://data/g.db").unwrap(), Path::new("data/g.db"));
+        assert_eq!(sqlite_path("sqlite:g.db").unwrap(), Path::new("g.db"));
+        // The URL is normalised first, as sqlx's Any driver does.
+        assert_eq!(sqlite_path("sqlite://data/../g.db").unwrap(), Path::new("data/g.db"));
+        for memory in ["sqlite::memory:", "sqlite://", "sqlite://g.db?mode=memory", "sqlite://?mode=memory"] {
+            let e = sqlite_path(memory).unwrap_err().to_string();
+            assert!(e.contains("needs a file"), "{memory}: {e}");
+        }
+    }
 
     #[test]
     fn a_sqlite_url_without_a_mode_creates_its_file_and_a_named_mode_is_kept() {

@@ -156,18 +156,56 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
 }
 
+/// Completes at the first SIGTERM or Ctrl-C: the service then stops gracefully
+/// (`App::serve`). A second signal stops the process at once (exit status 130), for an
+/// operator who does not want to wait for the requests and checks under way; what was
+/// acknowledged is kept, as after `kill -9`.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut signals = Signals::new();
+    signals.next().await;
+    tracing::info!("shutting down; a second signal stops at once");
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!("second signal: stopping at once");
+        std::process::exit(130);
+    });
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), each time one arrives.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! { _ = recv(&mut self.term) => {}, _ = recv(&mut self.int) => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -177,6 +177,41 @@ async fn two_instances_on_one_postgres_share_keys_sessions_lockout_and_limits() 
     assert_eq!(successors.len(), 1, "one successor across instances");
 }
 
+/// Sends `signal` to the instance's process.
+fn signal(instance: &Instance, signal: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_child(&instance.child), signal).unwrap();
+}
+
+/// SIGTERM stops gracefully: the process waits for a request under way (a password
+/// check of a second or more). A second signal stops it at once: the request is cut
+/// off, not answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database(Backend::Sqlite, dir.path()).await;
+    let slow = [("GATEHOUSE_PASSWORD_HASH", "argon2id:m=65536,t=40,p=1")];
+    let mut a = start(&db, &dir.path().join("data"), &slow).await;
+    let url = format!("{}/v1/auth/login", a.base);
+    let body = json!({"email": "nobody@example.com", "password": "a password"});
+    let login = tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&a, rustix::process::Signal::TERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.child.try_wait().unwrap().is_none(), "the first signal did not wait for the request under way");
+    signal(&a, rustix::process::Signal::INT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second signal did not stop the process");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(130));
+    let answer = login.await.unwrap();
+    assert!(answer.is_err(), "the login was answered: the second signal waited for it ({answer:?})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_that_was_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
